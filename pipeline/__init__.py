@@ -1,0 +1,1 @@
+"""Score-based generative modelling pipeline: the library behind the DVC stages."""

@@ -1,0 +1,257 @@
+"""Typed schema of params.yaml: `load(path)` validates everything and returns a frozen Config.
+
+Every stage loads the whole file so that bad input is refused before any work, with a
+message naming the key and what is allowed; each stage then reads only its own keys
+(the ones dvc.yaml lists for it).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Auto = Literal["auto"]
+
+
+class ConfigError(ValueError):
+    """params.yaml is invalid; the message names each bad key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class GMMParams(_Section):
+    """A Gaussian mixture: K weights, K means of dimension D, K covariances (diagonal list or DxD)."""
+
+    weights: list[float] = Field(default_factory=lambda: [0.4, 0.6])
+    means: list[list[float]] = Field(default_factory=lambda: [[2.0, 2.0], [-1.0, 1.0]])
+    covs: list[Union[list[float], list[list[float]]]] = Field(default_factory=lambda: [[2.0, 1.0], [0.5, 3.0]])
+
+    @model_validator(mode="after")
+    def _valid_mixture(self) -> "GMMParams":
+        from pipeline.gmm import GaussianMixture
+
+        try:
+            GaussianMixture.from_params(self.weights, self.means, self.covs)
+        except (ValueError, RuntimeError) as err:
+            raise ValueError(f"invalid mixture: {err}") from None
+        return self
+
+
+class DataParams(_Section):
+    """Which data set and how many points go to train, test and the reference sample (metric floors)."""
+
+    name: Literal["swissroll", "moons", "checkerboard", "8gaussians", "gmm", "file"] = "swissroll"
+    n_train: int = Field(10_000, ge=2)
+    n_test: int = Field(10_000, ge=1)
+    n_reference: int = Field(10_000, ge=1)
+    noise: float = Field(0.0, ge=0.0)
+    path: Optional[str] = None
+    gmm: GMMParams = Field(default_factory=GMMParams)
+
+
+class NoiseParams(_Section):
+    """Noise scales; 'auto' applies NCSNv2 techniques 1, 2, 4 (ncsnv2) or the NCSN hand-set values (ncsn)."""
+
+    sigma_max: Union[Auto, float] = "auto"
+    sigma_min: float = Field(0.01, gt=0.0)
+    num_scales: Union[Auto, int] = "auto"
+    fallback_num_scales: int = Field(50, ge=2)
+    steps_per_scale: Union[Auto, int] = "auto"
+    step_size: Union[Auto, float] = "auto"
+    max_exact_pairwise: int = Field(20_000, ge=2)
+
+    @field_validator("sigma_max", "step_size")
+    @classmethod
+    def _positive_float(cls, v):
+        if v != "auto" and not v > 0:
+            raise ValueError("must be 'auto' or a number > 0")
+        return v
+
+    @field_validator("num_scales")
+    @classmethod
+    def _at_least_two(cls, v):
+        if v != "auto" and v < 2:
+            raise ValueError("must be 'auto' or an integer >= 2")
+        return v
+
+    @field_validator("steps_per_scale")
+    @classmethod
+    def _at_least_one(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("must be 'auto' or an integer >= 1")
+        return v
+
+
+class ModelParams(_Section):
+    """The noise-conditional MLP; `scale_by_sigma` is NCSNv2 technique 3, s(x, sigma) = s(x) / sigma."""
+
+    hidden: int = Field(128, ge=1)
+    blocks: int = Field(3, ge=1)
+    emb_dim: int = Field(64, ge=2)
+    scale_by_sigma: bool = True
+
+    @field_validator("emb_dim")
+    @classmethod
+    def _even(cls, v):
+        if v % 2:
+            raise ValueError("must be even (sine and cosine halves)")
+        return v
+
+
+class MethodParams(_Section):
+    """The method: NCSN (hand-set scales), NCSNv2 (scales from the data), or the exact GMM score."""
+
+    name: Literal["ncsn", "ncsnv2", "exact_score"] = "ncsnv2"
+
+
+class TrainParams(_Section):
+    """Optimisation, EMA (technique 5) and checkpointing."""
+
+    steps: int = Field(5_000, ge=0)
+    batch_size: int = Field(512, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    grad_clip: Optional[float] = Field(1.0, gt=0.0)
+    ema: bool = True
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
+    checkpoint_every: int = Field(1_000, ge=1)
+    log_every: int = Field(50, ge=1)
+
+
+class SampleParams(_Section):
+    """Annealed Langevin sampling."""
+
+    n: int = Field(10_000, ge=1)
+    seed: int = 0
+    batch_size: int = Field(10_000, ge=1)
+    denoise: bool = True
+
+
+class EvalParams(_Section):
+    """Point-cloud metrics: `n` points each side, clouds of `cloud_size` for CD, `emd_n` points for EMD."""
+
+    n: int = Field(10_000, ge=1)
+    cloud_size: int = Field(100, ge=1)
+    emd_n: int = Field(2_000, ge=1)
+
+
+class TrackingParams(_Section):
+    """The MLflow experiment name (the store comes from MLFLOW_TRACKING_URI or the repo's mlflow.db)."""
+
+    experiment: str = "score-pipeline"
+
+
+class Config(_Section):
+    """The whole of params.yaml."""
+
+    seed: int = 0
+    data: DataParams = Field(default_factory=DataParams)
+    noise: NoiseParams = Field(default_factory=NoiseParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    method: MethodParams = Field(default_factory=MethodParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    sample: SampleParams = Field(default_factory=SampleParams)
+    eval: EvalParams = Field(default_factory=EvalParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Config":
+        d, e = self.data, self.eval
+        if self.method.name == "exact_score" and d.name != "gmm":
+            raise ValueError(
+                f"method.name: exact_score needs data.name: gmm (the analytic score is known only for a "
+                f"Gaussian mixture); got data.name: {d.name}. Use method.name ncsn or ncsnv2 for {d.name}."
+            )
+        if d.name == "file":
+            if d.path is None:
+                raise ValueError("data.path must name a .npy or .csv file of shape (N, D) when data.name is file")
+            p = Path(d.path)
+            if p.suffix.lower() not in (".npy", ".csv"):
+                raise ValueError(f"data.path must end in .npy or .csv, got {d.path!r}")
+            if not p.is_file():
+                raise ValueError(f"data.path {d.path!r} does not exist or is not a file")
+        for key, have in (("sample.n", self.sample.n), ("data.n_test", d.n_test), ("data.n_reference", d.n_reference)):
+            if e.n > have:
+                raise ValueError(f"eval.n ({e.n}) must be <= {key} ({have}): metrics compare eval.n points each side")
+        if e.cloud_size > e.n:
+            raise ValueError(f"eval.cloud_size ({e.cloud_size}) must be <= eval.n ({e.n})")
+        if e.emd_n > e.n:
+            raise ValueError(f"eval.emd_n ({e.emd_n}) must be <= eval.n ({e.n})")
+        return self
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where `1e-3` is a string; accept YAML 1.2 floats as `dvc exp run -S` writes them."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def _location(err: dict[str, Any]) -> str:
+    # Union members show up in the location ("int", "literal['auto']"); drop them.
+    parts = [str(p) for p in err["loc"]]
+    return ".".join(p for p in parts if not re.match(r"^(int|float|str|bool|list\[.*\]|literal\[.*\]|function-.*)$", p))
+
+
+def _section_model(loc: tuple) -> type[BaseModel]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            break
+        model = field.annotation
+    return model
+
+
+def _messages(exc: ValidationError) -> list[str]:
+    """One line per bad key: 'key: what is wrong (got value)'; union alternatives joined by 'or'."""
+    by_loc: dict[str, list[dict[str, Any]]] = {}
+    for err in exc.errors():
+        by_loc.setdefault(_location(err), []).append(err)
+    lines = []
+    for loc, errs in by_loc.items():
+        if errs[0]["type"] == "extra_forbidden":
+            section = errs[0]["loc"][:-1]
+            allowed = ", ".join(_section_model(section).model_fields)
+            lines.append(f"{loc}: unknown key (allowed under {'.'.join(map(str, section)) or 'the top level'}: {allowed})")
+            continue
+        msgs = " or ".join(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errs))
+        got = f" (got {errs[0]['input']!r})" if loc else ""
+        lines.append(f"{loc + ': ' if loc else ''}{msgs}{got}")
+    return lines
+
+
+def validate(raw: Any) -> Config:
+    """Validate a parsed params mapping; raise ConfigError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("invalid params:\n  " + "\n  ".join(_messages(exc))) from None
+
+
+def load(path: str | Path = "params.yaml") -> Config:
+    """Read and validate params.yaml; raise ConfigError with every bad key named."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {str(path)!r} not found")
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Yaml12Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return validate(raw if raw is not None else {})
+
+
+def to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """The config (or a section) as plain JSON-able data."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,124 @@
+"""Gaussian mixtures with closed-form log-density and score at every noise level.
+
+A mixture sum_k pi_k N(mu_k, Sigma_k) pushed through x_t = m(t) x0 + s(t) z is again
+a mixture sum_k pi_k N(m mu_k, m^2 Sigma_k + s^2 I) (REFERENCES.md, "Exact scores for
+testing"), so samplers and likelihoods can be checked without training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _as_cov(c: Sequence, dim: int) -> Tensor:
+    """A covariance from a length-D diagonal or a DxD matrix, checked symmetric positive definite."""
+    t = torch.as_tensor(c, dtype=torch.float64)
+    if t.ndim == 1:
+        if t.shape[0] != dim:
+            raise ValueError(f"a diagonal covariance needs {dim} entries, got {t.shape[0]}")
+        if (t <= 0).any():
+            raise ValueError(f"diagonal covariance entries must be > 0, got {t.tolist()}")
+        return torch.diag(t)
+    if t.shape != (dim, dim):
+        raise ValueError(f"a covariance must be a list of {dim} numbers or a {dim}x{dim} matrix, got shape {tuple(t.shape)}")
+    if not torch.allclose(t, t.T):
+        raise ValueError("a covariance matrix must be symmetric")
+    if torch.linalg.eigvalsh(t).min() <= 0:
+        raise ValueError("a covariance matrix must be positive definite")
+    return t
+
+
+@dataclass(frozen=True)
+class GaussianMixture:
+    """A Gaussian mixture in R^D: weights (K,), means (K, D), covs (K, D, D), float64."""
+
+    weights: Tensor
+    means: Tensor
+    covs: Tensor
+
+    @classmethod
+    def from_params(cls, weights: Sequence[float], means: Sequence[Sequence[float]], covs: Sequence) -> "GaussianMixture":
+        """Build and validate a mixture; each cov is a length-D diagonal or a DxD matrix."""
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        mu = torch.as_tensor(means, dtype=torch.float64)
+        if w.ndim != 1 or mu.ndim != 2 or mu.shape[0] != w.shape[0]:
+            raise ValueError(f"need K weights and K means of equal dimension, got {len(weights)} weights and means of shape {tuple(mu.shape)}")
+        if len(covs) != w.shape[0]:
+            raise ValueError(f"need one covariance per component ({w.shape[0]}), got {len(covs)}")
+        if (w <= 0).any() or abs(float(w.sum()) - 1.0) > 1e-6:
+            raise ValueError(f"weights must be > 0 and sum to 1, got {w.tolist()}")
+        cov = torch.stack([_as_cov(c, mu.shape[1]) for c in covs])
+        return cls(w / w.sum(), mu, cov)
+
+    @property
+    def dim(self) -> int:
+        """The data dimension D."""
+        return self.means.shape[1]
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """Draw n points, shape (n, D), float64."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        chol = torch.linalg.cholesky(self.covs)
+        return self.means[k] + torch.einsum("nij,nj->ni", chol[k], z)
+
+    def _components(self, x: Tensor, mean_coef: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-component log pi_k N(x; m mu_k, m^2 Sigma_k + s^2 I) (B, K) and Sigma_t^-1 (x - m mu_k) (B, K, D)."""
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        m = mean_coef.reshape(-1, 1, 1, 1)
+        s = std.reshape(-1, 1, 1, 1)
+        cov_t = m**2 * self.covs[None] + s**2 * eye  # (B, K, D, D)
+        chol = torch.linalg.cholesky(cov_t)
+        diff = x[:, None, :] - m[..., 0] * self.means[None]  # (B, K, D)
+        prec_diff = torch.cholesky_solve(diff[..., None], chol)[..., 0]
+        maha = (diff * prec_diff).sum(-1)
+        logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+        log_n = -0.5 * (maha + logdet + self.dim * math.log(2 * math.pi))
+        return torch.log(self.weights)[None] + log_n, prec_diff
+
+    def _broadcast(self, x: Tensor, mean_coef, std) -> tuple[Tensor, Tensor, Tensor]:
+        x64 = x.reshape(x.shape[0], -1).to(torch.float64)
+        if x64.shape[1] != self.dim:
+            raise ValueError(f"mixture has dimension {self.dim}, x has {x64.shape[1]} features")
+        b = x.shape[0]
+        m = torch.as_tensor(mean_coef, dtype=torch.float64).expand(b) if torch.as_tensor(mean_coef).ndim == 0 else torch.as_tensor(mean_coef, dtype=torch.float64).reshape(b)
+        s = torch.as_tensor(std, dtype=torch.float64).expand(b) if torch.as_tensor(std).ndim == 0 else torch.as_tensor(std, dtype=torch.float64).reshape(b)
+        return x64, m, s
+
+    def log_prob(self, x: Tensor, mean_coef=1.0, std=0.0) -> Tensor:
+        """log p_t(x) of the perturbed mixture, x of shape (B, *D) with prod(D) = dim; returns (B,)."""
+        x64, m, s = self._broadcast(x, mean_coef, std)
+        log_comp, _ = self._components(x64, m, s)
+        return torch.logsumexp(log_comp, dim=1).to(x.dtype)
+
+    def score(self, x: Tensor, mean_coef=1.0, std=0.0) -> Tensor:
+        """grad_x log p_t(x) = -sum_k r_k(x) Sigma_{t,k}^-1 (x - m mu_k); same shape and dtype as x."""
+        x64, m, s = self._broadcast(x, mean_coef, std)
+        log_comp, prec_diff = self._components(x64, m, s)
+        resp = torch.softmax(log_comp, dim=1)
+        return (-(resp[..., None] * prec_diff).sum(1)).reshape(x.shape).to(x.dtype)
+
+    def responsibilities(self, x: Tensor) -> Tensor:
+        """Posterior component probabilities r_k(x) under the clean mixture, (B, K)."""
+        x64, m, s = self._broadcast(x, 1.0, 0.0)
+        log_comp, _ = self._components(x64, m, s)
+        return torch.softmax(log_comp, dim=1)
+
+    def responsibility_moments(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Estimates of (weights, means, covs) from samples x (N, D) using the true responsibilities.
+
+        For x ~ p: E[r_k] = pi_k, E[r_k x] / pi_k = mu_k and E[r_k (x-mu_k)(x-mu_k)^T] / pi_k = Sigma_k
+        exactly, so these sample averages recover the mixture within sampling error iff x ~ p.
+        """
+        x64 = x.reshape(x.shape[0], -1).to(torch.float64)
+        r = self.responsibilities(x64)  # (N, K)
+        w = r.mean(0)
+        mu = (r[..., None] * x64[:, None, :]).mean(0) / w[:, None]
+        d = x64[:, None, :] - self.means[None]
+        cov = torch.einsum("nk,nki,nkj->kij", r, d, d) / x64.shape[0] / w[:, None, None]
+        return w, mu, cov

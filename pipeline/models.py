@@ -1,0 +1,63 @@
+"""Model files: build a network from its spec, save {"config", "state_dict"}, load a score_fn.
+
+Model files hold only plain data and tensors and load with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from pipeline import io
+from pipeline.gmm import GaussianMixture
+from pipeline.nets.mlp import ConditionalMLP
+from pipeline.parameterization import ScoreFn, make_score_fn
+from pipeline.processes import Process
+
+KINDS = ("mlp", "gmm_exact")
+
+
+def build_network(spec: Mapping[str, Any], seed: int) -> nn.Module:
+    """A freshly initialised network from its spec; the init draws from `seed`, not the global RNG."""
+    if spec["kind"] != "mlp":
+        raise ValueError(f"no trainable network for kind {spec['kind']!r}; trainable kinds: mlp")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ConditionalMLP(spec["dim"], spec["hidden"], spec["blocks"], spec["emb_dim"])
+
+
+def exact_score_fn(mixture: GaussianMixture, process: Process) -> ScoreFn:
+    """The analytic score of the mixture pushed through the process's marginal at time t."""
+
+    def score_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        mean_coef, std = process.marginal(t)
+        return mixture.score(x, mean_coef, std)
+
+    return score_fn
+
+
+def gmm_model_file(mixture: GaussianMixture) -> dict[str, Any]:
+    """The model file of the exact-score 'model': the mixture's parameters, nothing trained."""
+    state = {"weights": mixture.weights, "means": mixture.means, "covs": mixture.covs}
+    return {"config": {"kind": "gmm_exact", "parameterization": "score"}, "state_dict": state}
+
+
+def save_model(path: str | Path, spec: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Write {"config": spec, "state_dict": ...} atomically."""
+    io.save_torch(path, {"config": dict(spec), "state_dict": {k: v.detach().clone() for k, v in state_dict.items()}})
+
+
+def load_score_fn(path: str | Path, process: Process) -> ScoreFn:
+    """The score_fn of a model file, for any kind (trained network or exact mixture score)."""
+    obj = io.load_torch(path)
+    spec, state = obj["config"], obj["state_dict"]
+    if spec["kind"] == "gmm_exact":
+        return exact_score_fn(GaussianMixture(state["weights"], state["means"], state["covs"]), process)
+    net = build_network(spec, seed=0)
+    net.load_state_dict(state)
+    net.eval()
+    net.requires_grad_(False)
+    return make_score_fn(net, process, spec["parameterization"])

@@ -1,0 +1,52 @@
+"""A noise-conditional residual MLP for low-dimensional data (no batch norm)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def sinusoidal_embedding(c: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """Transformer-style sine/cosine features of a scalar per example: (B,) -> (B, dim).
+
+    Vaswani et al. 2017, as used for the time embedding of DDPM (Ho et al. 2020, appendix B).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=c.device) / half)
+    args = c.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+class ResidualBlock(nn.Module):
+    """x + W2 silu(W1 silu(x) + E c): a pre-activation residual block with additive conditioning."""
+
+    def __init__(self, hidden: int, emb_dim: int):
+        super().__init__()
+        self.lin1 = nn.Linear(hidden, hidden)
+        self.emb = nn.Linear(emb_dim, hidden)
+        self.lin2 = nn.Linear(hidden, hidden)
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        y = self.lin1(torch.nn.functional.silu(h)) + self.emb(emb)
+        return h + self.lin2(torch.nn.functional.silu(y))
+
+
+class ConditionalMLP(nn.Module):
+    """model(x, c): x of shape (B, *D) and a conditioning scalar c (B,) -> output shaped like x."""
+
+    def __init__(self, dim: int, hidden: int = 128, blocks: int = 3, emb_dim: int = 64):
+        super().__init__()
+        self.emb_dim = emb_dim
+        self.inp = nn.Linear(dim, hidden)
+        self.emb_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.blocks = nn.ModuleList(ResidualBlock(hidden, emb_dim) for _ in range(blocks))
+        self.out = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        emb = self.emb_mlp(sinusoidal_embedding(c, self.emb_dim).to(x.dtype))
+        h = self.inp(x.flatten(1))
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out(torch.nn.functional.silu(h)).reshape(x.shape)

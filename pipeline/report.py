@@ -1,0 +1,57 @@
+"""The markdown report: params, metrics next to their floors, the noise schedule and figures."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Sequence
+
+from pipeline.tracking import flatten
+
+# Metrics that have a floor (the same metric between two independent true samples).
+FLOORED = ("cd", "emd")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, dict)):
+        return f"`{json.dumps(v)}`"
+    return str(v)
+
+
+def render(
+    params: Mapping[str, Any],
+    metrics: Mapping[str, Mapping[str, Any]],
+    noise: Mapping[str, Any],
+    figures: Sequence[tuple[str, str]],
+) -> str:
+    """Markdown for reports/report.md; `metrics` maps a stage name to its flat metrics."""
+    ev = metrics.get("evaluate", {})
+    lines = [f"# Report: {params['method']['name']} on {params['data']['name']}", ""]
+    lines += ["## Metrics against their floors", "", "| metric | model | floor (true vs true) | model / floor |",
+              "|---|---|---|---|"]
+    for name in FLOORED:
+        if name in ev:
+            floor = ev.get(f"{name}_floor")
+            ratio = ev[name] / floor if floor else float("nan")
+            lines.append(f"| {name} | {_fmt(ev[name])} | {_fmt(floor)} | {ratio:.3g} |")
+    others = {f"{stage}.{k}": v for stage, m in metrics.items() for k, v in m.items()
+              if not (stage == "evaluate" and (k in FLOORED or k.removesuffix("_floor") in FLOORED))}
+    if others:
+        lines += ["", "| other metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in sorted(others.items())]
+    lines += ["", "## Noise scales", "", f"L = {noise['num_scales']} scales from sigma_1 = {noise['sigma_max']:.6g} to "
+              f"sigma_L = {noise['sigma_min']:.6g} (ratio {noise['ratio']:.6g}), step size eps = {noise['step_size']:.6g}, "
+              f"T = {noise['steps_per_scale']} Langevin steps per scale.", ""]
+    lines += [f"- {key}: {how}" for key, how in sorted(noise["how"].items())]
+    lines += ["", "## Figures", ""]
+    for title, rel in figures:
+        lines += [f"### {title}", "", f"![{title}]({rel})", ""]
+    lines += ["## Params", "", "| key | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(flatten(params).items())]
+    return "\n".join(lines) + "\n"
+
+
+def render_summary(evaluate: Mapping[str, Any]) -> str:
+    """One line with the headline metrics and their floors, for the console."""
+    return ", ".join(f"{k} {evaluate[k]:.4f} (floor {evaluate.get(k + '_floor', float('nan')):.4f})"
+                     for k in FLOORED if k in evaluate)
