@@ -1,0 +1,88 @@
+"""Tests for pipeline.config: the defaults validate, and bad input is refused with the key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import config
+from pipeline.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_validate_and_round_trip():
+    cfg = config.load(REPO / "params.yaml")
+    assert cfg.method.name == "ncsnv2" and cfg.data.name == "swissroll"
+    again = config.validate(config.to_dict(cfg))
+    assert again == cfg
+
+
+def test_yaml12_floats_as_dvc_writes_them(tmp_path):
+    # `dvc exp run -S train.lr=1e-3` writes 1e-3, a string under YAML 1.1.
+    p = tmp_path / "params.yaml"
+    p.write_text("train:\n  lr: 1e-3\nnoise:\n  step_size: 2e-5\n")
+    cfg = config.load(p)
+    assert cfg.train.lr == 1e-3 and cfg.noise.step_size == 2e-5
+
+
+@pytest.mark.parametrize("raw, words", [
+    # unknown keys, at the top and inside a section: named, with what is allowed
+    ({"trian": {}}, ["trian: unknown key", "allowed under the top level", "train"]),
+    ({"train": {"learning_rate": 0.1}}, ["train.learning_rate: unknown key", "allowed under train", "lr"]),
+    ({"data": {"gmm": {"weigths": [1.0]}}}, ["data.gmm.weigths: unknown key", "weights"]),
+    # wrong types (strict: no silent coercion of "10" or 1.5)
+    ({"train": {"steps": "10"}}, ["train.steps", "integer"]),
+    ({"train": {"steps": 1.5}}, ["train.steps", "integer"]),
+    ({"model": {"scale_by_sigma": "yes"}}, ["model.scale_by_sigma", "boolean"]),
+    ({"noise": {"sigma_max": "big"}}, ["noise.sigma_max", "'auto'"]),
+    # out of range
+    ({"train": {"lr": 0.0}}, ["train.lr", "greater than 0"]),
+    ({"train": {"ema_decay": 1.0}}, ["train.ema_decay", "less than 1"]),
+    ({"noise": {"sigma_max": -1.0}}, ["noise.sigma_max", "'auto' or a number > 0"]),
+    ({"noise": {"num_scales": 1}}, ["noise.num_scales", ">= 2"]),
+    ({"model": {"emb_dim": 7}}, ["model.emb_dim", "even"]),
+    ({"eval": {"n": 20000}}, ["eval.n (20000) must be <= sample.n"]),
+    # allowed values of a choice are listed
+    ({"data": {"name": "spiral"}}, ["data.name", "swissroll", "8gaussians", "file"]),
+    ({"method": {"name": "ddpm2"}}, ["method.name", "ncsnv2", "exact_score"]),
+    # combinations
+    ({"method": {"name": "exact_score"}}, ["exact_score needs data.name: gmm"]),
+    ({"data": {"name": "gmm", "gmm": {"weights": [0.5, 0.6]}}}, ["data.gmm", "sum to 1"]),
+    ({"data": {"name": "file"}}, ["data.path must name a .npy or .csv"]),
+    ({"data": {"name": "file", "path": "points.txt"}}, ["data.path must end in .npy or .csv"]),
+    ({"data": {"name": "file", "path": "/nonexistent/points.npy"}}, ["data.path", "does not exist"]),
+])
+def test_bad_input_names_the_key_and_what_is_allowed(raw, words):
+    with pytest.raises(ConfigError) as info:
+        config.validate(raw)
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(ConfigError) as info:
+        config.validate({"train": {"lr": -1.0, "steps": "x"}, "sample": {"n": 0}})
+    msg = str(info.value)
+    assert "train.lr" in msg and "train.steps" in msg and "sample.n" in msg
+
+
+def test_not_a_mapping_and_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="mapping"):
+        config.validate([1, 2])
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(bad)
+
+
+def test_file_data_path_accepted_when_present(tmp_path):
+    p = tmp_path / "pts.npy"
+    np.save(p, np.zeros((10, 2)))
+    cfg = config.validate({"data": {"name": "file", "path": str(p)}})
+    assert cfg.data.path == str(p)
