@@ -72,9 +72,11 @@ class GaussianMixture:
         eye = torch.eye(self.dim, dtype=torch.float64)
         m = mean_coef.reshape(-1, 1, 1, 1)
         s = std.reshape(-1, 1, 1, 1)
-        cov_t = m**2 * self.covs[None] + s**2 * eye  # (B, K, D, D)
-        chol = torch.linalg.cholesky(cov_t)
         diff = x[:, None, :] - m[..., 0] * self.means[None]  # (B, K, D)
+        if (mean_coef == mean_coef[0]).all() and (std == std[0]).all():
+            m, s = m[:1], s[:1]  # one time for the whole batch (samplers): factor K matrices, not B*K
+        cov_t = m**2 * self.covs[None] + s**2 * eye  # (B or 1, K, D, D)
+        chol = torch.linalg.cholesky(cov_t).expand(x.shape[0], -1, -1, -1)
         prec_diff = torch.cholesky_solve(diff[..., None], chol)[..., 0]
         maha = (diff * prec_diff).sum(-1)
         logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
