@@ -92,9 +92,14 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
-    """torch.save atomically; `obj` must hold only tensors and plain containers."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save atomically; `obj` must hold only tensors and plain containers.
+
+    Saved through a buffer: torch.save names the archive's root folder after the file, and the
+    temporary file's random name would make the bytes differ from run to run.
+    """
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getvalue())
 
 
 def load_torch(path: str | os.PathLike) -> Any:

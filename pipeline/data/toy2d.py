@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import sklearn.datasets
 import torch
 
 if TYPE_CHECKING:  # only for annotations: the mixture is built by the caller
@@ -41,12 +40,16 @@ def _scalar_standardize(x: np.ndarray, scale: float = 2.0) -> np.ndarray:
 
 def swissroll(n: int, seed: int, noise: float = 0.0) -> np.ndarray:
     """(n, 2) swiss roll: the CS492 assignment recipe (noise=0.0 reproduces it bit for bit)."""
+    import sklearn.datasets  # here, not at the top: it costs every stage a second to import
+
     x, _ = sklearn.datasets.make_swiss_roll(n, noise=noise, hole=True, random_state=seed)
     return _scalar_standardize(x[:, [0, 2]])
 
 
 def moons(n: int, seed: int, noise: float = 0.0) -> np.ndarray:
     """(n, 2) two moons: sklearn make_moons, scalar-standardised to std 2 like the swiss roll."""
+    import sklearn.datasets
+
     x, _ = sklearn.datasets.make_moons(n, noise=noise, random_state=seed)
     return _scalar_standardize(x)
 
