@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,29 @@ def test_dvc_exp_run_sample_key_reruns_only_sample_evaluate_report(dvc_repo):
     db = sqlite3.connect(dvc_repo / "mlflow.db")
     tagged = db.execute("select count(*) from tags where key = 'dvc_exp_name' and value = 'seed1'").fetchone()[0]
     assert tagged >= 1
+
+
+def test_dvc_queue_keeps_mlflow_artifacts_and_skips_training(dvc_repo):
+    """`dvc exp run --queue` + `dvc queue start`: runs in a temp copy, tracks into the real repo."""
+    env = _dvc_env(dvc_repo)
+    dvc = [sys.executable, "-m", "dvc"]
+    if not (dvc_repo / "dvc.lock").is_file():
+        pytest.skip("needs the baseline run of test_dvc_repro_twice_is_bit_identical")
+    _sh(dvc + ["exp", "run", "--queue", "-S", "sample.seed=2", "-n", "queued2"], dvc_repo, env)
+    _sh(dvc + ["queue", "start", "-j", "1"], dvc_repo, env)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        status = _sh(dvc + ["queue", "status"], dvc_repo, env)
+        line = next(ln for ln in status.splitlines() if "queued2" in ln)
+        if "Success" in line or "Failed" in line:
+            break
+        time.sleep(3)
+    assert "Success" in line, _sh(dvc + ["queue", "logs", "queued2"], dvc_repo, env)
+    db = sqlite3.connect(dvc_repo / "mlflow.db")
+    runs = db.execute("select r.run_uuid, r.name, r.artifact_uri from runs r join tags t on t.run_uuid = r.run_uuid "
+                      "where t.key = 'dvc_exp_name' and t.value = 'queued2'").fetchall()
+    assert {name for _, name, _ in runs} == {"queued2", "sample", "evaluate", "report"}  # no retraining
+    parent_uri = next(uri for _, name, uri in runs if name == "queued2")
+    assert parent_uri.startswith((dvc_repo / "mlartifacts").resolve().as_uri())
+    artifacts = Path(parent_uri.removeprefix("file://"))
+    assert (artifacts / "report.md").is_file() and (artifacts / "figures" / "samples.png").is_file()
