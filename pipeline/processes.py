@@ -2,13 +2,15 @@
 
 x_t = mean_coef(t) * x0 + std(t) * z. Time t is a tensor of shape (B,); `append_dims`
 broadcasts it against x of shape (B, *D), so everything works on points and images.
+Continuous processes follow Song et al. 2021 (arXiv:2011.13456, sec. 3.4 and appendix B);
+discrete ones (NCSN's sigmas, DDPM's betas) expose their grid.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -19,8 +21,21 @@ def append_dims(v: Tensor, ndim: int) -> Tensor:
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
+def _std_normal_logp(z: Tensor, scale: float) -> Tensor:
+    """log N(z; 0, scale^2 I) summed over all but the batch dimension, (B,)."""
+    d = z[0].numel()
+    return -0.5 * (z**2).flatten(1).sum(1) / scale**2 - d * (math.log(scale) + 0.5 * math.log(2 * math.pi))
+
+
 class Process(ABC):
-    """A forward process: marginals, SDE, prior, training-time distribution and sampling grid."""
+    """A forward process: marginals, SDE, prior, training-time distribution and sampling grid.
+
+    Subclasses set `t_min` (the data end: eps for continuous processes) and `t_max` (T).
+    """
+
+    t_min: float
+    t_max: float
+    continuous: bool = True
 
     @abstractmethod
     def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -30,30 +45,170 @@ class Process(ABC):
     def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """(drift f(x, t) shaped like x, diffusion g(t) of shape (B,)) of dx = f dt + g dW."""
 
-    @abstractmethod
+    def prior_std(self) -> float:
+        """The std of the Gaussian prior N(0, prior_std^2 I) at t_max."""
+        return 1.0
+
     def prior_sample(self, shape: Sequence[int], generator: torch.Generator) -> Tensor:
         """A draw from the prior p_T of the given (B, *D) shape."""
+        return self.prior_std() * torch.randn(tuple(shape), generator=generator)
 
-    @abstractmethod
     def prior_logp(self, z: Tensor) -> Tensor:
         """log p_T(z), shape (B,)."""
+        return _std_normal_logp(z, self.prior_std())
 
     @abstractmethod
     def conditioning(self, t: Tensor) -> Tensor:
         """What the network is conditioned on, shape (B,)."""
 
-    @abstractmethod
-    def sample_time(self, batch: int, generator: torch.Generator) -> Tensor:
-        """Training times, one per example, shape (B,)."""
+    def sample_time(self, batch: int, generator: Optional[torch.Generator]) -> Tensor:
+        """Training times, one per example, uniform on [t_min, t_max], shape (B,)."""
+        u = torch.rand(batch, generator=generator, dtype=torch.float64)
+        return (self.t_min + (self.t_max - self.t_min) * u).to(torch.get_default_dtype())
 
-    @abstractmethod
-    def grid(self) -> Tensor:
-        """The float64 sampling grid from the prior end to the data end, walked as zip(t[:-1], t[1:])."""
+    def grid(self, steps: Optional[int] = None) -> Tensor:
+        """The float64 sampling grid t_max -> t_min with `steps` intervals, walked as zip(t[:-1], t[1:])."""
+        if steps is None or steps < 1:
+            raise ValueError(f"a continuous process needs a number of steps >= 1, got {steps}")
+        return torch.linspace(self.t_max, self.t_min, steps + 1, dtype=torch.float64)
+
+    def sample_time_importance(self, batch: int, generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+        """Times from an importance density q(t) and their weights 1/q(t), each (B,)."""
+        raise NotImplementedError(f"importance sampling of t is derived for the VP SDE only, not {type(self).__name__}")
 
     def perturb(self, x0: Tensor, t: Tensor, z: Tensor) -> Tensor:
         """x_t = mean_coef(t) x0 + std(t) z."""
         m, s = self.marginal(t)
-        return append_dims(m, x0.ndim) * x0 + append_dims(s, x0.ndim) * z
+        return append_dims(m, x0.ndim).to(x0.dtype) * x0 + append_dims(s, x0.ndim).to(x0.dtype) * z
+
+    def transition(self, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """(alpha_{t|s}, sigma_{t|s}) with x_t | x_s ~ N(alpha x_s, sigma^2 I) for s < t, each (B,).
+
+        alpha = m_t / m_s and sigma^2 = std_t^2 - alpha^2 std_s^2: exact for every linear process
+        here with Gaussian transitions (Kingma et al. 2021, VDM, eq. (5)); it gives the DDPM and
+        SMLD discretisations of Song et al. 2021, appendix D/E.
+        """
+        m_t, std_t = self.marginal(t)
+        m_s, std_s = self.marginal(s)
+        alpha = m_t / m_s
+        return alpha, torch.sqrt(torch.clamp(std_t**2 - alpha**2 * std_s**2, min=0.0))
+
+    def discretize(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """Discrete forward step from s to t > s as x_t = x_s + f + G z: returns (f shaped like x, G (B,))."""
+        alpha, sigma = self.transition(t, s)
+        return (append_dims(alpha, x.ndim).to(x.dtype) - 1) * x, sigma
+
+
+class _LinearBeta(Process):
+    """The linear schedule beta(t) = beta_min + t (beta_max - beta_min) shared by VP and sub-VP."""
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0):
+        self.beta_min, self.beta_max, self.t_min, self.t_max = beta_min, beta_max, t_min, t_max
+
+    def beta(self, t: Tensor) -> Tensor:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def int_beta(self, t: Tensor) -> Tensor:
+        """B(t) = int_0^t beta(s) ds."""
+        return self.beta_min * t + 0.5 * t**2 * (self.beta_max - self.beta_min)
+
+    def conditioning(self, t: Tensor) -> Tensor:
+        return 1000.0 * t / self.t_max  # DDPM-style timestep scale for the sinusoidal embedding
+
+
+class VPSDE(_LinearBeta):
+    """Variance preserving SDE dx = -1/2 beta(t) x dt + sqrt(beta(t)) dW, beta linear (eq. (11), (32))."""
+
+    def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        m = torch.exp(-0.5 * self.int_beta(t))
+        return m, torch.sqrt(-torch.expm1(-self.int_beta(t)))
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        b = self.beta(t)
+        return -0.5 * append_dims(b, x.ndim).to(x.dtype) * x, torch.sqrt(b)
+
+    def sample_time_importance(self, batch: int, generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+        """Times from q(t) ∝ g^2/std^2 = beta(t) / (1 - exp(-B(t))), held constant below t_min.
+
+        Huang et al. 2021 (arXiv:2106.02808, sec. 5, sdeflow-light): the density of the
+        ELBO's time integrand variance-reducing proposal. The CDF of beta/(1-e^-B) is
+        log(e^B - 1) + const, inverted in closed form. Returns (t, 1/q(t)), each (B,).
+        """
+        b0 = float(self.int_beta(torch.tensor(self.t_min, dtype=torch.float64)))
+        b1 = float(self.int_beta(torch.tensor(self.t_max, dtype=torch.float64)))
+        q0 = self.beta_min_density()
+        const_mass = q0 * self.t_min  # the flat part on [0, t_min]
+        log_part = math.log(math.expm1(b1)) - math.log(math.expm1(b0))
+        total = const_mass + log_part
+        u = torch.rand(batch, generator=generator, dtype=torch.float64) * total
+        flat = u < const_mass
+        # invert log(e^B - 1) = log(e^b0 - 1) + (u - const_mass)
+        target = torch.log(torch.expm1(torch.tensor(b0, dtype=torch.float64))) + (u - const_mass)
+        big_b = target + torch.log1p(torch.exp(-target))  # B = log(e^target + 1), stably
+        a, c = 0.5 * (self.beta_max - self.beta_min), self.beta_min
+        t_log = (-c + torch.sqrt(c**2 + 4 * a * big_b)) / (2 * a)
+        t = torch.where(flat, u / q0, t_log)
+        density = torch.where(flat, torch.full_like(t, q0), self.beta(t) / -torch.expm1(-self.int_beta(t))) / total
+        return t.to(torch.get_default_dtype()), (1.0 / density).to(torch.get_default_dtype())
+
+    def beta_min_density(self) -> float:
+        """beta(t_min) / (1 - exp(-B(t_min))): the proposal's unnormalised value held below t_min."""
+        t = torch.tensor(self.t_min, dtype=torch.float64)
+        return float(self.beta(t) / -torch.expm1(-self.int_beta(t)))
+
+
+class SubVPSDE(_LinearBeta):
+    """sub-VP SDE: drift of VP, diffusion sqrt(beta(t) (1 - exp(-2 B(t)))), std = 1 - mean_coef^2 (eq. (12))."""
+
+    def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        m = torch.exp(-0.5 * self.int_beta(t))
+        return m, -torch.expm1(-self.int_beta(t))
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        b = self.beta(t)
+        return -0.5 * append_dims(b, x.ndim).to(x.dtype) * x, torch.sqrt(b * -torch.expm1(-2 * self.int_beta(t)))
+
+
+class VESDE(Process):
+    """Variance exploding SDE dx = sigma(t) sqrt(2 log(sigma_max/sigma_min)) dW, sigma geometric (eq. (9), (30))."""
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 1e-5, t_max: float = 1.0):
+        self.sigma_min, self.sigma_max, self.t_min, self.t_max = sigma_min, sigma_max, t_min, t_max
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+    def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        # score_sde's convention: std = sigma(t), not sqrt(sigma(t)^2 - sigma_min^2)
+        return torch.ones_like(t), self.sigma(t)
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.zeros_like(x), self.sigma(t) * math.sqrt(2 * math.log(self.sigma_max / self.sigma_min))
+
+    def prior_std(self) -> float:
+        return self.sigma_max
+
+    def conditioning(self, t: Tensor) -> Tensor:
+        return torch.log(self.sigma(t))
+
+
+class OUProcess(Process):
+    """Ornstein-Uhlenbeck process dx = -1/2 x dt + dW: mean e^{-t/2}, variance 1 - e^{-t}.
+
+    T = 10 leaves mean_coef e^{-5} at the prior end, as VP with beta 0.1 -> 20 does.
+    """
+
+    def __init__(self, t_min: float = 1e-3, t_max: float = 10.0):
+        self.t_min, self.t_max = t_min, t_max
+
+    def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.exp(-0.5 * t), torch.sqrt(-torch.expm1(-t))
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return -0.5 * x, torch.ones_like(t)
+
+    def conditioning(self, t: Tensor) -> Tensor:
+        return 1000.0 * t / self.t_max
 
 
 class NoiseScaleProcess(Process):
@@ -61,14 +216,17 @@ class NoiseScaleProcess(Process):
 
     x_sigma = x0 + sigma z (Song & Ermon 2019, arXiv:1907.05600, eq. (5)); as an SDE,
     dx = sqrt(d sigma^2 / d sigma) dW = sqrt(2 sigma) dW, the VE SDE of Song et al. 2021
-    (arXiv:2011.13456, eq. (9)) parameterised by sigma itself. The prior is N(0, sigma_1^2 I).
+    parameterised by sigma itself. The prior is N(0, sigma_1^2 I).
     """
+
+    continuous = False
 
     def __init__(self, sigmas: Sequence[float]):
         s = torch.as_tensor(list(sigmas), dtype=torch.float64)
         if s.ndim != 1 or len(s) < 1 or (s <= 0).any() or (len(s) > 1 and (s[1:] >= s[:-1]).any()):
             raise ValueError("sigmas must be a non-empty, strictly decreasing sequence of positive numbers")
         self.sigmas = s
+        self.t_min, self.t_max = float(s[-1]), float(s[0])
 
     def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return torch.ones_like(t), t
@@ -76,21 +234,81 @@ class NoiseScaleProcess(Process):
     def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         return torch.zeros_like(x), torch.sqrt(2 * t)
 
-    def prior_sample(self, shape: Sequence[int], generator: torch.Generator) -> Tensor:
-        return float(self.sigmas[0]) * torch.randn(tuple(shape), generator=generator)
-
-    def prior_logp(self, z: Tensor) -> Tensor:
-        s = float(self.sigmas[0])
-        d = z[0].numel()
-        return -0.5 * (z**2).flatten(1).sum(1) / s**2 - d * (math.log(s) + 0.5 * math.log(2 * math.pi))
+    def prior_std(self) -> float:
+        return float(self.sigmas[0])
 
     def conditioning(self, t: Tensor) -> Tensor:
         return torch.log(t)
 
-    def sample_time(self, batch: int, generator: torch.Generator) -> Tensor:
+    def sample_time(self, batch: int, generator: Optional[torch.Generator]) -> Tensor:
         """One noise scale per example, uniform over the L scales (NCSN's training distribution)."""
         idx = torch.randint(len(self.sigmas), (batch,), generator=generator)
         return self.sigmas[idx].to(torch.get_default_dtype())
 
-    def grid(self) -> Tensor:
+    def grid(self, steps: Optional[int] = None) -> Tensor:
+        """The noise levels sigma_1 > ... > sigma_L (annealed Langevin visits each); `steps` must be None or L."""
+        if steps not in (None, len(self.sigmas)):
+            raise ValueError(f"NCSN's grid has exactly {len(self.sigmas)} noise levels, got steps={steps}")
         return self.sigmas.clone()
+
+
+def linear_betas(num_steps: int, beta_1: float = 1e-4, beta_n: float = 0.02) -> Tensor:
+    """DDPM's linear schedule beta_1..beta_N (Ho et al. 2020, sec. 4), float64 (N,)."""
+    return torch.linspace(beta_1, beta_n, num_steps, dtype=torch.float64)
+
+
+def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Nichol & Dhariwal 2021 (arXiv:2102.09672, eq. (17)): alpha_bar(t) = cos^2((t/N + s)/(1 + s) pi/2)."""
+    t = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    return torch.clamp(1 - f[1:] / f[:-1], max=max_beta)
+
+
+class DiscreteVP(Process):
+    """DDPM's discrete forward chain q(x_i | x_{i-1}) = N(sqrt(1 - beta_i) x_{i-1}, beta_i I).
+
+    Time is the step index i in {0, ..., N-1} as a float (DDPM's t = i + 1); i = -1 is the
+    clean data (mean_coef 1, std 0), the end of every sampling grid. Ho et al. 2020, eq. (4):
+    x_i = sqrt(alpha_bar_i) x0 + sqrt(1 - alpha_bar_i) z.
+    """
+
+    continuous = False
+
+    def __init__(self, betas: Tensor):
+        self.betas = torch.as_tensor(betas, dtype=torch.float64)
+        if self.betas.ndim != 1 or (self.betas <= 0).any() or (self.betas >= 1).any():
+            raise ValueError("betas must be a 1-D sequence in (0, 1)")
+        self.alpha_bars = torch.cumprod(1 - self.betas, 0)
+        # index -1 (clean data) first, so that table[i + 1] is step i
+        self._table = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bars])
+        self.num_steps = len(self.betas)
+        self.t_min, self.t_max = -1.0, float(self.num_steps - 1)
+
+    def _alpha_bar(self, t: Tensor) -> Tensor:
+        idx = torch.round(t.to(torch.float64)).long() + 1
+        if (idx < 0).any() or (idx > self.num_steps).any():
+            raise ValueError(f"DDPM step index out of range [-1, {self.num_steps - 1}]")
+        return self._table[idx]
+
+    def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        ab = self._alpha_bar(t).to(t.dtype)
+        return torch.sqrt(ab), torch.sqrt(1 - ab)
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError("DDPM's forward process is a discrete chain without an SDE; "
+                                  "use the ddpm or ddim samplers, or method.name: sde with method.sde: vp")
+
+    def conditioning(self, t: Tensor) -> Tensor:
+        return t.to(torch.get_default_dtype())
+
+    def sample_time(self, batch: int, generator: Optional[torch.Generator]) -> Tensor:
+        """A uniform step index in {0, ..., N-1} per example (DDPM's t ~ U{1..N})."""
+        return torch.randint(self.num_steps, (batch,), generator=generator).to(torch.get_default_dtype())
+
+    def grid(self, steps: Optional[int] = None) -> Tensor:
+        """N-1, ..., 0, -1 (all steps), or `steps` evenly strided indices then -1 (DDIM, sec. 4.2)."""
+        n = self.num_steps if steps is None else steps
+        if not 1 <= n <= self.num_steps:
+            raise ValueError(f"steps must be in [1, {self.num_steps}], got {steps}")
+        idx = torch.round(torch.linspace(self.num_steps - 1, 0, n, dtype=torch.float64))
+        return torch.cat([torch.unique_consecutive(idx), torch.tensor([-1.0], dtype=torch.float64)])
