@@ -1,0 +1,97 @@
+"""Ancestral (DDPM) and DDIM steps, written for any process through its marginals.
+
+Both step from t_cur to an earlier t_next on the process's float64 grid using only
+`marginal` and `transition`, so the same code serves DDPM's discrete chain, VP, sub-VP, VE
+and NCSN scales. x0_hat is Tweedie's estimate from the score, eps_hat = -std * score.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from pipeline.parameterization import ScoreFn, x0_from_score
+from pipeline.processes import Process, append_dims
+from pipeline.samplers.langevin import SampleResult
+
+VARIANCES = ("beta_tilde", "beta")
+
+
+def _times(x: Tensor, t: float) -> Tensor:
+    return torch.full((x.shape[0],), t, dtype=x.dtype)
+
+
+def ancestral_posterior(x: Tensor, t_cur: float, t_next: float, score_fn: ScoreFn, process: Process,
+                        variance: str = "beta_tilde") -> tuple[Tensor, Tensor]:
+    """Mean (B, *D) and std (B,) of q(x_s | x_t, x0_hat) for s = t_next < t = t_cur.
+
+    Posterior of the Gaussian chain: mean (alpha std_s^2 x_t + m_s sigma_ts^2 x0_hat) / std_t^2 with
+    alpha = m_t / m_s and sigma_ts^2 = std_t^2 - alpha^2 std_s^2; variance sigma_ts^2 std_s^2 / std_t^2
+    ("beta_tilde", Ho et al. 2020, eq. (6)-(7)) or sigma_ts^2 ("beta", their other choice, sec. 3.2).
+    For DDPM's chain the mean equals eq. (11); for VE it is Song et al. 2021's ancestral predictor (eq. (47)).
+    """
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown ancestral variance {variance!r}; allowed: {', '.join(VARIANCES)}")
+    t, s = _times(x, t_cur), _times(x, t_next)
+    (m_s, std_s), (_, std_t) = process.marginal(s), process.marginal(t)
+    alpha, sigma_ts = process.transition(t, s)
+    x0_hat = x0_from_score(x, score_fn(x, t), t, process)
+    b = lambda v: append_dims(v, x.ndim).to(x.dtype)  # noqa: E731
+    mean = (b(alpha * std_s**2) * x + b(m_s * sigma_ts**2) * x0_hat) / b(std_t**2)
+    var = sigma_ts**2 * std_s**2 / std_t**2 if variance == "beta_tilde" else sigma_ts**2
+    # the clean end of DDPM's grid (std_s = 0) takes the mean: Algorithm 2 adds no noise at t = 1
+    var = torch.where(std_s > 0, var, torch.zeros_like(var))
+    return mean, var.sqrt()
+
+
+def ancestral_step(x: Tensor, t_cur: float, t_next: float, score_fn: ScoreFn, process: Process,
+                   generator: Optional[torch.Generator], variance: str = "beta_tilde") -> Tensor:
+    """One draw from q(x_s | x_t, x0_hat) (see ancestral_posterior), x of shape (B, *D)."""
+    mean, std = ancestral_posterior(x, t_cur, t_next, score_fn, process, variance)
+    return mean + append_dims(std, x.ndim).to(x.dtype) * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+
+def ddim_step(x: Tensor, t_cur: float, t_next: float, score_fn: ScoreFn, process: Process,
+              generator: Optional[torch.Generator], eta: float = 0.0) -> Tensor:
+    """DDIM (Song, Meng & Ermon 2021, arXiv:2010.02502, eq. (12) and (16)) for any process.
+
+    x_s = m_s x0_hat + sqrt(std_s^2 - c^2) eps_hat + c z with c = eta (std_s / std_t) sigma_ts:
+    eta = 0 is deterministic, eta = 1 is the ancestral step with the beta_tilde variance.
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
+    t, s = _times(x, t_cur), _times(x, t_next)
+    (m_s, std_s), (_, std_t) = process.marginal(s), process.marginal(t)
+    _, sigma_ts = process.transition(t, s)
+    score = score_fn(x, t)
+    x0_hat = x0_from_score(x, score, t, process)
+    eps_hat = -append_dims(std_t, x.ndim).to(x.dtype) * score
+    c = eta * std_s / std_t * sigma_ts
+    b = lambda v: append_dims(v, x.ndim).to(x.dtype)  # noqa: E731
+    out = b(m_s) * x0_hat + b(torch.sqrt(torch.clamp(std_s**2 - c**2, min=0.0))) * eps_hat
+    if eta > 0 and float(c.max()) > 0:
+        out = out + b(c) * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    return out
+
+
+def _walk(step, score_fn: ScoreFn, process: Process, shape: tuple[int, ...], generator: torch.Generator,
+          steps: Optional[int], **options) -> SampleResult:
+    grid = process.grid(steps)
+    x = process.prior_sample(shape, generator)
+    for t_cur, t_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        x = step(x, t_cur, t_next, score_fn, process, generator, **options)
+    return SampleResult(x, len(grid) - 1)
+
+
+def ddpm_sampler(score_fn: ScoreFn, process: Process, shape: tuple[int, ...], generator: torch.Generator,
+                 steps: Optional[int] = None, variance: str = "beta_tilde") -> SampleResult:
+    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) over process.grid(steps)."""
+    return _walk(ancestral_step, score_fn, process, shape, generator, steps, variance=variance)
+
+
+def ddim_sampler(score_fn: ScoreFn, process: Process, shape: tuple[int, ...], generator: torch.Generator,
+                 steps: Optional[int] = None, eta: float = 0.0) -> SampleResult:
+    """DDIM over `steps` strided times of process.grid(steps) (Song, Meng & Ermon 2021, sec. 4.2)."""
+    return _walk(ddim_step, score_fn, process, shape, generator, steps, eta=eta)
