@@ -124,3 +124,22 @@ class GaussianMixture:
         d = x64[:, None, :] - self.means[None]
         cov = torch.einsum("nk,nki,nkj->kij", r, d, d) / x64.shape[0] / w[:, None, None]
         return w, mu, cov
+
+    def moment_errors(self, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """For weights, means, covs: (estimate - truth, standard error) of responsibility_moments(x).
+
+        The estimates are ratios of sample means A_bar / B_bar with B = r_k; the delta method gives
+        their standard error std(a_i - (A_bar / B_bar) b_i) / (B_bar sqrt(N)) (for the weights,
+        std(r_k) / sqrt(N)). Valid when x holds N independent draws; |error| / SE is then about N(0, 1).
+        """
+        w, mu, cov = self.responsibility_moments(x)
+        x64 = x.reshape(x.shape[0], -1).to(torch.float64)
+        n = x64.shape[0]
+        r = self.responsibilities(x64)  # (N, K)
+        se_w = r.std(0) / n**0.5
+        infl_mu = r[..., None] * (x64[:, None, :] - mu[None])  # (N, K, D)
+        se_mu = infl_mu.std(0) / (w[:, None] * n**0.5)
+        d = x64[:, None, :] - self.means[None]
+        infl_cov = r[..., None, None] * (d[..., :, None] * d[..., None, :] - cov[None])  # (N, K, D, D)
+        se_cov = infl_cov.std(0) / (w[:, None, None] * n**0.5)
+        return {"weights": (w - self.weights, se_w), "means": (mu - self.means, se_mu), "covs": (cov - self.covs, se_cov)}

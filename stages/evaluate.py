@@ -24,10 +24,10 @@ def evaluate_stage(cfg: Config, run: StageRun) -> None:
     if cfg.data.name == "gmm":
         g = cfg.data.gmm
         mixture = GaussianMixture.from_params(g.weights, g.means, g.covs)
-        w, mu, cov = mixture.responsibility_moments(torch.from_numpy(gen))
-        metrics.update(gmm_weights_err=float((w - mixture.weights).abs().max()),
-                       gmm_means_err=float((mu - mixture.means).abs().max()),
-                       gmm_covs_err=float((cov - mixture.covs).abs().max()))
+        # the largest error of each moment, and the largest |error| / standard error (about N(0, 1) if exact)
+        for key, (err, se) in mixture.moment_errors(torch.from_numpy(gen)).items():
+            metrics[f"gmm_{key}_err"] = float(err.abs().max())
+            metrics[f"gmm_{key}_z"] = float((err.abs() / se).max())
     io.write_json(EVAL_METRICS, metrics)
     plots.density_comparison(EVAL_PLOT, gen, test, f"cd {metrics['cd']:.4f} (floor {metrics['cd_floor']:.4f}), "
                                                    f"emd {metrics['emd']:.4f} (floor {metrics['emd_floor']:.4f})")

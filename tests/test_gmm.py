@@ -193,3 +193,17 @@ def test_responsibility_moments_detect_wrong_samples():
     x = g.sample(20_000, torch.Generator().manual_seed(8))
     w, mu, cov = g.responsibility_moments(1.15 * x)  # a slightly over-dispersed sample
     assert (cov - g.covs).abs().max() > 0.1
+
+
+def test_moment_errors_standard_errors_are_calibrated():
+    """Across repeats of true samples, error / SE has about unit spread; a wrong sample is many SE off."""
+    g = GaussianMixture.from_params(**MIX3)
+    z = []
+    for r in range(20):
+        errs = g.moment_errors(g.sample(4000, torch.Generator().manual_seed(200 + r)))
+        z.append(torch.cat([(e / se).flatten() for e, se in errs.values()]))
+    z = torch.stack(z)  # (repeats, moments)
+    spread = z.std(0)
+    assert (spread > 0.6).all() and (spread < 1.5).all(), spread
+    wrong = g.moment_errors(1.15 * g.sample(4000, torch.Generator().manual_seed(9)))
+    assert max(float((e.abs() / se).max()) for e, se in wrong.values()) > 5

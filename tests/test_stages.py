@@ -125,7 +125,7 @@ def test_exact_score_on_gmm_needs_no_training(workdir):
     model = torch.load("models/model.pt", weights_only=True)
     assert model["config"]["kind"] == "gmm_exact"
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
-    assert {"gmm_weights_err", "gmm_means_err", "gmm_covs_err"} <= set(metrics)
+    assert {"gmm_weights_err", "gmm_means_err", "gmm_covs_err", "gmm_weights_z", "gmm_means_z", "gmm_covs_z"} <= set(metrics)
     assert json.loads(Path("metrics/train.json").read_text())["steps"] == 0
 
 
