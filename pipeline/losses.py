@@ -1,36 +1,286 @@
 """Training losses: small callables loss(model, x, cond=None, generator=None) -> per-example loss (B,).
 
-The caller reduces (mean) and applies any further weighting.
+Each loss draws one time per example (from process.sample_time, or importance-sampled), a noise
+z and x_t = process.perturb(x, t, z), asks the network for the score at (x_t, t) through
+pipeline.parameterization, and returns one number per example; x is (B, D) or (B, C, H, W).
+The caller reduces (mean) and applies any further weighting. Randomness is drawn in a fixed
+order (t, z, then probes) from `generator`, so the same seed gives the same bits, and losses
+built with the same process share t and z at the same seed (common random numbers).
+
+Score-matching losses (dsm, ism, ssm) weight time by lambda(t): "sigma2", lambda = std(t)^2
+(Song & Ermon 2019, arXiv:1907.05600, sec. 4.2), or "likelihood", lambda = g(t)^2
+(Song et al. 2021, arXiv:2101.09258, Theorem 1). With the same lambda, DSM and ISM
+differ by lambda D / (2 std^2) in expectation for any network (Vincent 2011; Stein's lemma),
+and SSM equals ISM in expectation over its probes.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from pipeline.parameterization import make_score_fn
+from pipeline.parameterization import PARAMETERIZATIONS, eps_from_score, make_score_fn
 from pipeline.processes import Process, append_dims
 
+WEIGHTINGS = ("sigma2", "likelihood")
+T_SAMPLINGS = ("uniform", "importance")
+PROBES = ("gaussian", "rademacher")
+REDUCTIONS = ("sum", "mean")
 
-class DenoisingScoreMatching:
-    """Denoising score matching with weighting lambda = std(t)^2, one random time per example.
 
-    Per example 1/2 lambda ||s(x_t, t) + z / std||^2 = 1/2 ||std s(x_t, t) + z||^2, summed over
-    dimensions: eq. (2) of Song & Ermon 2019 (arXiv:1907.05600) with lambda(sigma) = sigma^2.
+def _choice(option: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{option}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
+
+
+def _count(option: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{option} must be an integer >= {minimum}, got {value!r}")
+
+
+def _sq(v: Tensor) -> Tensor:
+    """||v||^2 over all but the batch dimension, (B,)."""
+    return v.pow(2).flatten(1).sum(1)
+
+
+def _probe(x: Tensor, kind: str, generator: Optional[torch.Generator]) -> Tensor:
+    """A probe v shaped like x with E[v v^T] = I: standard normal or Rademacher."""
+    if kind == "gaussian":
+        v = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    else:
+        v = torch.randint(0, 2, x.shape, generator=generator).to(x.dtype) * 2 - 1
+    return v.to(x.device)
+
+
+def _vjv(score: Tensor, x: Tensor, v: Tensor, create_graph: bool) -> Tensor:
+    """v^T (d score / d x) v per example, (B,), by one backward pass.
+
+    Per-example values come from one backward of a batch sum, which assumes the network treats
+    examples independently (no batch norm); retain_graph because callers take several passes.
+    """
+    if not score.requires_grad:  # the score does not depend on x: its Jacobian is zero
+        return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    (jtv,) = torch.autograd.grad((score * v).sum(), x, create_graph=create_graph, retain_graph=True,
+                                 allow_unused=True)
+    if jtv is None:
+        return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    return (jtv * v).flatten(1).sum(1)
+
+
+def _exact_divergence(score: Tensor, x: Tensor, create_graph: bool) -> Tensor:
+    """tr(d score / d x) per example, (B,), by one backward pass per dimension."""
+    flat = score.flatten(1)
+    div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    for i in range(flat.shape[1]):
+        e = torch.zeros_like(flat)
+        e[:, i] = 1
+        div = div + _vjv(score, x, e.reshape(score.shape), create_graph)
+    return div
+
+
+class _PerturbedLoss:
+    """What every loss here shares: option checks, time sampling, perturbation, the score at x_t."""
+
+    def __init__(self, process: Process, parameterization: str, weighting: str = "sigma2",
+                 t_sampling: str = "uniform"):
+        _choice("parameterization", parameterization, PARAMETERIZATIONS)
+        _choice("weighting", weighting, WEIGHTINGS)
+        _choice("t_sampling", t_sampling, T_SAMPLINGS)
+        self.process, self.parameterization = process, parameterization
+        self.weighting, self.t_sampling = weighting, t_sampling
+        # Fail at construction, not at the first training step, when the process lacks what is asked.
+        t_probe = torch.full((1,), float(process.t_max))
+        if weighting == "likelihood":
+            try:
+                process.sde(torch.zeros(1, 1), t_probe)
+            except NotImplementedError as e:
+                raise ValueError(f"weighting='likelihood' needs the diffusion g(t) of process.sde, which "
+                                 f"{type(process).__name__} does not have ({e}); use weighting='sigma2'") from e
+        if t_sampling == "importance":
+            try:
+                process.sample_time_importance(1, torch.Generator().manual_seed(0))
+            except NotImplementedError as e:
+                raise ValueError(f"t_sampling='importance' needs process.sample_time_importance, which "
+                                 f"{type(process).__name__} does not have ({e}); use t_sampling='uniform'") from e
+
+    def _perturbed(self, x: Tensor, cond: Optional[Tensor], generator: Optional[torch.Generator]
+                   ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """(t (B,), z like x, x_t like x, time weight (B,) or None for uniform time)."""
+        if cond is not None:
+            raise NotImplementedError("class-conditional networks are not wired into make_score_fn yet; pass cond=None")
+        p = self.process
+        weight = None
+        if self.t_sampling == "uniform":
+            t = p.sample_time(x.shape[0], generator).to(device=x.device, dtype=x.dtype)
+        else:
+            t, inv_q = p.sample_time_importance(x.shape[0], generator)
+            t, inv_q = t.to(device=x.device, dtype=x.dtype), inv_q.to(device=x.device, dtype=x.dtype)
+            # The proposal may put mass below t_min (VP holds it flat on [0, t_min]); those draws get
+            # weight 0 so both samplings estimate the same time average over [t_min, t_max]: with the
+            # 1/(t_max - t_min) of the uniform density, switching t_sampling changes the variance,
+            # not the objective. Keeping them would also diverge: the likelihood-weighted DSM integrand
+            # grows like 1/t, and its integral from 0 does not exist.
+            weight = torch.where(t >= p.t_min, inv_q / (p.t_max - p.t_min), torch.zeros_like(inv_q))
+            t = t.clamp(min=p.t_min)  # the zero-weight draws never evaluate std = 0
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        return t, z, p.perturb(x, t, z), weight
+
+    def _score(self, model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
+        return make_score_fn(model, self.process, self.parameterization)(x_t, t)
+
+    def _lambda(self, x: Tensor, t: Tensor) -> Tensor:
+        """The time weighting lambda(t), (B,)."""
+        if self.weighting == "sigma2":
+            return self.process.marginal(t)[1] ** 2
+        return self.process.sde(x, t)[1] ** 2
+
+    @staticmethod
+    def _time_weighted(loss: Tensor, weight: Optional[Tensor]) -> Tensor:
+        return loss if weight is None else loss * weight
+
+
+class DenoisingScoreMatching(_PerturbedLoss):
+    """Denoising score matching, one random time per example: 1/2 lambda ||s(x_t, t) + z / std||^2, (B,).
+
+    Summed over dimensions. lambda = std^2 ("sigma2", the default) is NCSN's objective (Song &
+    Ermon 2019, arXiv:1907.05600, sec. 4.2), = 1/2 ||std s + z||^2; lambda = g^2 ("likelihood")
+    is the weighting of Song et al. 2021 (arXiv:2101.09258) whose time integral bounds the KL
+    divergence to the data, hence the negative log-likelihood (their Theorem 1).
+    t_sampling="importance" draws t from process.sample_time_importance and multiplies by its
+    weights, normalised so the expectation is the uniform-time one (see _PerturbedLoss._perturbed).
     """
 
-    def __init__(self, process: Process, parameterization: str):
-        self.process = process
-        self.parameterization = parameterization
+    def __init__(self, process: Process, parameterization: str, weighting: str = "sigma2",
+                 t_sampling: str = "uniform"):
+        super().__init__(process, parameterization, weighting, t_sampling)
 
     def __call__(self, model: nn.Module, x: Tensor, cond: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> Tensor:
-        t = self.process.sample_time(x.shape[0], generator).to(x.dtype)
-        z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-        x_t = self.process.perturb(x, t, z)
-        score = make_score_fn(model, self.process, self.parameterization)(x_t, t)
+        t, z, x_t, weight = self._perturbed(x, cond, generator)
+        score = self._score(model, x_t, t)
         _, std = self.process.marginal(t)
         residual = append_dims(std, x.ndim).to(x.dtype) * score + z
-        return 0.5 * residual.pow(2).flatten(1).sum(1)
+        loss = 0.5 * _sq(residual)
+        if self.weighting != "sigma2":  # the residual already carries std^2; rescale to lambda
+            loss = loss * self._lambda(x, t) / std**2
+        return self._time_weighted(loss, weight)
+
+
+class EpsilonMSE(_PerturbedLoss):
+    """Ho et al. 2020's L_simple (arXiv:2006.11239, eq. (14)): ||eps_hat(x_t, t) - z||^2, (B,).
+
+    eps_hat = -std s comes from the score (parameterization.eps_from_score), so any network
+    output works. reduction="sum" (default) sums over dimensions, which makes the loss exactly
+    twice the sigma2-weighted DSM at the same seed; "mean" averages over dimensions, as Ho et
+    al.'s code does, so the scale does not grow with the image size.
+    """
+
+    def __init__(self, process: Process, parameterization: str, reduction: str = "sum",
+                 t_sampling: str = "uniform"):
+        _choice("reduction", reduction, REDUCTIONS)
+        super().__init__(process, parameterization, "sigma2", t_sampling)
+        self.reduction = reduction
+
+    def __call__(self, model: nn.Module, x: Tensor, cond: Optional[Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        t, z, x_t, weight = self._perturbed(x, cond, generator)
+        eps_hat = eps_from_score(self._score(model, x_t, t), t, self.process)
+        err = (eps_hat - z).pow(2).flatten(1)
+        return self._time_weighted(err.sum(1) if self.reduction == "sum" else err.mean(1), weight)
+
+
+class _DivergenceLoss(_PerturbedLoss):
+    """Shared driver of ISM and SSM: the score at a perturbed x_t kept differentiable in x_t."""
+
+    def __call__(self, model: nn.Module, x: Tensor, cond: Optional[Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        t, _, x_t, weight = self._perturbed(x, cond, generator)
+        # create_graph so the divergence term trains the model; under no_grad (evaluation) the
+        # double-backward graph is not built and the result is detached.
+        train = torch.is_grad_enabled()
+        with torch.enable_grad():
+            x_t = x_t if x_t.requires_grad else x_t.requires_grad_()
+            score = self._score(model, x_t, t)
+            loss = self._lambda(x, t) * self._objective(score, x_t, generator, train)
+        return self._time_weighted(loss if train else loss.detach(), weight)
+
+    def _objective(self, score: Tensor, x_t: Tensor, generator: Optional[torch.Generator],
+                   create_graph: bool) -> Tensor:
+        raise NotImplementedError
+
+
+class ImplicitScoreMatching(_DivergenceLoss):
+    """Hyvärinen 2005 (JMLR 6, Theorem 1) on the perturbed data: lambda (1/2 ||s(x_t)||^2 + div s(x_t)), (B,).
+
+    The divergence is exact (one backward per dimension) when D <= exact_max_dim, else
+    Hutchinson's estimate with n_probes Rademacher probes, unbiased. With the same lambda it
+    equals DSM minus lambda D / (2 std^2) in expectation, so the two are comparable.
+    """
+
+    def __init__(self, process: Process, parameterization: str, weighting: str = "sigma2",
+                 t_sampling: str = "uniform", exact_max_dim: int = 16, n_probes: int = 1):
+        _count("exact_max_dim", exact_max_dim, 0)
+        _count("n_probes", n_probes, 1)
+        super().__init__(process, parameterization, weighting, t_sampling)
+        self.exact_max_dim, self.n_probes = exact_max_dim, n_probes
+
+    def _objective(self, score, x_t, generator, create_graph):
+        if x_t[0].numel() <= self.exact_max_dim:
+            div = _exact_divergence(score, x_t, create_graph)
+        else:
+            div = sum(_vjv(score, x_t, _probe(x_t, "rademacher", generator), create_graph)
+                      for _ in range(self.n_probes)) / self.n_probes
+        return 0.5 * _sq(score) + div
+
+
+class SlicedScoreMatching(_DivergenceLoss):
+    """Sliced score matching (Song et al. 2019, arXiv:1905.07088, sec. 3) on the perturbed data, (B,).
+
+    lambda mean_v [v^T (ds/dx) v + 1/2 (v^T s)^2] over n_projections probes v (gaussian or
+    rademacher); variance_reduced=True is their SSM-VR, 1/2 ||s||^2 in place of
+    1/2 (v^T s)^2. Either equals ISM in expectation over v.
+    """
+
+    def __init__(self, process: Process, parameterization: str, weighting: str = "sigma2",
+                 t_sampling: str = "uniform", n_projections: int = 1, probe: str = "gaussian",
+                 variance_reduced: bool = False):
+        _count("n_projections", n_projections, 1)
+        _choice("probe", probe, PROBES)
+        if not isinstance(variance_reduced, bool):
+            raise ValueError(f"variance_reduced must be True or False, got {variance_reduced!r}")
+        super().__init__(process, parameterization, weighting, t_sampling)
+        self.n_projections, self.probe, self.variance_reduced = n_projections, probe, variance_reduced
+
+    def _objective(self, score, x_t, generator, create_graph):
+        total = torch.zeros(x_t.shape[0], dtype=x_t.dtype, device=x_t.device)
+        for _ in range(self.n_projections):
+            v = _probe(x_t, self.probe, generator)
+            total = total + _vjv(score, x_t, v, create_graph)
+            if not self.variance_reduced:
+                total = total + 0.5 * (v * score).flatten(1).sum(1) ** 2
+        total = total / self.n_projections
+        return total + 0.5 * _sq(score) if self.variance_reduced else total
+
+
+LOSSES = {"dsm": DenoisingScoreMatching, "eps_mse": EpsilonMSE, "ism": ImplicitScoreMatching,
+          "ssm": SlicedScoreMatching}
+
+
+def loss_options(name: str) -> tuple[str, ...]:
+    """The keyword options the loss `name` accepts besides process and parameterization."""
+    params = inspect.signature(LOSSES[name].__init__).parameters
+    return tuple(p for p in params if p not in ("self", "process", "parameterization"))
+
+
+def build_loss(name: str, process: Process, parameterization: str, **options: object) -> _PerturbedLoss:
+    """The loss registered as `name`, configured by its keyword options; ValueError names the allowed values."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSSES)}")
+    allowed = loss_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for loss {name!r}; allowed: {', '.join(allowed)}")
+    return LOSSES[name](process, parameterization, **options)
