@@ -20,6 +20,8 @@ from pipeline.likelihood import divergence_exact, divergence_hutchinson, ode_log
 from pipeline.models import exact_score_fn
 from pipeline.processes import SubVPSDE, VESDE, VPSDE, append_dims
 
+from oracles import gaussian_score
+
 MIX = dict(weights=[0.4, 0.6], means=[[2.0, 2.0], [-1.0, 1.0]], covs=[[2.0, 1.0], [0.5, 3.0]])
 # VE's sigma_max = 20 exceeds the mixture's spread (its points lie within ~15 of each other)
 PROCESSES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(sigma_max=20.0)}
@@ -163,17 +165,6 @@ def test_hutchinson_is_reproducible_from_the_generator(mixture, held_out):
 
 
 # --- images and the API ------------------------------------------------------------------------
-
-
-def gaussian_score(process, mu=0.5, c=0.8):
-    """The exact score of N(mu, c^2 I) data pushed through the process: -(x - m mu) / (m^2 c^2 + s^2)."""
-
-    def score_fn(x, t):
-        m, s = process.marginal(t)
-        m, s = append_dims(m, x.ndim).to(x.dtype), append_dims(s, x.ndim).to(x.dtype)
-        return -(x - m * mu) / (m**2 * c**2 + s**2)
-
-    return score_fn
 
 
 def gaussian_logp(x, mean, std):

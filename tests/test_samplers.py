@@ -12,24 +12,15 @@ import torch
 
 from pipeline.gmm import GaussianMixture
 from pipeline.models import exact_score_fn
-from pipeline.processes import DiscreteVP, SubVPSDE, VESDE, VPSDE, append_dims, linear_betas
+from pipeline.processes import DiscreteVP, SubVPSDE, VESDE, VPSDE, linear_betas
 from pipeline.samplers.ddpm import ancestral_posterior, ddim_sampler, ddpm_sampler
 from pipeline.samplers.ode import ode_sampler
 from pipeline.samplers.pc import CORRECTORS, PREDICTORS, pc_sampler
 
+from oracles import gaussian_score
+
 MIX = dict(weights=[0.4, 0.6], means=[[2.0, 2.0], [-1.0, 1.0]], covs=[[2.0, 1.0], [0.5, 3.0]])
 PROCESSES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(sigma_max=20.0), "ddpm": DiscreteVP(linear_betas(1000))}
-
-
-def gaussian_score(process, mu=0.5, c=0.8):
-    """The exact score of N(mu, c^2 I) data pushed through the process, for any shape."""
-
-    def score_fn(x, t):
-        m, s = process.marginal(t)
-        m, s = append_dims(m, x.ndim).to(x.dtype), append_dims(s, x.ndim).to(x.dtype)
-        return -(x - m * mu) / (m**2 * c**2 + s**2)
-
-    return score_fn
 
 
 def _samplers():
