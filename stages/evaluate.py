@@ -28,6 +28,8 @@ def evaluate_stage(cfg: Config, run: StageRun) -> None:
         for key, (err, se) in mixture.moment_errors(torch.from_numpy(gen)).items():
             metrics[f"gmm_{key}_err"] = float(err.abs().max())
             metrics[f"gmm_{key}_z"] = float((err.abs() / se).max())
+        # the true negative log-likelihood of the held-out points, nats/dim: what a model's nll is compared to
+        metrics["nll_true"] = float(-mixture.log_prob(torch.from_numpy(test)).mean()) / test.shape[1]
     io.write_json(EVAL_METRICS, metrics)
     plots.density_comparison(EVAL_PLOT, gen, test, f"cd {metrics['cd']:.4f} (floor {metrics['cd_floor']:.4f}), "
                                                    f"emd {metrics['emd']:.4f} (floor {metrics['emd_floor']:.4f})")

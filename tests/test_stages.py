@@ -127,6 +127,11 @@ def test_exact_score_on_gmm_needs_no_training(workdir):
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
     assert {"gmm_weights_err", "gmm_means_err", "gmm_covs_err", "gmm_weights_z", "gmm_means_z", "gmm_covs_z"} <= set(metrics)
     assert json.loads(Path("metrics/train.json").read_text())["steps"] == 0
+    from pipeline.gmm import GaussianMixture
+
+    g = GaussianMixture.from_params(**params["data"]["gmm"])
+    test = torch.from_numpy(np.load("data/test.npy")[:300]).double()
+    assert metrics["nll_true"] == pytest.approx(float(-g.log_prob(test).mean()) / 2, rel=1e-12)
 
 
 @pytest.mark.parametrize("bad, words", [
