@@ -7,7 +7,7 @@ import torch
 
 from pipeline import io, plots
 from pipeline.config import Config
-from pipeline.gmm import GaussianMixture
+from pipeline.gmm import GaussianMixture, mixture_metrics
 from pipeline.metrics import pointcloud_metrics
 from pipeline.tracking import StageRun
 from stages.common import EVAL_METRICS, EVAL_PLOT, REFERENCE, SAMPLES, TEST, main
@@ -24,12 +24,7 @@ def evaluate_stage(cfg: Config, run: StageRun) -> None:
     if cfg.data.name == "gmm":
         g = cfg.data.gmm
         mixture = GaussianMixture.from_params(g.weights, g.means, g.covs)
-        # the largest error of each moment, and the largest |error| / standard error (about N(0, 1) if exact)
-        for key, (err, se) in mixture.moment_errors(torch.from_numpy(gen)).items():
-            metrics[f"gmm_{key}_err"] = float(err.abs().max())
-            metrics[f"gmm_{key}_z"] = float((err.abs() / se).max())
-        # the true negative log-likelihood of the held-out points, nats/dim: what a model's nll is compared to
-        metrics["nll_true"] = float(-mixture.log_prob(torch.from_numpy(test)).mean()) / test.shape[1]
+        metrics.update(mixture_metrics(mixture, torch.from_numpy(gen), torch.from_numpy(test)))
     io.write_json(EVAL_METRICS, metrics)
     plots.density_comparison(EVAL_PLOT, gen, test, f"cd {metrics['cd']:.4f} (floor {metrics['cd_floor']:.4f}), "
                                                    f"emd {metrics['emd']:.4f} (floor {metrics['emd_floor']:.4f})")

@@ -207,3 +207,15 @@ def test_moment_errors_standard_errors_are_calibrated():
     assert (spread > 0.6).all() and (spread < 1.5).all(), spread
     wrong = g.moment_errors(1.15 * g.sample(4000, torch.Generator().manual_seed(9)))
     assert max(float((e.abs() / se).max()) for e, se in wrong.values()) > 5
+
+
+def test_mixture_metrics_keys_and_nll_true():
+    from pipeline.gmm import mixture_metrics
+
+    g = GaussianMixture.from_params(**MIX3)
+    gen = g.sample(4000, torch.Generator().manual_seed(10))
+    test = g.sample(300, torch.Generator().manual_seed(11))
+    m = mixture_metrics(g, gen, test)
+    assert set(m) == {f"gmm_{k}_{s}" for k in ("weights", "means", "covs") for s in ("err", "z")} | {"nll_true"}
+    assert m["nll_true"] == pytest.approx(float(-g.log_prob(test).mean()) / 2, rel=1e-12)
+    assert max(m[f"gmm_{k}_z"] for k in ("weights", "means", "covs")) < 5

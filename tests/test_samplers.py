@@ -13,7 +13,7 @@ import torch
 from pipeline.gmm import GaussianMixture
 from pipeline.models import exact_score_fn
 from pipeline.processes import DiscreteVP, SubVPSDE, VESDE, VPSDE, linear_betas
-from pipeline.samplers.ddpm import ancestral_posterior, ddim_sampler, ddpm_sampler
+from pipeline.samplers.ddpm import ancestral_posterior, ancestral_step, ddim_sampler, ddim_step, ddpm_sampler
 from pipeline.samplers.ode import ode_sampler
 from pipeline.samplers.pc import CORRECTORS, PREDICTORS, pc_sampler
 
@@ -117,3 +117,19 @@ def test_exact_score_samplers_recover_the_mixture(name, moment_errors):
     for key, (err, se) in moment_errors(g, out.x.double()).items():
         z = float((err.abs() / se).max())
         assert z < 5, (name, key, z)
+
+
+@pytest.mark.parametrize("shape", [(2,), (1, 8, 8)], ids=["B2", "B1x8x8"])
+@pytest.mark.parametrize("process", list(PROCESSES))
+def test_ddim_with_eta_one_is_the_ancestral_step(process, shape):
+    """DDIM eq. (16) with eta = 1 has the posterior's mean and variance (beta_tilde): the same draw."""
+    p = PROCESSES[process]
+    score_fn = gaussian_score(p)
+    grid = p.grid(10).tolist()
+    x = torch.randn((5, *shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for t_cur, t_next in zip(grid[:-2], grid[1:-1]):  # the last step of DDPM's grid adds no noise
+        a = ancestral_step(x, t_cur, t_next, score_fn, p, torch.Generator().manual_seed(1))
+        b = ddim_step(x, t_cur, t_next, score_fn, p, torch.Generator().manual_seed(1), eta=1.0)
+        torch.testing.assert_close(a, b)
+        c = ddim_step(x, t_cur, t_next, score_fn, p, torch.Generator().manual_seed(1), eta=0.0)
+        assert not torch.allclose(a, c)

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pipeline.parameterization import ScoreFn, x0_from_score
+from pipeline.parameterization import ScoreFn, eps_from_score, x0_from_score
 from pipeline.processes import Process, append_dims
 from pipeline.samplers.langevin import SampleResult
 
@@ -67,7 +67,7 @@ def ddim_step(x: Tensor, t_cur: float, t_next: float, score_fn: ScoreFn, process
     _, sigma_ts = process.transition(t, s)
     score = score_fn(x, t)
     x0_hat = x0_from_score(x, score, t, process)
-    eps_hat = -append_dims(std_t, x.ndim).to(x.dtype) * score
+    eps_hat = eps_from_score(score, t, process)
     c = eta * std_s / std_t * sigma_ts
     b = lambda v: append_dims(v, x.ndim).to(x.dtype)  # noqa: E731
     out = b(m_s) * x0_hat + b(torch.sqrt(torch.clamp(std_s**2 - c**2, min=0.0))) * eps_hat
