@@ -105,9 +105,23 @@ class ModelParams(_Section):
 
 
 class MethodParams(_Section):
-    """The method: NCSN (hand-set scales), NCSNv2 (scales from the data), or the exact GMM score."""
+    """The method and its choices; 'auto' resolves per method (pipeline/methods.py), bad combinations are refused."""
 
-    name: Literal["ncsn", "ncsnv2", "exact_score"] = "ncsnv2"
+    name: Literal["ncsnv2", "ncsn", "exact_score", "ddpm", "sde", "sohl_dickstein"] = "ncsnv2"
+    sde: Literal["auto", "vp", "ve", "subvp", "ou"] = "auto"
+    loss: Literal["auto", "dsm", "eps_mse", "ism", "ssm", "elbo"] = "auto"
+    weighting: Literal["sigma2", "likelihood"] = "sigma2"
+    parameterization: Literal["auto", "score", "score_over_sigma", "eps", "x0", "drift", "kernel"] = "auto"
+    t_sampling: Literal["uniform", "importance"] = "uniform"
+    schedule: Literal["linear", "cosine"] = "linear"
+    num_steps: Union[Auto, int] = "auto"
+
+    @field_validator("num_steps")
+    @classmethod
+    def _chain_length(cls, v):
+        if v != "auto" and v < 2:
+            raise ValueError("must be 'auto' or an integer >= 2")
+        return v
 
 
 class TrainParams(_Section):
@@ -124,20 +138,47 @@ class TrainParams(_Section):
 
 
 class SampleParams(_Section):
-    """Annealed Langevin sampling."""
+    """The sampler and its options (each option is read only by the samplers named in its comment)."""
 
     n: int = Field(10_000, ge=1)
     seed: int = 0
     batch_size: int = Field(10_000, ge=1)
+    sampler: Literal["auto", "annealed_langevin", "ancestral", "ddim", "pc", "ode"] = "auto"
+    steps: Union[Auto, int] = "auto"
     denoise: bool = True
+    variance: Literal["beta_tilde", "beta"] = "beta_tilde"
+    eta: float = Field(0.0, ge=0.0, le=1.0)
+    predictor: Literal["reverse_diffusion", "euler_maruyama", "ancestral"] = "reverse_diffusion"
+    corrector: Literal["langevin", "ald", "none"] = "langevin"
+    snr: float = Field(0.16, gt=0.0)
+    corrector_steps: int = Field(1, ge=1)
+    lam: float = Field(0.0, ge=0.0, le=1.0)
+    ode_method: Literal["rk45", "euler", "heun"] = "rk45"
+    rtol: float = Field(1e-5, gt=0.0)
+    atol: float = Field(1e-5, gt=0.0)
+
+    @field_validator("steps")
+    @classmethod
+    def _at_least_one(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("must be 'auto' or an integer >= 1")
+        return v
 
 
 class EvalParams(_Section):
-    """Point-cloud metrics: `n` points each side, clouds of `cloud_size` for CD, `emd_n` points for EMD."""
+    """Point-cloud metrics (`n` points each side, clouds of `cloud_size` for CD, `emd_n` for EMD) and likelihoods."""
 
     n: int = Field(10_000, ge=1)
     cloud_size: int = Field(100, ge=1)
     emd_n: int = Field(2_000, ge=1)
+    likelihood: bool = False
+    likelihood_n: int = Field(1_000, ge=1)
+    divergence: Literal["auto", "exact", "rademacher", "gaussian"] = "auto"
+    rtol: float = Field(1e-5, gt=0.0)
+    atol: float = Field(1e-5, gt=0.0)
+    elbo_slices: int = Field(20, ge=1)
+    elbo_variance: Literal["beta", "beta_tilde"] = "beta"
+    seed: int = 0
 
 
 class TrackingParams(_Section):
@@ -161,11 +202,30 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
-        d, e = self.data, self.eval
+        d, e, m, s = self.data, self.eval, self.method, self.sample
+        from pipeline.methods import num_steps_for, plan
+
+        p = plan(m.name, m.sde, m.loss, m.weighting, m.parameterization, m.t_sampling, self.model.scale_by_sigma,
+                 s.sampler, e.likelihood)
+        chain = num_steps_for(m.name, m.num_steps)
+        if chain is None and m.num_steps != "auto":
+            raise ValueError(f"method.num_steps sets the chain length of ddpm and sohl_dickstein; leave it 'auto' "
+                             f"for method.name: {m.name} (sample.steps sets the sampling grid)")
+        if s.steps != "auto":
+            if p.process == "noise_scales":
+                raise ValueError(f"sample.steps: NCSN's noise scales fix the grid (noise.num_scales levels); leave "
+                                 f"sample.steps: auto for method.name: {m.name}")
+            if m.name == "sohl_dickstein":
+                raise ValueError("sample.steps: Sohl-Dickstein's learned kernels exist only for the chain's own steps; "
+                                 "leave sample.steps: auto (method.num_steps sets the chain)")
+            if chain is not None and s.steps > chain:
+                raise ValueError(f"sample.steps ({s.steps}) must be <= the chain's method.num_steps ({chain})")
+        if e.likelihood and e.likelihood_n > d.n_test:
+            raise ValueError(f"eval.likelihood_n ({e.likelihood_n}) must be <= data.n_test ({d.n_test})")
         if self.method.name == "exact_score" and d.name != "gmm":
             raise ValueError(
                 f"method.name: exact_score needs data.name: gmm (the analytic score is known only for a "
-                f"Gaussian mixture); got data.name: {d.name}. Use method.name ncsn or ncsnv2 for {d.name}."
+                f"Gaussian mixture); got data.name: {d.name}. Train a model for {d.name}: method.name ncsnv2, ncsn, ddpm, sde or sohl_dickstein."
             )
         if d.name == "file":
             if d.path is None:

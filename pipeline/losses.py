@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from pipeline.elbo import DiscreteELBO
 from pipeline.parameterization import PARAMETERIZATIONS, eps_from_score, make_score_fn
 from pipeline.processes import Process, append_dims
 
@@ -288,14 +289,20 @@ class HuangELBO(_PerturbedLoss):
 
     def __call__(self, model: nn.Module, x: Tensor, cond: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> Tensor:
+        if cond is not None:
+            raise NotImplementedError("class-conditional networks are not wired into make_score_fn yet; pass cond=None")
+        return self.of_score(make_score_fn(model, self.process, self.parameterization), x, generator)
+
+    def of_score(self, score_fn, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """The same one-slice estimate for any score_fn(x, t) (a trained network or an exact score), (B,)."""
         p = self.process
-        t, _, y_t, weight = self._perturbed(x, cond, generator)
+        t, _, y_t, weight = self._perturbed(x, None, generator)
         t_max = torch.full_like(t, p.t_max)
         y_max = p.perturb(x, t_max, torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device))
         train = torch.is_grad_enabled()
         with torch.enable_grad():
             y_t = y_t if y_t.requires_grad else y_t.requires_grad_()
-            score = self._score(model, y_t, t)
+            score = score_fn(y_t, t)
             f, g = p.sde(y_t, t)
             g2 = append_dims(g, x.ndim).to(x.dtype) ** 2
             mu = g2 * score - f  # g a - f with a = g s
@@ -310,7 +317,7 @@ class HuangELBO(_PerturbedLoss):
 
 
 LOSSES = {"dsm": DenoisingScoreMatching, "eps_mse": EpsilonMSE, "ism": ImplicitScoreMatching,
-          "ssm": SlicedScoreMatching, "huang_elbo": HuangELBO}
+          "ssm": SlicedScoreMatching, "huang_elbo": HuangELBO, "vlb": DiscreteELBO}
 
 
 def loss_options(name: str) -> tuple[str, ...]:
@@ -319,7 +326,7 @@ def loss_options(name: str) -> tuple[str, ...]:
     return tuple(p for p in params if p not in ("self", "process", "parameterization"))
 
 
-def build_loss(name: str, process: Process, parameterization: str, **options: object) -> _PerturbedLoss:
+def build_loss(name: str, process: Process, parameterization: str, **options: object) -> _PerturbedLoss | DiscreteELBO:
     """The loss registered as `name`, configured by its keyword options; ValueError names the allowed values."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSSES)}")

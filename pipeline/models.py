@@ -14,7 +14,7 @@ from torch import nn
 from pipeline import io
 from pipeline.gmm import GaussianMixture
 from pipeline.nets.mlp import ConditionalMLP
-from pipeline.parameterization import ScoreFn, make_score_fn
+from pipeline.parameterization import KernelFn, ScoreFn, make_kernel_fn, make_score_fn
 from pipeline.processes import Process
 
 KINDS = ("mlp", "gmm_exact")
@@ -26,7 +26,8 @@ def build_network(spec: Mapping[str, Any], seed: int) -> nn.Module:
         raise ValueError(f"no trainable network for kind {spec['kind']!r}; trainable kinds: mlp")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ConditionalMLP(spec["dim"], spec["hidden"], spec["blocks"], spec["emb_dim"])
+        return ConditionalMLP(spec["dim"], spec["hidden"], spec["blocks"], spec["emb_dim"],
+                              outputs=2 if spec.get("parameterization") == "kernel" else 1)
 
 
 def exact_score_fn(mixture: GaussianMixture, process: Process) -> ScoreFn:
@@ -50,14 +51,26 @@ def save_model(path: str | Path, spec: Mapping[str, Any], state_dict: Mapping[st
     io.save_torch(path, {"config": dict(spec), "state_dict": {k: v.detach().clone() for k, v in state_dict.items()}})
 
 
-def load_score_fn(path: str | Path, process: Process) -> ScoreFn:
-    """The score_fn of a model file, for any kind (trained network or exact mixture score)."""
+def load_model(path: str | Path, process: Process, dtype: torch.dtype = torch.float32) -> tuple[str, ScoreFn | KernelFn]:
+    """("score", score_fn) or ("kernel", kernel_fn) of a model file: a trained network (its weights cast to
+    `dtype`: float64 for the likelihood's ODE) or the exact mixture score."""
     obj = io.load_torch(path)
     spec, state = obj["config"], obj["state_dict"]
     if spec["kind"] == "gmm_exact":
-        return exact_score_fn(GaussianMixture(state["weights"], state["means"], state["covs"]), process)
+        return "score", exact_score_fn(GaussianMixture(state["weights"], state["means"], state["covs"]), process)
     net = build_network(spec, seed=0)
     net.load_state_dict(state)
+    net.to(dtype)
     net.eval()
     net.requires_grad_(False)
-    return make_score_fn(net, process, spec["parameterization"])
+    if spec["parameterization"] == "kernel":
+        return "kernel", make_kernel_fn(net, process)
+    return "score", make_score_fn(net, process, spec["parameterization"])
+
+
+def load_score_fn(path: str | Path, process: Process) -> ScoreFn:
+    """The score_fn of a model file; refuses a model that is a reverse kernel (it has no score)."""
+    kind, fn = load_model(path, process)
+    if kind != "score":
+        raise ValueError(f"{path} holds a learned reverse kernel (Sohl-Dickstein), not a score model")
+    return fn

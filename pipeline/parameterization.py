@@ -79,3 +79,66 @@ def x0_from_score(x: Tensor, score: Tensor, t: Tensor, process: Process) -> Tens
     """Tweedie's denoiser E[x0 | x_t] = (x_t + std^2 score) / mean_coef (Efron 2011)."""
     m, s = process.marginal(t)
     return (x + append_dims(s, x.ndim).to(x.dtype) ** 2 * score) / append_dims(m, x.ndim).to(x.dtype)
+
+
+# "kernel": Sohl-Dickstein et al. 2015's reverse kernel p(x_s | x_t) = N(mean, diag(var)), learned
+# mean and variance; the network outputs two maps shaped like x, stacked as (B, 2, *D).
+KernelFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def reverse_variance_bounds(t: Tensor, s: Tensor, process: Process) -> tuple[Tensor, Tensor]:
+    """(lower, upper) of the reverse variance from t to s, each (B,): beta_tilde and beta.
+
+    Ho et al. 2020 (sec. 3.2) show these bound the optimal reverse variance. At a clean end
+    beta_tilde is 0; there the lower bound is beta / 2, about beta_tilde of the next step, as
+    Nichol & Dhariwal 2021 clip it (arXiv:2102.09672, sec. 3.1).
+    """
+    upper = process.transition(t, s)[1] ** 2
+    _, std_s = process.marginal(s)
+    _, std_t = process.marginal(t)
+    tilde = upper * std_s**2 / std_t**2
+    return torch.where(tilde > 0, tilde, upper / 2), upper
+
+
+def kernel_from_output(output: Tensor, x: Tensor, t: Tensor, s: Tensor, process: Process) -> tuple[Tensor, Tensor]:
+    """Mean and variance (each like x) of a learned reverse kernel from a (B, 2, *D) network output.
+
+    Sohl-Dickstein et al. 2015 (arXiv:1503.03585, sec. 2.4 and appendix D) learn the mean and a
+    diagonal variance of each reverse step. Here mean = (x + sigma_ts f_mu) / alpha, a residual in
+    units of the step's own noise, and log var = v log beta + (1 - v) log beta_tilde_clipped with
+    v = sigmoid(f_v), the variance kept between the bounds of reverse_variance_bounds.
+    """
+    alpha, sigma_ts = process.transition(t, s)
+    lower, upper = reverse_variance_bounds(t, s, process)
+    f_mu, f_v = output[:, 0], output[:, 1]
+    mean = (x + _b(sigma_ts, x) * f_mu) / _b(alpha, x)
+    v = torch.sigmoid(f_v)
+    log_var = v * _b(torch.log(upper), x) + (1 - v) * _b(torch.log(lower), x)
+    return mean, torch.exp(log_var)
+
+
+def make_kernel_fn(model: nn.Module, process: Process) -> KernelFn:
+    """Wrap a network model(x, c) -> (B, 2, *D) as kernel_fn(x_t, t, s) -> (mean, var)."""
+
+    def kernel_fn(x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        return kernel_from_output(model(x, process.conditioning(t).to(x.dtype)), x, t, s, process)
+
+    return kernel_fn
+
+
+def kernel_from_score(score_fn: ScoreFn, process: Process, variance: str = "beta_tilde") -> KernelFn:
+    """The fixed-variance reverse kernel of a score model: process.posterior at Tweedie's x0_hat.
+
+    variance "beta_tilde" or "beta" (Ho et al. 2020, sec. 3.2), the lower one clipped at a clean
+    end as in reverse_variance_bounds so that the decoder's density exists.
+    """
+    if variance not in ("beta_tilde", "beta"):
+        raise ValueError(f"unknown reverse variance {variance!r}; allowed: beta_tilde, beta")
+
+    def kernel_fn(x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        mean, _ = process.posterior(x0_from_score(x, score_fn(x, t), t, process), x, t, s)
+        lower, upper = reverse_variance_bounds(t, s, process)
+        var = lower if variance == "beta_tilde" else upper
+        return mean, _b(var, x).expand_as(x)
+
+    return kernel_fn

@@ -72,6 +72,22 @@ def noise_schedule(path: str | Path, sigmas: Sequence[float], step_sizes: Sequen
     _save(fig, path)
 
 
+def process_schedule(path: str | Path, t: Sequence[float], mean_coef: Sequence[float], std: Sequence[float],
+                     title: str = "", xlabel: str = "t") -> None:
+    """A forward process's marginal x_t = mean_coef(t) x0 + std(t) z against time."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(t, mean_coef, lw=1.5, label="mean_coef(t)")
+    ax.plot(t, std, lw=1.5, label="std(t)")
+    if max(std) > 2:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def loss_curve(path: str | Path, steps: Sequence[int], losses: Sequence[float], title: str = "") -> None:
     """Training loss against step (log scale when positive)."""
     fig, ax = plt.subplots(figsize=(6, 4))

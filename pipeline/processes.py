@@ -61,6 +61,10 @@ class Process(ABC):
     def conditioning(self, t: Tensor) -> Tensor:
         """What the network is conditioned on, shape (B,)."""
 
+    @abstractmethod
+    def spec(self) -> dict:
+        """Plain JSON data that rebuilds this process with `process_from_spec`."""
+
     def sample_time(self, batch: int, generator: Optional[torch.Generator]) -> Tensor:
         """Training times, one per example, uniform on [t_min, t_max], shape (B,)."""
         u = torch.rand(batch, generator=generator, dtype=torch.float64)
@@ -93,6 +97,19 @@ class Process(ABC):
         alpha = m_t / m_s
         return alpha, torch.sqrt(torch.clamp(std_t**2 - alpha**2 * std_s**2, min=0.0))
 
+    def posterior(self, x0: Tensor, x_t: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean (like x) and variance (B,) of q(x_s | x_t, x0) for s < t, the Gaussian chain's posterior.
+
+        mean = (alpha std_s^2 x_t + m_s sigma_ts^2 x0) / std_t^2, variance sigma_ts^2 std_s^2 / std_t^2
+        with (alpha, sigma_ts) = transition(t, s): Ho et al. 2020 (arXiv:2006.11239) eq. (6)-(7) for
+        DDPM's chain, Kingma et al. 2021 (VDM) eq. (9) in general. At a clean end (std_s = 0) it is x0.
+        """
+        (m_s, std_s), (_, std_t) = self.marginal(s), self.marginal(t)
+        alpha, sigma_ts = self.transition(t, s)
+        b = lambda v: append_dims(v, x_t.ndim).to(x_t.dtype)  # noqa: E731
+        mean = (b(alpha * std_s**2) * x_t + b(m_s * sigma_ts**2) * x0) / b(std_t**2)
+        return mean, sigma_ts**2 * std_s**2 / std_t**2
+
     def discretize(self, x: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         """Discrete forward step from s to t > s as x_t = x_s + f + G z: returns (f shaped like x, G (B,))."""
         alpha, sigma = self.transition(t, s)
@@ -115,9 +132,15 @@ class _LinearBeta(Process):
     def conditioning(self, t: Tensor) -> Tensor:
         return 1000.0 * t / self.t_max  # DDPM-style timestep scale for the sinusoidal embedding
 
+    def spec(self) -> dict:
+        return {"kind": self.kind, "beta_min": self.beta_min, "beta_max": self.beta_max,
+                "t_min": self.t_min, "t_max": self.t_max}
+
 
 class VPSDE(_LinearBeta):
     """Variance preserving SDE dx = -1/2 beta(t) x dt + sqrt(beta(t)) dW, beta linear (eq. (11), (32))."""
+
+    kind = "vp"
 
     def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
         m = torch.exp(-0.5 * self.int_beta(t))
@@ -160,6 +183,8 @@ class VPSDE(_LinearBeta):
 class SubVPSDE(_LinearBeta):
     """sub-VP SDE: drift of VP, diffusion sqrt(beta(t) (1 - exp(-2 B(t)))), std = 1 - mean_coef^2 (eq. (12))."""
 
+    kind = "subvp"
+
     def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
         m = torch.exp(-0.5 * self.int_beta(t))
         return m, -torch.expm1(-self.int_beta(t))
@@ -191,6 +216,10 @@ class VESDE(Process):
     def conditioning(self, t: Tensor) -> Tensor:
         return torch.log(self.sigma(t))
 
+    def spec(self) -> dict:
+        return {"kind": "ve", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
+                "t_min": self.t_min, "t_max": self.t_max}
+
 
 class OUProcess(Process):
     """Ornstein-Uhlenbeck process dx = -1/2 x dt + dW: mean e^{-t/2}, variance 1 - e^{-t}.
@@ -209,6 +238,9 @@ class OUProcess(Process):
 
     def conditioning(self, t: Tensor) -> Tensor:
         return 1000.0 * t / self.t_max
+
+    def spec(self) -> dict:
+        return {"kind": "ou", "t_min": self.t_min, "t_max": self.t_max}
 
 
 class NoiseScaleProcess(Process):
@@ -240,6 +272,9 @@ class NoiseScaleProcess(Process):
     def conditioning(self, t: Tensor) -> Tensor:
         return torch.log(t)
 
+    def spec(self) -> dict:
+        return {"kind": "noise_scales", "sigmas": self.sigmas.tolist()}
+
     def sample_time(self, batch: int, generator: Optional[torch.Generator]) -> Tensor:
         """One noise scale per example, uniform over the L scales (NCSN's training distribution)."""
         idx = torch.randint(len(self.sigmas), (batch,), generator=generator)
@@ -252,9 +287,18 @@ class NoiseScaleProcess(Process):
         return self.sigmas.clone()
 
 
-def linear_betas(num_steps: int, beta_1: float = 1e-4, beta_n: float = 0.02) -> Tensor:
-    """DDPM's linear schedule beta_1..beta_N (Ho et al. 2020, sec. 4), float64 (N,)."""
-    return torch.linspace(beta_1, beta_n, num_steps, dtype=torch.float64)
+def linear_betas(num_steps: int, beta_min: float = 0.1, beta_max: float = 20.0, max_beta: float = 0.999) -> Tensor:
+    """The linear schedule beta_i = beta_min/N + i (beta_max - beta_min) / (N (N - 1)), float64 (N,).
+
+    The DDPM discretisation of the VP SDE (Song et al. 2021, appendix B); for N = 1000 it is
+    DDPM's 1e-4 -> 0.02 (Ho et al. 2020, sec. 4), and for fewer steps it keeps the same total noise
+    (clipped at max_beta, as for the cosine schedule, when N < 20 would push beta_N past 1).
+    """
+    if num_steps < 2:
+        raise ValueError(f"a linear schedule needs at least 2 steps, got {num_steps}")
+    betas = beta_min / num_steps + torch.arange(num_steps, dtype=torch.float64) * (beta_max - beta_min) / (
+        num_steps * (num_steps - 1))
+    return torch.clamp(betas, max=max_beta)
 
 
 def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -301,6 +345,9 @@ class DiscreteVP(Process):
     def conditioning(self, t: Tensor) -> Tensor:
         return t.to(torch.get_default_dtype())
 
+    def spec(self) -> dict:
+        return {"kind": "discrete_vp", "betas": self.betas.tolist()}
+
     def sample_time(self, batch: int, generator: Optional[torch.Generator]) -> Tensor:
         """A uniform step index in {0, ..., N-1} per example (DDPM's t ~ U{1..N})."""
         return torch.randint(self.num_steps, (batch,), generator=generator).to(torch.get_default_dtype())
@@ -312,3 +359,18 @@ class DiscreteVP(Process):
             raise ValueError(f"steps must be in [1, {self.num_steps}], got {steps}")
         idx = torch.round(torch.linspace(self.num_steps - 1, 0, n, dtype=torch.float64))
         return torch.cat([torch.unique_consecutive(idx), torch.tensor([-1.0], dtype=torch.float64)])
+
+
+SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
+
+
+def process_from_spec(spec: dict) -> Process:
+    """Rebuild a process from its `spec()` (the record the noise_scales stage writes)."""
+    kind, args = spec["kind"], {k: v for k, v in spec.items() if k != "kind"}
+    builders = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "ou": OUProcess,
+                "noise_scales": NoiseScaleProcess, "discrete_vp": DiscreteVP}
+    if kind not in builders:
+        raise ValueError(f"unknown process kind {kind!r}; allowed: {', '.join(builders)}")
+    if kind == "discrete_vp":
+        return DiscreteVP(torch.tensor(args["betas"], dtype=torch.float64))
+    return builders[kind](**args)

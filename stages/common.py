@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence
 
 from pipeline import config
 from pipeline.data import DataError
+from pipeline.methods import Plan, plan
 from pipeline.tracking import StageRun, open_tracker, pipeline_key, resolve_root, run_tags
 
 # The files dvc.yaml declares, relative to the repository root.
@@ -23,6 +24,20 @@ EVAL_METRICS, EVAL_PLOT = Path("metrics/evaluate.json"), Path("outputs/density.p
 REPORT, REPORT_FIGURES = Path("reports/report.md"), Path("reports/figures")
 
 StageBody = Callable[[config.Config, StageRun], None]
+
+
+def plan_of(cfg: config.Config) -> Plan:
+    """The method's resolved process, loss, parameterization and sampler (validated when params loaded)."""
+    m = cfg.method
+    return plan(m.name, m.sde, m.loss, m.weighting, m.parameterization, m.t_sampling, cfg.model.scale_by_sigma,
+                cfg.sample.sampler, cfg.eval.likelihood)
+
+
+def process_of(record: dict):
+    """The forward process the noise_scales stage chose, rebuilt from outputs/noise_scales.json."""
+    from pipeline.processes import process_from_spec
+
+    return process_from_spec(record["process"])
 
 
 def run_stage(name: str, body: StageBody, argv: Optional[Sequence[str]] = None) -> int:

@@ -1,4 +1,4 @@
-"""train: fit the noise-conditional score network with DSM (or write the exact GMM score for exact_score)."""
+"""train: fit the network with the method's loss (or write the exact GMM score for exact_score)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,23 @@ import torch
 from pipeline import io, models
 from pipeline.config import Config
 from pipeline.gmm import GaussianMixture
-from pipeline.losses import DenoisingScoreMatching
-from pipeline.noise import NoiseScales
-from pipeline.processes import NoiseScaleProcess
+from pipeline.losses import build_loss
 from pipeline.train import TrainSettings, train
 from pipeline.tracking import StageRun
-from stages.common import CHECKPOINTS, EMA_MODEL, LOSS_CSV, NOISE_SCALES, RAW_MODEL, TRAIN, TRAIN_METRICS, main
+from stages.common import (CHECKPOINTS, EMA_MODEL, LOSS_CSV, NOISE_SCALES, RAW_MODEL, TRAIN, TRAIN_METRICS, main, plan_of,
+                           process_of)
+
+# A DDPM trained on its ELBO keeps the reverse variance beta: on continuous 2-D data the bound is
+# tight with it and loose with beta_tilde (pipeline/elbo.py; tests/test_elbo.py measures both).
+VLB_VARIANCE = "beta"
+
+
+def _loss_options(loss: str, method) -> dict:
+    if loss in ("dsm", "ism", "ssm"):
+        return {"weighting": method.weighting, "t_sampling": method.t_sampling}
+    if loss == "huang_elbo":
+        return {"t_sampling": method.t_sampling}
+    return {"variance": VLB_VARIANCE} if loss == "vlb" else {}
 
 
 def _write_curve(rows: list[tuple[int, float]]) -> None:
@@ -24,9 +35,10 @@ def _write_curve(rows: list[tuple[int, float]]) -> None:
 
 def train_stage(cfg: Config, run: StageRun) -> None:
     t = cfg.train
-    run.log_params({"seed": cfg.seed, "method.name": cfg.method.name, "model": cfg.model.model_dump(mode="json"),
-                    "train": t.model_dump(mode="json")})
-    if cfg.method.name == "exact_score":
+    plan = plan_of(cfg)
+    run.log_params({"seed": cfg.seed, "method": cfg.method.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
+                    "train": t.model_dump(mode="json"), "loss": plan.loss, "parameterization": plan.parameterization})
+    if plan.loss is None:
         g = cfg.data.gmm
         exact = models.gmm_model_file(GaussianMixture.from_params(g.weights, g.means, g.covs))
         for path in (RAW_MODEL, EMA_MODEL):
@@ -37,16 +49,19 @@ def train_stage(cfg: Config, run: StageRun) -> None:
         return
 
     data = np.load(TRAIN)
-    scales = NoiseScales.from_json(io.read_json(NOISE_SCALES))
-    process = NoiseScaleProcess(scales.sigmas)
+    record = io.read_json(NOISE_SCALES)
+    process = process_of(record)
     spec = {"kind": "mlp", "dim": int(np.prod(data.shape[1:])), "hidden": cfg.model.hidden, "blocks": cfg.model.blocks,
-            "emb_dim": cfg.model.emb_dim, "parameterization": "score_over_sigma" if cfg.model.scale_by_sigma else "score"}
+            "emb_dim": cfg.model.emb_dim, "parameterization": plan.parameterization}
+    options = _loss_options(plan.loss, cfg.method)
+    loss = build_loss(plan.loss, process, plan.parameterization, **options)
     settings = TrainSettings(t.steps, t.batch_size, t.lr, t.grad_clip, t.ema_decay, t.checkpoint_every, t.log_every, cfg.seed)
     # Everything that must match for a checkpoint to be resumed; steps and logging cadence may change.
-    setup = {"spec": spec, "sigmas": scales.sigmas, "seed": cfg.seed, "data": hashlib.sha256(data.tobytes()).hexdigest(),
+    setup = {"spec": spec, "process": record["process"], "loss": plan.loss, "options": options, "seed": cfg.seed,
+             "data": hashlib.sha256(data.tobytes()).hexdigest(),
              "train": t.model_dump(exclude={"steps", "checkpoint_every", "log_every", "ema"})}
     net = models.build_network(spec, seed=cfg.seed)
-    result = train(net, DenoisingScoreMatching(process, spec["parameterization"]), torch.from_numpy(data), settings,
+    result = train(net, loss, torch.from_numpy(data), settings,
                    CHECKPOINTS, setup, on_log=lambda step, loss: run.log_metric_buffered("train_loss", loss, step))
     if result.resumed_from:
         print(f"train: resumed from the checkpoint at step {result.resumed_from}")

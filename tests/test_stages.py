@@ -28,7 +28,7 @@ TINY_OVERRIDES = {
     "model": {"hidden": 16, "blocks": 1, "emb_dim": 8},
     "train": {"steps": 30, "batch_size": 64, "checkpoint_every": 10, "log_every": 10},
     "sample": {"n": 300, "batch_size": 300},
-    "eval": {"n": 300, "cloud_size": 100, "emd_n": 300},
+    "eval": {"n": 300, "cloud_size": 100, "emd_n": 300, "likelihood_n": 300, "elbo_slices": 2},
 }
 
 
@@ -134,6 +134,54 @@ def test_exact_score_on_gmm_needs_no_training(workdir):
     assert metrics["nll_true"] == pytest.approx(float(-g.log_prob(test).mean()) / 2, rel=1e-12)
 
 
+# Every method through the same stages on tiny params: (overrides, expected nfe, likelihood keys).
+METHOD_RUNS = {
+    "ddpm-ancestral": ({"method": {"name": "ddpm", "num_steps": 50}}, 50, set()),
+    "ddpm-vlb-ddim": ({"method": {"name": "ddpm", "loss": "elbo", "num_steps": 50},
+                       "sample": {"sampler": "ddim", "steps": 10, "eta": 0.5}, "eval": {"likelihood": True}},
+                      10, {"elbo_nll", "elbo_nll_se", "elbo_bpd"}),
+    "sohl_dickstein": ({"method": {"name": "sohl_dickstein"}, "eval": {"likelihood": True}},
+                       40, {"elbo_nll", "elbo_bpd"}),
+    "vp-pc": ({"method": {"name": "sde"}, "sample": {"steps": 20}, "eval": {"likelihood": True, "elbo_slices": 2}},
+              39, {"nll", "bpd", "nll_se", "elbo_nll", "elbo_nll_importance", "elbo_nll_importance_se"}),
+    "ve-ode-heun": ({"method": {"name": "sde", "sde": "ve", "parameterization": "x0"},
+                     "sample": {"sampler": "ode", "ode_method": "heun", "steps": 10}}, 20, set()),
+    "subvp-plugin": ({"method": {"name": "sde", "sde": "subvp", "weighting": "likelihood", "loss": "ssm"},
+                      "sample": {"steps": 20, "predictor": "euler_maruyama", "corrector": "none", "lam": 0.5}}, 20, set()),
+    "vp-huang-importance": ({"method": {"name": "sde", "loss": "elbo", "t_sampling": "importance"},
+                             "sample": {"sampler": "ancestral", "steps": 20}}, 20, set()),
+    "ou-ism-ald": ({"method": {"name": "sde", "sde": "ou", "loss": "ism"},
+                    "sample": {"steps": 10, "corrector": "ald", "corrector_steps": 2}}, 28, set()),
+}
+
+
+@pytest.mark.parametrize("name", list(METHOD_RUNS))
+def test_every_method_runs_through_the_same_stages(workdir, name):
+    overrides, nfe, keys = METHOD_RUNS[name]
+    _write_params(Path("params.yaml"), _deep_merge(TINY, overrides))
+    for stage in STAGES:
+        assert _run(stage) == 0, stage
+    x = np.load("outputs/samples.npz")["x"]
+    assert x.shape == (300, 2) and np.isfinite(x).all()
+    assert json.loads(Path("metrics/sample.json").read_text())["nfe"] == nfe
+    metrics = json.loads(Path("metrics/evaluate.json").read_text())
+    assert keys <= set(metrics) and all(np.isfinite(metrics[k]) for k in keys)
+    assert Path("reports/report.md").is_file()
+
+
+@pytest.mark.parametrize("sde", ["vp", "ve", "subvp"])
+def test_exact_score_ode_nll_matches_the_true_nll(workdir, sde):
+    """The issue's oracle through the stages: held-out ODE nll within 0.01 nats/dim of the truth."""
+    params = _deep_merge(TINY, {"data": {"name": "gmm"}, "method": {"name": "exact_score", "sde": sde},
+                                "sample": {"steps": 20}, "eval": {"likelihood": True, "likelihood_n": 300,
+                                                                  "elbo_slices": 2}})
+    _write_params(Path("params.yaml"), params)
+    for stage in STAGES:
+        assert _run(stage) == 0, stage
+    metrics = json.loads(Path("metrics/evaluate.json").read_text())
+    assert abs(metrics["nll_gap"]) < 0.01, metrics
+
+
 @pytest.mark.parametrize("bad, words", [
     ({"train": {"lr": -1.0}}, ["train.lr", "greater than 0"]),
     ({"train": {"learning_rate": 0.1}}, ["train.learning_rate: unknown key"]),
@@ -236,6 +284,32 @@ def test_dvc_exp_run_sample_key_reruns_only_sample_evaluate_report(dvc_repo):
     db = sqlite3.connect(dvc_repo / "mlflow.db")
     tagged = db.execute("select count(*) from tags where key = 'dvc_exp_name' and value = 'seed1'").fetchone()[0]
     assert tagged >= 1
+
+
+@pytest.mark.parametrize("sets, expected", [
+    (["method.weighting=likelihood"], {"train", "ema", "sample", "evaluate", "report"}),
+    (["sample.sampler=ddim"], {"sample", "evaluate", "report"}),
+    (["method.name=ddpm", "method.num_steps=20"], {"noise_scales", "train", "ema", "sample", "evaluate", "report"}),
+])
+def test_dvc_exp_run_reruns_only_the_stages_whose_keys_changed(dvc_repo, sets, expected):
+    env = _dvc_env(dvc_repo)
+    if not (dvc_repo / "dvc.lock").is_file():
+        pytest.skip("needs the baseline run of test_dvc_repro_twice_is_bit_identical")
+    args = [a for kv in sets for a in ("-S", kv)]
+    log = _sh([sys.executable, "-m", "dvc", "exp", "run", *args], dvc_repo, env)
+    assert {name for name in STAGES if f"Running stage '{name}'" in log} == expected, log
+
+
+def test_dvc_exp_run_refuses_an_undefined_combination_before_work(dvc_repo):
+    env = _dvc_env(dvc_repo)
+    if not (dvc_repo / "dvc.lock").is_file():
+        pytest.skip("needs the baseline run of test_dvc_repro_twice_is_bit_identical")
+    out = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", "eval.likelihood=true"], cwd=dvc_repo,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    log = out.stdout + out.stderr
+    assert "NCSN's noise scales have neither" in log and "method.name: sde" in log, log
+    assert "Running stage 'train'" not in log and "Running stage 'sample'" not in log
 
 
 def test_dvc_queue_keeps_mlflow_artifacts_and_skips_training(dvc_repo):

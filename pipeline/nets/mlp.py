@@ -34,19 +34,21 @@ class ResidualBlock(nn.Module):
 
 
 class ConditionalMLP(nn.Module):
-    """model(x, c): x of shape (B, *D) and a conditioning scalar c (B,) -> output shaped like x."""
+    """model(x, c): x of shape (B, *D) and a conditioning scalar c (B,) -> output shaped like x,
+    or (B, outputs, *D) when outputs > 1 (a learned mean and variance: Sohl-Dickstein's kernel)."""
 
-    def __init__(self, dim: int, hidden: int = 128, blocks: int = 3, emb_dim: int = 64):
+    def __init__(self, dim: int, hidden: int = 128, blocks: int = 3, emb_dim: int = 64, outputs: int = 1):
         super().__init__()
-        self.emb_dim = emb_dim
+        self.emb_dim, self.outputs = emb_dim, outputs
         self.inp = nn.Linear(dim, hidden)
         self.emb_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.blocks = nn.ModuleList(ResidualBlock(hidden, emb_dim) for _ in range(blocks))
-        self.out = nn.Linear(hidden, dim)
+        self.out = nn.Linear(hidden, dim * outputs)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         emb = self.emb_mlp(sinusoidal_embedding(c, self.emb_dim).to(x.dtype))
         h = self.inp(x.flatten(1))
         for block in self.blocks:
             h = block(h, emb)
-        return self.out(torch.nn.functional.silu(h)).reshape(x.shape)
+        out = self.out(torch.nn.functional.silu(h))
+        return out.reshape(x.shape) if self.outputs == 1 else out.reshape(x.shape[0], self.outputs, *x.shape[1:])

@@ -12,7 +12,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pipeline.parameterization import ScoreFn, eps_from_score, x0_from_score
+from tqdm.auto import tqdm
+
+from pipeline.parameterization import KernelFn, ScoreFn, eps_from_score, x0_from_score
 from pipeline.processes import Process, append_dims
 from pipeline.samplers.langevin import SampleResult
 
@@ -27,22 +29,19 @@ def ancestral_posterior(x: Tensor, t_cur: float, t_next: float, score_fn: ScoreF
                         variance: str = "beta_tilde") -> tuple[Tensor, Tensor]:
     """Mean (B, *D) and std (B,) of q(x_s | x_t, x0_hat) for s = t_next < t = t_cur.
 
-    Posterior of the Gaussian chain: mean (alpha std_s^2 x_t + m_s sigma_ts^2 x0_hat) / std_t^2 with
-    alpha = m_t / m_s and sigma_ts^2 = std_t^2 - alpha^2 std_s^2; variance sigma_ts^2 std_s^2 / std_t^2
-    ("beta_tilde", Ho et al. 2020, eq. (6)-(7)) or sigma_ts^2 ("beta", their other choice, sec. 3.2).
+    process.posterior at x0_hat: its variance sigma_ts^2 std_s^2 / std_t^2 ("beta_tilde", Ho et al. 2020,
+    eq. (6)-(7)) or sigma_ts^2 ("beta", their other choice, sec. 3.2), sigma_ts from process.transition.
     For DDPM's chain the mean equals eq. (11); for VE it is Song et al. 2021's ancestral predictor (eq. (47)).
     """
     if variance not in VARIANCES:
         raise ValueError(f"unknown ancestral variance {variance!r}; allowed: {', '.join(VARIANCES)}")
     t, s = _times(x, t_cur), _times(x, t_next)
-    (m_s, std_s), (_, std_t) = process.marginal(s), process.marginal(t)
-    alpha, sigma_ts = process.transition(t, s)
     x0_hat = x0_from_score(x, score_fn(x, t), t, process)
-    b = lambda v: append_dims(v, x.ndim).to(x.dtype)  # noqa: E731
-    mean = (b(alpha * std_s**2) * x + b(m_s * sigma_ts**2) * x0_hat) / b(std_t**2)
-    var = sigma_ts**2 * std_s**2 / std_t**2 if variance == "beta_tilde" else sigma_ts**2
+    mean, var = process.posterior(x0_hat, x, t, s)
+    if variance == "beta":
+        var = process.transition(t, s)[1] ** 2
     # the clean end of DDPM's grid (std_s = 0) takes the mean: Algorithm 2 adds no noise at t = 1
-    var = torch.where(std_s > 0, var, torch.zeros_like(var))
+    var = torch.where(process.marginal(s)[1] > 0, var, torch.zeros_like(var))
     return mean, var.sqrt()
 
 
@@ -76,22 +75,40 @@ def ddim_step(x: Tensor, t_cur: float, t_next: float, score_fn: ScoreFn, process
     return out
 
 
-def _walk(step, score_fn: ScoreFn, process: Process, shape: tuple[int, ...], generator: torch.Generator,
-          steps: Optional[int], **options) -> SampleResult:
+def kernel_step(x: Tensor, t_cur: float, t_next: float, kernel_fn: KernelFn, process: Process,
+                generator: Optional[torch.Generator]) -> Tensor:
+    """One draw from a learned reverse kernel N(mean, diag(var)) (Sohl-Dickstein et al. 2015, eq. (5));
+    the step that ends at clean data returns its mean, as DDPM's Algorithm 2 does."""
+    t, s = _times(x, t_cur), _times(x, t_next)
+    mean, var = kernel_fn(x, t, s)
+    if float(process.marginal(s[:1])[1][0]) == 0.0:
+        return mean
+    return mean + var.sqrt() * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+
+def _walk(step, fn, process: Process, shape: tuple[int, ...], generator: torch.Generator,
+          steps: Optional[int], progress: bool = False, **options) -> SampleResult:
     grid = process.grid(steps)
     x = process.prior_sample(shape, generator)
-    for t_cur, t_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
-        x = step(x, t_cur, t_next, score_fn, process, generator, **options)
-    return SampleResult(x, len(grid) - 1)
+    pairs = list(zip(grid[:-1].tolist(), grid[1:].tolist()))
+    for t_cur, t_next in tqdm(pairs, desc=step.__name__, disable=not progress, mininterval=1.0):
+        x = step(x, t_cur, t_next, fn, process, generator, **options)
+    return SampleResult(x, len(pairs))
 
 
 def ddpm_sampler(score_fn: ScoreFn, process: Process, shape: tuple[int, ...], generator: torch.Generator,
-                 steps: Optional[int] = None, variance: str = "beta_tilde") -> SampleResult:
+                 steps: Optional[int] = None, variance: str = "beta_tilde", progress: bool = False) -> SampleResult:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) over process.grid(steps)."""
-    return _walk(ancestral_step, score_fn, process, shape, generator, steps, variance=variance)
+    return _walk(ancestral_step, score_fn, process, shape, generator, steps, progress, variance=variance)
 
 
 def ddim_sampler(score_fn: ScoreFn, process: Process, shape: tuple[int, ...], generator: torch.Generator,
-                 steps: Optional[int] = None, eta: float = 0.0) -> SampleResult:
+                 steps: Optional[int] = None, eta: float = 0.0, progress: bool = False) -> SampleResult:
     """DDIM over `steps` strided times of process.grid(steps) (Song, Meng & Ermon 2021, sec. 4.2)."""
-    return _walk(ddim_step, score_fn, process, shape, generator, steps, eta=eta)
+    return _walk(ddim_step, score_fn, process, shape, generator, steps, progress, eta=eta)
+
+
+def kernel_sampler(kernel_fn: KernelFn, process: Process, shape: tuple[int, ...], generator: torch.Generator,
+                   progress: bool = False) -> SampleResult:
+    """Ancestral sampling through a learned reverse kernel over the process's whole grid (Sohl-Dickstein et al.)."""
+    return _walk(kernel_step, kernel_fn, process, shape, generator, None, progress)

@@ -1,0 +1,166 @@
+"""Which process, loss, parameterization and sampler each method uses, and which combinations exist.
+
+`plan(...)` resolves every 'auto' of method.* and sample.sampler and refuses a combination that
+is not defined, with a message that says what works; params validation calls it, so a bad
+`dvc exp run -S` fails before any stage runs. `build_process` turns the resolved kind into a
+Process (pipeline.processes), the only place that knows each method's defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from pipeline.processes import SCHEDULES, DiscreteVP, NoiseScaleProcess, OUProcess, Process, SubVPSDE, VESDE, VPSDE
+
+METHODS = ("ncsnv2", "ncsn", "exact_score", "ddpm", "sde", "sohl_dickstein")
+SDES = ("vp", "ve", "subvp", "ou")
+LOSS_NAMES = ("dsm", "eps_mse", "ism", "ssm", "elbo")
+SAMPLERS = ("annealed_langevin", "ancestral", "ddim", "pc", "ode")
+SCORE_PARAMETERIZATIONS = ("score", "score_over_sigma", "eps", "x0", "drift")
+# The chain length when method.num_steps is 'auto': DDPM's N = 1000 (Ho et al. 2020); Sohl-Dickstein
+# et al. 2015 use T = 40 steps for their 2-D swiss roll.
+DEFAULT_NUM_STEPS = {"ddpm": 1000, "sohl_dickstein": 40}
+# Grid intervals when sample.steps is 'auto' on a continuous SDE (Song et al. 2021 use N = 1000).
+DEFAULT_SDE_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A method's resolved choices: process kind, registry loss (None: nothing is trained), parameterization,
+    sampler, and which likelihoods exist ("ode" for a continuous process; "discrete" or "huang" ELBO)."""
+
+    process: str
+    loss: Optional[str]
+    parameterization: str
+    sampler: str
+    ode: bool
+    elbo: Optional[str]
+
+
+def _process_kind(name: str, sde: str) -> str:
+    if name in ("ddpm", "sohl_dickstein"):
+        if sde != "auto":
+            raise ValueError(f"method.sde: {sde} does not apply to method.name: {name}, which has its own discrete chain "
+                             f"(leave method.sde: auto); for a continuous {sde} SDE use method.name: sde")
+        return "discrete_vp"
+    if name in ("ncsn", "ncsnv2"):
+        if sde != "auto":
+            raise ValueError(f"method.sde: {sde} does not apply to method.name: {name} (NCSN's noise scales); "
+                             f"use method.name: sde with method.sde: {sde}")
+        return "noise_scales"
+    if name == "sde":
+        return "vp" if sde == "auto" else sde
+    return "noise_scales" if sde == "auto" else sde  # exact_score: NCSN's scales, or any SDE
+
+
+def _loss(name: str, kind: str, loss: str) -> Optional[str]:
+    if name == "exact_score":
+        if loss != "auto":
+            raise ValueError(f"method.name: exact_score trains nothing (the score is analytic); leave method.loss: auto")
+        return None
+    if name == "sohl_dickstein":
+        if loss not in ("auto", "elbo"):
+            raise ValueError(f"method.name: sohl_dickstein is trained on its ELBO only (method.loss: auto or elbo), "
+                             f"got method.loss: {loss}")
+        return "vlb"
+    if loss == "auto":
+        return "eps_mse" if name == "ddpm" else "dsm"
+    if loss == "elbo":
+        if kind == "noise_scales":
+            raise ValueError(f"method.loss: elbo is not defined for NCSN's noise scales (no chain to a clean decoder, "
+                             f"no SDE); the ELBO exists for method.name ddpm, sohl_dickstein and sde")
+        return "vlb" if kind == "discrete_vp" else "huang_elbo"
+    return loss
+
+
+def _parameterization(name: str, loss: Optional[str], parameterization: str, scale_by_sigma: bool) -> str:
+    if name == "sohl_dickstein":
+        if parameterization not in ("auto", "kernel"):
+            raise ValueError(f"method.name: sohl_dickstein learns the reverse kernel's mean and variance "
+                             f"(method.parameterization: auto or kernel), got {parameterization}")
+        return "kernel"
+    if parameterization == "kernel":
+        raise ValueError("method.parameterization: kernel (a learned mean and variance) is Sohl-Dickstein's; "
+                         f"for method.name: {name} use one of {', '.join(SCORE_PARAMETERIZATIONS)}")
+    if name == "exact_score":
+        return "score"
+    if parameterization != "auto":
+        if parameterization == "drift" and name == "ddpm":
+            raise ValueError("method.parameterization: drift (Huang's a = g s) needs an SDE; DDPM's chain has none. "
+                             "Use method.name: sde, or eps / x0 / score for ddpm")
+        return parameterization
+    if name in ("ncsn", "ncsnv2"):
+        return "score_over_sigma" if scale_by_sigma else "score"
+    return "drift" if loss == "huang_elbo" else "eps"
+
+
+def _sampler(name: str, kind: str, sampler: str) -> str:
+    if sampler == "auto":
+        if name == "sohl_dickstein" or kind == "discrete_vp":
+            return "ancestral"
+        return "annealed_langevin" if kind == "noise_scales" else "pc"
+    if name == "sohl_dickstein" and sampler != "ancestral":
+        raise ValueError(f"sample.sampler: {sampler} needs a score; Sohl-Dickstein's model is a reverse kernel, "
+                         f"sampled with sample.sampler: ancestral (or auto)")
+    if sampler == "annealed_langevin" and kind != "noise_scales":
+        raise ValueError(f"sample.sampler: annealed_langevin walks NCSN's noise scales (method.name ncsn, ncsnv2, "
+                         f"or exact_score with method.sde: auto); for {kind} use ancestral, ddim, pc or ode")
+    if sampler in ("pc", "ode") and kind == "discrete_vp":
+        raise ValueError(f"sample.sampler: {sampler} needs an SDE; DDPM's discrete chain has none. "
+                         f"Use ancestral or ddim, or method.name: sde for the continuous VP SDE")
+    if sampler == "ode" and kind == "noise_scales":
+        raise ValueError("sample.sampler: ode integrates in continuous time; a model trained on NCSN's discrete "
+                         "noise scales is known only at those scales. Use method.name: sde (method.sde: ve is "
+                         "NCSN's continuous limit)")
+    return sampler
+
+
+def plan(name: str, sde: str = "auto", loss: str = "auto", weighting: str = "sigma2", parameterization: str = "auto",
+         t_sampling: str = "uniform", scale_by_sigma: bool = True, sampler: str = "auto",
+         likelihood: bool = False) -> Plan:
+    """Resolve the method's choices; ValueError says what is not defined and what works instead."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
+    kind = _process_kind(name, sde)
+    registry_loss = _loss(name, kind, loss)
+    param = _parameterization(name, registry_loss, parameterization, scale_by_sigma)
+    continuous = kind in SDES
+    if weighting == "likelihood" and (registry_loss not in ("dsm", "ism", "ssm") or kind == "discrete_vp"):
+        raise ValueError(f"method.weighting: likelihood (g^2) weights a score-matching loss (dsm, ism, ssm) over a "
+                         f"process with an SDE; it does not apply to method.name: {name} with loss {registry_loss}")
+    if t_sampling == "importance" and not (kind == "vp" and registry_loss in ("dsm", "huang_elbo")):
+        raise ValueError("method.t_sampling: importance (Huang et al.'s q(t) ∝ g^2/std^2) is derived for the VP SDE: "
+                         "use method.name: sde, method.sde: vp with method.loss dsm or elbo")
+    if likelihood and kind == "noise_scales":
+        raise ValueError("eval.likelihood: true needs a model with a likelihood: the probability-flow ODE of an SDE "
+                         "(method.name: sde, or exact_score with method.sde vp/ve/subvp/ou) or an ELBO "
+                         "(method.name: ddpm, sohl_dickstein); NCSN's noise scales have neither")
+    elbo = "discrete" if kind == "discrete_vp" else ("huang" if continuous else None)
+    return Plan(kind, registry_loss, param, _sampler(name, kind, sampler), continuous, elbo)
+
+
+def num_steps_for(name: str, num_steps: int | str) -> Optional[int]:
+    """The discrete chain's length: method.num_steps, or DEFAULT_NUM_STEPS when 'auto'; None without a chain."""
+    if name not in DEFAULT_NUM_STEPS:
+        return None
+    return DEFAULT_NUM_STEPS[name] if num_steps == "auto" else int(num_steps)
+
+
+def build_process(kind: str, *, sigmas: Sequence[float], num_steps: Optional[int] = None,
+                  schedule: str = "linear") -> Process:
+    """The process of a plan. `sigmas`: NCSN's noise scales from the noise_scales stage; VE takes its
+    sigma_max (technique 1, as Song et al. 2021 do) and sigma_min from them. VP and sub-VP use
+    beta 0.1 -> 20 with eps 1e-3, VE eps 1e-5 (Song et al. 2021, appendix C)."""
+    if kind == "noise_scales":
+        return NoiseScaleProcess(sigmas)
+    if kind == "discrete_vp":
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown beta schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        return DiscreteVP(SCHEDULES[schedule](num_steps))
+    if kind == "ve":
+        return VESDE(sigma_min=float(sigmas[-1]), sigma_max=float(sigmas[0]))
+    builders = {"vp": VPSDE, "subvp": SubVPSDE, "ou": OUProcess}
+    if kind not in builders:
+        raise ValueError(f"unknown process kind {kind!r}")
+    return builders[kind]()

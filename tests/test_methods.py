@@ -1,0 +1,102 @@
+"""Contract tier for method resolution: what each method.name resolves to, and every undefined
+combination refused by params validation with a message that says what works."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import config
+from pipeline.methods import METHODS, Plan, build_process, num_steps_for, plan
+from pipeline.processes import DiscreteVP, NoiseScaleProcess, OUProcess, SubVPSDE, VESDE, VPSDE
+
+
+@pytest.mark.parametrize("kwargs, want", [
+    ({"name": "ncsnv2"}, Plan("noise_scales", "dsm", "score_over_sigma", "annealed_langevin", False, None)),
+    ({"name": "ncsn", "scale_by_sigma": False}, Plan("noise_scales", "dsm", "score", "annealed_langevin", False, None)),
+    ({"name": "exact_score"}, Plan("noise_scales", None, "score", "annealed_langevin", False, None)),
+    ({"name": "exact_score", "sde": "ve"}, Plan("ve", None, "score", "pc", True, "huang")),
+    ({"name": "ddpm"}, Plan("discrete_vp", "eps_mse", "eps", "ancestral", False, "discrete")),
+    ({"name": "ddpm", "loss": "elbo"}, Plan("discrete_vp", "vlb", "eps", "ancestral", False, "discrete")),
+    ({"name": "ddpm", "sampler": "ddim"}, Plan("discrete_vp", "eps_mse", "eps", "ddim", False, "discrete")),
+    ({"name": "sde"}, Plan("vp", "dsm", "eps", "pc", True, "huang")),
+    ({"name": "sde", "sde": "subvp", "sampler": "ode"}, Plan("subvp", "dsm", "eps", "ode", True, "huang")),
+    ({"name": "sde", "loss": "elbo", "t_sampling": "importance"}, Plan("vp", "huang_elbo", "drift", "pc", True, "huang")),
+    ({"name": "sde", "sde": "ou", "loss": "ssm", "parameterization": "x0"}, Plan("ou", "ssm", "x0", "pc", True, "huang")),
+    ({"name": "sohl_dickstein"}, Plan("discrete_vp", "vlb", "kernel", "ancestral", False, "discrete")),
+])
+def test_plan_resolves_auto(kwargs, want):
+    assert plan(**kwargs) == want
+
+
+def _cfg(**sections) -> dict:
+    return {k: v for k, v in sections.items()}
+
+
+# Each undefined combination, as a user would type it, and words its message must contain.
+REFUSED = [
+    ({"method": {"name": "ddpm", "sde": "vp"}}, "use method.name: sde"),
+    ({"method": {"name": "ncsnv2", "sde": "ve"}}, "method.name: sde with method.sde: ve"),
+    ({"method": {"name": "ncsnv2", "loss": "elbo"}}, "ELBO exists for method.name ddpm, sohl_dickstein and sde"),
+    ({"method": {"name": "exact_score", "loss": "dsm"}, "data": {"name": "gmm"}}, "trains nothing"),
+    ({"method": {"name": "sohl_dickstein", "loss": "dsm"}}, "ELBO only"),
+    ({"method": {"name": "sohl_dickstein", "parameterization": "eps"}}, "auto or kernel"),
+    ({"method": {"name": "sde", "parameterization": "kernel"}}, "Sohl-Dickstein's"),
+    ({"method": {"name": "ddpm", "parameterization": "drift"}}, "needs an SDE"),
+    ({"method": {"name": "ddpm", "weighting": "likelihood"}}, "over a process with an SDE"),
+    ({"method": {"name": "sde", "sde": "ve", "t_sampling": "importance"}}, "derived for the VP SDE"),
+    ({"method": {"name": "sde", "loss": "ism", "t_sampling": "importance"}}, "loss dsm or elbo"),
+    ({"eval": {"likelihood": True}}, "NCSN's noise scales have neither"),
+    ({"method": {"name": "sohl_dickstein"}, "sample": {"sampler": "ddim"}}, "sampled with sample.sampler: ancestral"),
+    ({"method": {"name": "sde"}, "sample": {"sampler": "annealed_langevin"}}, "use ancestral, ddim, pc or ode"),
+    ({"method": {"name": "ddpm"}, "sample": {"sampler": "pc"}}, "chain has none"),
+    ({"method": {"name": "ddpm"}, "sample": {"sampler": "ode"}}, "chain has none"),
+    ({"sample": {"sampler": "ode"}}, "continuous time"),
+    ({"sample": {"steps": 10}}, "NCSN's noise scales fix the grid"),
+    ({"method": {"name": "sohl_dickstein"}, "sample": {"steps": 10}}, "chain's own steps"),
+    ({"method": {"name": "ddpm", "num_steps": 100}, "sample": {"steps": 200}}, "must be <= the chain's"),
+    ({"method": {"name": "sde", "num_steps": 100}}, "leave it 'auto'"),
+    ({"method": {"name": "exact_score", "sde": "vp"}}, "needs data.name: gmm"),
+    ({"method": {"name": "ddpm"}, "eval": {"likelihood": True, "likelihood_n": 20_000}}, "must be <= data.n_test"),
+    ({"method": {"name": "sde", "sde": "bm"}}, "'auto', 'vp', 've', 'subvp' or 'ou'"),
+    ({"sample": {"eta": 1.5}}, "less than or equal to 1"),
+    ({"method": {"num_steps": 1, "name": "ddpm"}}, "integer >= 2"),
+]
+
+
+@pytest.mark.parametrize("raw, words", REFUSED, ids=[str(i) for i in range(len(REFUSED))])
+def test_undefined_combination_refused_with_what_works(raw, words):
+    with pytest.raises(config.ConfigError) as err:
+        config.validate(raw)
+    assert words in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("raw", [
+    {"method": {"name": name}} for name in METHODS if name != "exact_score"
+] + [
+    {"method": {"name": "exact_score", "sde": sde}, "data": {"name": "gmm"}, "eval": {"likelihood": True}}
+    for sde in ("vp", "ve", "subvp", "ou")
+] + [
+    {"method": {"name": "ddpm", "num_steps": 100}, "sample": {"sampler": "ddim", "steps": 20, "eta": 0.5}},
+    {"method": {"name": "sde", "sde": "subvp", "weighting": "likelihood"}, "sample": {"predictor": "euler_maruyama",
+                                                                                     "corrector": "none", "lam": 1.0}},
+    {"method": {"name": "ncsnv2"}, "sample": {"sampler": "ddim"}},
+    {"method": {"name": "sde", "loss": "elbo", "t_sampling": "importance"}, "eval": {"likelihood": True}},
+])
+def test_defined_combinations_validate(raw):
+    config.validate(raw)
+
+
+def test_build_process_per_kind():
+    sigmas = [5.0, 1.0, 0.01]
+    assert isinstance(build_process("noise_scales", sigmas=sigmas), NoiseScaleProcess)
+    ve = build_process("ve", sigmas=sigmas)
+    assert isinstance(ve, VESDE) and (ve.sigma_max, ve.sigma_min) == (5.0, 0.01)
+    assert type(build_process("vp", sigmas=sigmas)) is VPSDE
+    assert type(build_process("subvp", sigmas=sigmas)) is SubVPSDE
+    assert type(build_process("ou", sigmas=sigmas)) is OUProcess
+    chain = build_process("discrete_vp", sigmas=sigmas, num_steps=num_steps_for("sohl_dickstein", "auto"))
+    assert isinstance(chain, DiscreteVP) and chain.num_steps == 40
+    cosine = build_process("discrete_vp", sigmas=sigmas, num_steps=num_steps_for("ddpm", 100), schedule="cosine")
+    assert cosine.num_steps == 100 and float(cosine.alpha_bars[-1]) < 1e-4
+    with pytest.raises(ValueError, match="allowed: linear, cosine"):
+        build_process("discrete_vp", sigmas=sigmas, num_steps=10, schedule="quadratic")
