@@ -211,6 +211,9 @@ class Config(_Section):
         if chain is None and m.num_steps != "auto":
             raise ValueError(f"method.num_steps sets the chain length of ddpm and sohl_dickstein; leave it 'auto' "
                              f"for method.name: {m.name} (sample.steps sets the sampling grid)")
+        if chain is None and m.schedule != "linear":
+            raise ValueError(f"method.schedule sets the betas of ddpm and sohl_dickstein; leave it 'linear' for "
+                             f"method.name: {m.name}")
         if s.steps != "auto":
             if p.process == "noise_scales":
                 raise ValueError(f"sample.steps: NCSN's noise scales fix the grid (noise.num_scales levels); leave "

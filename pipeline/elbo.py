@@ -31,7 +31,7 @@ def check_has_elbo(process: Process) -> None:
     grid = process.grid() if not process.continuous else None
     if grid is None or float(process.marginal(grid[-1:])[1][0]) != 0.0:
         raise ValueError(f"a discrete ELBO needs a discrete chain that ends at clean data (DDPM, Sohl-Dickstein); "
-                         f"{type(process).__name__} has none. Continuous SDEs have Huang et al.'s ELBO (loss huang_elbo)")
+                         f"{type(process).__name__} has none. Continuous SDEs have Huang et al.'s ELBO (method.loss: elbo with method.name: sde)")
 
 
 def prior_term(process: Process, x0: Tensor) -> Tensor:

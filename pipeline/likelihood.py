@@ -140,7 +140,9 @@ def model_likelihoods(model_kind: str, fn: Callable, process: Process, x: Tensor
     """Every likelihood a model has on held-out x (B, *D), per dimension, with standard errors over the points.
 
     ode: `nll` / `bpd` from the probability-flow ODE (score models on continuous processes; divergence
-    'auto' is exact up to D = 16, Rademacher Hutchinson above). elbo "discrete": the full bound of
+    'auto' is exact up to D = 16, Rademacher Hutchinson above), integrated from process.t_min, where
+    the model was trained (1e-3 for VP / sub-VP; Song et al. 2021 start at 1e-5): the density of x
+    read at t_min, i.e. smoothed by std(t_min) (0.01 for VP). elbo "discrete": the full bound of
     pipeline.elbo (DDPM with a fixed `elbo_variance`, or Sohl-Dickstein's learned kernel); "huang":
     Huang et al.'s continuous ELBO with `elbo_slices` random times per point, uniform and, where the
     process defines it, importance-sampled (the `_importance` keys). fn is a score_fn, or a kernel_fn
@@ -171,7 +173,8 @@ def model_likelihoods(model_kind: str, fn: Callable, process: Process, x: Tensor
             pass
         for sampling in samplings:
             estimator = HuangELBO(process, "score", t_sampling=sampling)
-            draws = torch.stack([estimator.of_score(fn, x, generator).detach() for _ in range(elbo_slices)])
+            with torch.no_grad():  # of_score turns gradients on for its divergence only
+                draws = torch.stack([estimator.of_score(fn, x, generator) for _ in range(elbo_slices)])
             key = "elbo_nll" if sampling == "uniform" else "elbo_nll_importance"
             out[key] = float(draws.mean()) / dim
             out[key + "_se"] = float(draws.std()) / math.sqrt(draws.numel()) / dim

@@ -84,6 +84,9 @@ def _parameterization(name: str, loss: Optional[str], parameterization: str, sca
         raise ValueError("method.parameterization: kernel (a learned mean and variance) is Sohl-Dickstein's; "
                          f"for method.name: {name} use one of {', '.join(SCORE_PARAMETERIZATIONS)}")
     if name == "exact_score":
+        if parameterization != "auto":
+            raise ValueError("method.name: exact_score has no network (the score is analytic); leave "
+                             "method.parameterization: auto")
         return "score"
     if parameterization != "auto":
         if parameterization == "drift" and name == "ddpm":
@@ -110,9 +113,9 @@ def _sampler(name: str, kind: str, sampler: str) -> str:
         raise ValueError(f"sample.sampler: {sampler} needs an SDE; DDPM's discrete chain has none. "
                          f"Use ancestral or ddim, or method.name: sde for the continuous VP SDE")
     if sampler == "ode" and kind == "noise_scales":
-        raise ValueError("sample.sampler: ode integrates in continuous time; a model trained on NCSN's discrete "
-                         "noise scales is known only at those scales. Use method.name: sde (method.sde: ve is "
-                         "NCSN's continuous limit)")
+        raise ValueError("sample.sampler: ode integrates in continuous time, and NCSN's noise scales are a discrete "
+                         "grid. Use method.name: sde (method.sde: ve is NCSN's continuous limit), or exact_score "
+                         "with method.sde vp, ve, subvp or ou")
     return sampler
 
 
@@ -126,12 +129,16 @@ def plan(name: str, sde: str = "auto", loss: str = "auto", weighting: str = "sig
     registry_loss = _loss(name, kind, loss)
     param = _parameterization(name, registry_loss, parameterization, scale_by_sigma)
     continuous = kind in SDES
-    if weighting == "likelihood" and (registry_loss not in ("dsm", "ism", "ssm") or kind == "discrete_vp"):
+    if weighting == "likelihood" and (registry_loss not in ("dsm", "ism", "ssm") or not continuous):
+        # Song et al. 2021 (arXiv:2101.09258) bound the KL with lambda = g^2 for t uniform over an SDE's
+        # time; NCSN's scales are drawn uniformly from a geometric grid, so g^2 there is neither that bound
+        # nor NCSN's objective.
         raise ValueError(f"method.weighting: likelihood (g^2) weights a score-matching loss (dsm, ism, ssm) over a "
-                         f"process with an SDE; it does not apply to method.name: {name} with loss {registry_loss}")
-    if t_sampling == "importance" and not (kind == "vp" and registry_loss in ("dsm", "huang_elbo")):
+                         f"continuous SDE (method.name: sde); it does not apply to method.name: {name} with loss "
+                         f"{registry_loss}")
+    if t_sampling == "importance" and not (kind == "vp" and registry_loss in ("dsm", "ism", "ssm", "huang_elbo")):
         raise ValueError("method.t_sampling: importance (Huang et al.'s q(t) ∝ g^2/std^2) is derived for the VP SDE: "
-                         "use method.name: sde, method.sde: vp with method.loss dsm or elbo")
+                         "use method.name: sde, method.sde: vp with method.loss dsm, ism, ssm or elbo")
     if likelihood and kind == "noise_scales":
         raise ValueError("eval.likelihood: true needs a model with a likelihood: the probability-flow ODE of an SDE "
                          "(method.name: sde, or exact_score with method.sde vp/ve/subvp/ou) or an ELBO "

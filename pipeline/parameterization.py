@@ -89,9 +89,10 @@ KernelFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 def reverse_variance_bounds(t: Tensor, s: Tensor, process: Process) -> tuple[Tensor, Tensor]:
     """(lower, upper) of the reverse variance from t to s, each (B,): beta_tilde and beta.
 
-    Ho et al. 2020 (sec. 3.2) show these bound the optimal reverse variance. At a clean end
-    beta_tilde is 0; there the lower bound is beta / 2, about beta_tilde of the next step, as
-    Nichol & Dhariwal 2021 clip it (arXiv:2102.09672, sec. 3.1).
+    Ho et al. 2020 (sec. 3.2): beta_tilde is optimal for a point-mass x0 and beta for x0 ~ N(0, I),
+    the two extremes. At a clean end beta_tilde is 0 and the decoder's density would collapse; the
+    lower bound there is beta / 2 (Ho et al. and Nichol & Dhariwal 2021 clip at beta_tilde of the
+    next step instead, which is not defined from (t, s) alone; for long chains the two agree).
     """
     upper = process.transition(t, s)[1] ** 2
     _, std_s = process.marginal(s)
@@ -106,7 +107,8 @@ def kernel_from_output(output: Tensor, x: Tensor, t: Tensor, s: Tensor, process:
     Sohl-Dickstein et al. 2015 (arXiv:1503.03585, sec. 2.4 and appendix D) learn the mean and a
     diagonal variance of each reverse step. Here mean = (x + sigma_ts f_mu) / alpha, a residual in
     units of the step's own noise, and log var = v log beta + (1 - v) log beta_tilde_clipped with
-    v = sigmoid(f_v), the variance kept between the bounds of reverse_variance_bounds.
+    v = sigmoid(f_v) (the interpolation of Nichol & Dhariwal 2021, arXiv:2102.09672, eq. (15), with v
+    squashed into [0, 1]; Sohl-Dickstein et al.'s code uses sigmoid(f + logit beta) instead).
     """
     alpha, sigma_ts = process.transition(t, s)
     lower, upper = reverse_variance_bounds(t, s, process)

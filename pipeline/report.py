@@ -1,4 +1,4 @@
-"""The markdown report: params, metrics next to their floors, the noise schedule and figures."""
+"""The markdown report: params, metrics next to their floors, the forward process (noise schedule) and figures."""
 
 from __future__ import annotations
 
@@ -39,10 +39,18 @@ def render(
               if not (stage == "evaluate" and (k in FLOORED or k.removesuffix("_floor") in FLOORED))}
     if others:
         lines += ["", "| other metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in sorted(others.items())]
-    lines += ["", "## Noise scales", "", f"L = {noise['num_scales']} scales from sigma_1 = {noise['sigma_max']:.6g} to "
-              f"sigma_L = {noise['sigma_min']:.6g} (ratio {noise['ratio']:.6g}), step size eps = {noise['step_size']:.6g}, "
-              f"T = {noise['steps_per_scale']} Langevin steps per scale.", ""]
-    lines += [f"- {key}: {how}" for key, how in sorted(noise["how"].items())]
+    process = noise.get("process", {"kind": "noise_scales"})
+    if process["kind"] == "noise_scales":
+        lines += ["", "## Noise scales", "", f"L = {noise['num_scales']} scales from sigma_1 = {noise['sigma_max']:.6g} to "
+                  f"sigma_L = {noise['sigma_min']:.6g} (ratio {noise['ratio']:.6g}), step size eps = "
+                  f"{noise['step_size']:.6g}, T = {noise['steps_per_scale']} Langevin steps per scale.", ""]
+        lines += [f"- {key}: {how}" for key, how in sorted(noise["how"].items())]
+    else:
+        shown = {k: (f"{len(v)} values from {v[0]:.6g} to {v[-1]:.6g}" if isinstance(v, list) else v)
+                 for k, v in process.items()}
+        lines += ["", "## Forward process", "", ", ".join(f"{k}: {v}" for k, v in shown.items()), ""]
+        if "how" in noise:
+            lines += [f"- {key}: {how}" for key, how in sorted(noise["how"].items())]
     lines += ["", "## Figures", ""]
     for title, rel in figures:
         lines += [f"### {title}", "", f"![{title}]({rel})", ""]

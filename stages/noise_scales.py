@@ -1,4 +1,8 @@
-"""noise_scales: choose the forward process: NCSN's scales (NCSNv2 techniques 1, 2, 4), DDPM's betas, or an SDE."""
+"""noise_scales: choose the forward process: NCSN's scales (NCSNv2 techniques 1, 2, 4), the chain's betas, or an SDE.
+
+The NCSN scales are computed only where they are used (NCSN's process, and VE's sigma range), so a
+noise.* change leaves the record of a DDPM or VP run byte-identical and DVC re-runs nothing after it.
+"""
 
 from __future__ import annotations
 
@@ -13,20 +17,26 @@ from pipeline.samplers.langevin import annealed_step_sizes
 from pipeline.tracking import StageRun
 from stages.common import NOISE_PLOT, NOISE_SCALES, TRAIN, main, plan_of
 
+NCSN_KEYS = ("sigma_max", "sigma_min", "num_scales", "step_size", "ratio", "steps_per_scale")
+
 
 def noise_scales(cfg: Config, run: StageRun) -> None:
     n, m = cfg.noise, cfg.method
-    scales = choose_noise_scales(np.load(TRAIN), m.name, n.sigma_max, n.sigma_min, n.num_scales,
-                                 n.fallback_num_scales, n.steps_per_scale, n.step_size, n.max_exact_pairwise, cfg.seed)
     kind = plan_of(cfg).process
-    process = build_process(kind, sigmas=scales.sigmas, num_steps=num_steps_for(m.name, m.num_steps), schedule=m.schedule)
-    record = scales.to_json()
+    record: dict = {}
+    sigmas: list[float] = []
+    if kind in ("noise_scales", "ve"):  # NCSN's scales, and VE's sigma_max (technique 1) and sigma_min
+        scales = choose_noise_scales(np.load(TRAIN), m.name, n.sigma_max, n.sigma_min, n.num_scales,
+                                     n.fallback_num_scales, n.steps_per_scale, n.step_size, n.max_exact_pairwise,
+                                     cfg.seed)
+        record, sigmas = scales.to_json(), scales.sigmas
+    process = build_process(kind, sigmas=sigmas, num_steps=num_steps_for(m.name, m.num_steps), schedule=m.schedule)
     record["process"] = process.spec()
     io.write_json(NOISE_SCALES, record)
     if kind == "noise_scales":
-        alphas = annealed_step_sizes(torch.tensor(scales.sigmas, dtype=torch.float64), scales.step_size).tolist()
-        plots.noise_schedule(NOISE_PLOT, scales.sigmas, alphas,
-                             f"L={len(scales.sigmas)}, eps={scales.step_size:.3g}, T={scales.steps_per_scale}")
+        alphas = annealed_step_sizes(torch.tensor(sigmas, dtype=torch.float64), scales.step_size).tolist()
+        plots.noise_schedule(NOISE_PLOT, sigmas, alphas,
+                             f"L={len(sigmas)}, eps={scales.step_size:.3g}, T={scales.steps_per_scale}")
     else:
         t = process.grid(None if not process.continuous else 200).flip(0)
         mean_coef, std = process.marginal(t)
@@ -34,7 +44,7 @@ def noise_scales(cfg: Config, run: StageRun) -> None:
                                f"{m.name} ({kind}): x_t = mean_coef x0 + std z", "step i" if not process.continuous else "t")
     run.log_params({"method.name": m.name, "method.sde": m.sde, "method.schedule": m.schedule,
                     "method.num_steps": m.num_steps, "noise": n.model_dump(mode="json")})
-    run.log_metrics({k: record[k] for k in ("sigma_max", "sigma_min", "num_scales", "step_size", "ratio", "steps_per_scale")})
+    run.log_metrics({k: record[k] for k in NCSN_KEYS if k in record})
     run.log_artifact(NOISE_PLOT)
 
 

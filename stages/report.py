@@ -18,7 +18,8 @@ def report_stage(cfg: Config, run: StageRun) -> None:
         rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
     figures = []
     if rows:
-        plots.loss_curve(REPORT_FIGURES / "loss.png", [s for s, _ in rows], [v for _, v in rows], "DSM loss")
+        plots.loss_curve(REPORT_FIGURES / "loss.png", [s for s, _ in rows], [v for _, v in rows],
+                         f"training loss ({cfg.method.name})")
         figures.append(("Training loss", "figures/loss.png"))
     for title, src in (("Noise schedule", NOISE_PLOT), ("Samples against held-out data", SAMPLES_PLOT),
                        ("Densities", EVAL_PLOT)):
@@ -32,7 +33,7 @@ def report_stage(cfg: Config, run: StageRun) -> None:
     io.write_text(REPORT, report.render(params, metrics, noise, figures))
     flat_metrics = {f"{stage}.{k}": v for stage, m in metrics.items() for k, v in m.items()}
     flat_metrics.update({k: v for k, v in metrics["evaluate"].items()})  # the headline numbers, unprefixed
-    flat_metrics.update({f"noise.{k}": noise[k] for k in ("sigma_max", "num_scales", "step_size", "ratio")})
+    flat_metrics.update({f"noise.{k}": noise[k] for k in ("sigma_max", "num_scales", "step_size", "ratio") if k in noise})
     run.log_to_parent(params=flatten(params), metrics=flat_metrics, artifacts=[REPORT])
     run.log_to_parent(artifacts=[REPORT_FIGURES], artifact_path="figures")
     print(report.render_summary(metrics["evaluate"]))

@@ -22,7 +22,8 @@ def sample_stage(cfg: Config, run: StageRun) -> None:
     steps = (DEFAULT_SDE_STEPS if process.continuous else None) if s.steps == "auto" else s.steps
     options = s.model_dump(include={"denoise", "variance", "eta", "predictor", "corrector", "snr", "corrector_steps",
                                     "lam", "ode_method", "rtol", "atol"})
-    options.update(step_size=record["step_size"], steps_per_scale=record["steps_per_scale"])
+    if sampler == "annealed_langevin":
+        options.update(step_size=record["step_size"], steps_per_scale=record["steps_per_scale"])
     shape = np.load(TRAIN, mmap_mode="r").shape[1:]
     gen = torch.Generator().manual_seed(s.seed)
     chunks, nfe = [], 0

@@ -42,9 +42,12 @@ REFUSED = [
     ({"method": {"name": "sohl_dickstein", "parameterization": "eps"}}, "auto or kernel"),
     ({"method": {"name": "sde", "parameterization": "kernel"}}, "Sohl-Dickstein's"),
     ({"method": {"name": "ddpm", "parameterization": "drift"}}, "needs an SDE"),
-    ({"method": {"name": "ddpm", "weighting": "likelihood"}}, "over a process with an SDE"),
+    ({"method": {"name": "ddpm", "weighting": "likelihood"}}, "over a continuous SDE"),
     ({"method": {"name": "sde", "sde": "ve", "t_sampling": "importance"}}, "derived for the VP SDE"),
-    ({"method": {"name": "sde", "loss": "ism", "t_sampling": "importance"}}, "loss dsm or elbo"),
+    ({"method": {"name": "sde", "loss": "eps_mse", "t_sampling": "importance"}}, "loss dsm, ism, ssm or elbo"),
+    ({"method": {"name": "ncsnv2", "weighting": "likelihood"}}, "over a continuous SDE"),
+    ({"method": {"name": "exact_score", "parameterization": "eps"}, "data": {"name": "gmm"}}, "no network"),
+    ({"method": {"name": "sde", "schedule": "cosine"}}, "leave it 'linear'"),
     ({"eval": {"likelihood": True}}, "NCSN's noise scales have neither"),
     ({"method": {"name": "sohl_dickstein"}, "sample": {"sampler": "ddim"}}, "sampled with sample.sampler: ancestral"),
     ({"method": {"name": "sde"}, "sample": {"sampler": "annealed_langevin"}}, "use ancestral, ddim, pc or ode"),
@@ -81,6 +84,7 @@ def test_undefined_combination_refused_with_what_works(raw, words):
                                                                                      "corrector": "none", "lam": 1.0}},
     {"method": {"name": "ncsnv2"}, "sample": {"sampler": "ddim"}},
     {"method": {"name": "sde", "loss": "elbo", "t_sampling": "importance"}, "eval": {"likelihood": True}},
+    {"method": {"name": "sde", "loss": "ssm", "t_sampling": "importance", "weighting": "likelihood"}},
 ])
 def test_defined_combinations_validate(raw):
     config.validate(raw)
