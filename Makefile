@@ -23,5 +23,8 @@ ui: $(STAMP)
 		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlartifacts
 
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.methods
+
 clean-venv:
 	rm -rf $(VENV)

@@ -21,6 +21,13 @@ class ConfigError(ValueError):
     """params.yaml is invalid; the message names each bad key and what is allowed."""
 
 
+def _auto_or_at_least(v, minimum: int):
+    """A field that takes 'auto' or an integer >= minimum."""
+    if v != "auto" and v < minimum:
+        raise ValueError(f"must be 'auto' or an integer >= {minimum}")
+    return v
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -76,16 +83,12 @@ class NoiseParams(_Section):
     @field_validator("num_scales")
     @classmethod
     def _at_least_two(cls, v):
-        if v != "auto" and v < 2:
-            raise ValueError("must be 'auto' or an integer >= 2")
-        return v
+        return _auto_or_at_least(v, 2)
 
     @field_validator("steps_per_scale")
     @classmethod
     def _at_least_one(cls, v):
-        if v != "auto" and v < 1:
-            raise ValueError("must be 'auto' or an integer >= 1")
-        return v
+        return _auto_or_at_least(v, 1)
 
 
 class ModelParams(_Section):
@@ -119,9 +122,7 @@ class MethodParams(_Section):
     @field_validator("num_steps")
     @classmethod
     def _chain_length(cls, v):
-        if v != "auto" and v < 2:
-            raise ValueError("must be 'auto' or an integer >= 2")
-        return v
+        return _auto_or_at_least(v, 2)
 
 
 class TrainParams(_Section):
@@ -160,9 +161,7 @@ class SampleParams(_Section):
     @field_validator("steps")
     @classmethod
     def _at_least_one(cls, v):
-        if v != "auto" and v < 1:
-            raise ValueError("must be 'auto' or an integer >= 1")
-        return v
+        return _auto_or_at_least(v, 1)
 
 
 class EvalParams(_Section):

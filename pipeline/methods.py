@@ -57,7 +57,7 @@ def _process_kind(name: str, sde: str) -> str:
 def _loss(name: str, kind: str, loss: str) -> Optional[str]:
     if name == "exact_score":
         if loss != "auto":
-            raise ValueError(f"method.name: exact_score trains nothing (the score is analytic); leave method.loss: auto")
+            raise ValueError("method.name: exact_score trains nothing (the score is analytic); leave method.loss: auto")
         return None
     if name == "sohl_dickstein":
         if loss not in ("auto", "elbo"):
@@ -68,8 +68,8 @@ def _loss(name: str, kind: str, loss: str) -> Optional[str]:
         return "eps_mse" if name == "ddpm" else "dsm"
     if loss == "elbo":
         if kind == "noise_scales":
-            raise ValueError(f"method.loss: elbo is not defined for NCSN's noise scales (no chain to a clean decoder, "
-                             f"no SDE); the ELBO exists for method.name ddpm, sohl_dickstein and sde")
+            raise ValueError("method.loss: elbo is not defined for NCSN's noise scales (no chain to a clean decoder, "
+                             "no SDE); the ELBO exists for method.name ddpm, sohl_dickstein and sde")
         return "vlb" if kind == "discrete_vp" else "huang_elbo"
     return loss
 

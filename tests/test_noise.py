@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy import spatial, stats
+from scipy import spatial
 
 from pipeline import noise
 

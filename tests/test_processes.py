@@ -5,6 +5,7 @@ marginal, transitions, importance-sampled time, and the shape contract on (B, 2)
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -20,6 +21,7 @@ from pipeline.processes import (
     append_dims,
     cosine_betas,
     linear_betas,
+    process_from_spec,
 )
 
 F64 = torch.float64
@@ -212,3 +214,16 @@ def test_parameterizations_round_trip_and_agree_with_tweedie(name, param):
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(eps_from_score(score, t, p), z)
     torch.testing.assert_close(x0_from_score(x, score, t, p), x0)
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_spec_rebuilds_the_same_process(name):
+    """noise_scales.json records process.spec(); every later stage rebuilds the process from it."""
+    p = ALL[name]
+    q = process_from_spec(json.loads(json.dumps(p.spec())))
+    assert type(q) is type(p) and q.spec() == p.spec()
+    t = p.grid(None if not p.continuous else 10)[:-1]
+    for a, b in zip(p.marginal(t), q.marginal(t)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="unknown process kind"):
+        process_from_spec({"kind": "brownian"})
