@@ -67,10 +67,3 @@ def load_model(path: str | Path, process: Process, dtype: torch.dtype = torch.fl
         return "kernel", make_kernel_fn(net, process)
     return "score", make_score_fn(net, process, spec["parameterization"])
 
-
-def load_score_fn(path: str | Path, process: Process) -> ScoreFn:
-    """The score_fn of a model file; refuses a model that is a reverse kernel (it has no score)."""
-    kind, fn = load_model(path, process)
-    if kind != "score":
-        raise ValueError(f"{path} holds a learned reverse kernel (Sohl-Dickstein), not a score model")
-    return fn

@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence
 from pipeline import config
 from pipeline.data import DataError
 from pipeline.methods import Plan, plan
+from pipeline.processes import Process, process_from_spec
 from pipeline.tracking import StageRun, open_tracker, pipeline_key, resolve_root, run_tags
 
 # The files dvc.yaml declares, relative to the repository root.
@@ -33,10 +34,8 @@ def plan_of(cfg: config.Config) -> Plan:
                 cfg.sample.sampler, cfg.eval.likelihood)
 
 
-def process_of(record: dict):
+def process_of(record: dict) -> Process:
     """The forward process the noise_scales stage chose, rebuilt from outputs/noise_scales.json."""
-    from pipeline.processes import process_from_spec
-
     return process_from_spec(record["process"])
 
 

@@ -312,12 +312,16 @@ def test_dvc_exp_run_refuses_an_undefined_combination_before_work(dvc_repo):
     if not (dvc_repo / "dvc.lock").is_file():
         pytest.skip("needs the baseline run of test_dvc_repro_twice_is_bit_identical")
     _back_to_baseline(dvc_repo, env)
+    outputs = ["outputs/samples.npz", "models/model.pt"]
+    before = {f: (dvc_repo / f).read_bytes() for f in outputs}
     out = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", "eval.likelihood=true"], cwd=dvc_repo,
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode != 0
     log = out.stdout + out.stderr
     assert "NCSN's noise scales have neither" in log and "method.name: sde" in log, log
-    assert "Running stage 'train'" not in log and "Running stage 'sample'" not in log
+    assert "exited with 2" in log and "Running stage 'train'" not in log, log
+    assert {f: (dvc_repo / f).read_bytes() for f in outputs} == before
+    _back_to_baseline(dvc_repo, env)  # a failed `dvc exp run` leaves its -S values in params.yaml
 
 
 def test_dvc_queue_keeps_mlflow_artifacts_and_skips_training(dvc_repo):
@@ -326,6 +330,7 @@ def test_dvc_queue_keeps_mlflow_artifacts_and_skips_training(dvc_repo):
     dvc = [sys.executable, "-m", "dvc"]
     if not (dvc_repo / "dvc.lock").is_file():
         pytest.skip("needs the baseline run of test_dvc_repro_twice_is_bit_identical")
+    _back_to_baseline(dvc_repo, env)
     _sh(dvc + ["exp", "run", "--queue", "-S", "sample.seed=2", "-n", "queued2"], dvc_repo, env)
     _sh(dvc + ["queue", "start", "-j", "1"], dvc_repo, env)
     deadline = time.monotonic() + 400
