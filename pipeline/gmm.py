@@ -158,3 +158,12 @@ def mixture_metrics(mixture: GaussianMixture, generated: Tensor, test: Tensor) -
         out[f"gmm_{key}_z"] = float((err.abs() / se).max())
     out["nll_true"] = float(-mixture.log_prob(test.to(torch.float64)).mean()) / mixture.dim
     return out
+
+
+def likelihood_gaps(mixture: GaussianMixture, x: Tensor, likelihoods: dict[str, float]) -> dict[str, float]:
+    """The true nats/dim of the points x (N, *D) a model's likelihoods were computed on (`nll_true_subset`),
+    and each of the model's `nll` / `elbo_nll` minus it (`nll_gap`, `elbo_nll_gap`)."""
+    true = float(-mixture.log_prob(x.reshape(len(x), -1).to(torch.float64)).mean()) / mixture.dim
+    out = {"nll_true_subset": true}
+    out.update({f"{key}_gap": likelihoods[key] - true for key in ("nll", "elbo_nll") if key in likelihoods})
+    return out

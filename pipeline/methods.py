@@ -23,6 +23,9 @@ SCORE_PARAMETERIZATIONS = ("score", "score_over_sigma", "eps", "x0", "drift")
 DEFAULT_NUM_STEPS = {"ddpm": 1000, "sohl_dickstein": 40}
 # Grid intervals when sample.steps is 'auto' on a continuous SDE (Song et al. 2021 use N = 1000).
 DEFAULT_SDE_STEPS = 1000
+# A DDPM trained on its ELBO keeps the reverse variance beta: on continuous 2-D data the bound is
+# tight with it and loose with beta_tilde (tests/test_elbo.py measures both).
+VLB_VARIANCE = "beta"
 
 
 @dataclass(frozen=True)
@@ -171,3 +174,19 @@ def build_process(kind: str, *, sigmas: Sequence[float], num_steps: Optional[int
     if kind not in builders:
         raise ValueError(f"unknown process kind {kind!r}")
     return builders[kind]()
+
+
+def loss_options(loss: str, weighting: str, t_sampling: str) -> dict:
+    """The keyword options of the registry loss `loss` (pipeline.losses.build_loss) from method.* keys."""
+    if loss in ("dsm", "ism", "ssm"):
+        return {"weighting": weighting, "t_sampling": t_sampling}
+    if loss == "huang_elbo":
+        return {"t_sampling": t_sampling}
+    return {"variance": VLB_VARIANCE} if loss == "vlb" else {}
+
+
+def sampling_steps(process: Process, steps: int | str) -> Optional[int]:
+    """sample.steps resolved: 'auto' is the process's own grid (None) or DEFAULT_SDE_STEPS for an SDE."""
+    if steps != "auto":
+        return int(steps)
+    return DEFAULT_SDE_STEPS if process.continuous else None

@@ -7,7 +7,7 @@ import torch
 
 from pipeline import io, models, plots
 from pipeline.config import Config
-from pipeline.gmm import GaussianMixture, mixture_metrics
+from pipeline.gmm import GaussianMixture, likelihood_gaps, mixture_metrics
 from pipeline.likelihood import model_likelihoods
 from pipeline.metrics import pointcloud_metrics
 from pipeline.tracking import StageRun
@@ -33,15 +33,12 @@ def evaluate_stage(cfg: Config, run: StageRun) -> None:
         process = process_of(io.read_json(NOISE_SCALES))
         kind, fn = models.load_model(MODEL, process, dtype=torch.float64)
         x = torch.from_numpy(held_out[: e.likelihood_n])
-        metrics.update(model_likelihoods(kind, fn, process, x, ode=plan.ode, elbo=plan.elbo, divergence=e.divergence,
-                                         rtol=e.rtol, atol=e.atol, elbo_slices=e.elbo_slices,
-                                         elbo_variance=e.elbo_variance, generator=torch.Generator().manual_seed(e.seed)))
+        likelihoods = model_likelihoods(kind, fn, process, x, ode=plan.ode, elbo=plan.elbo, divergence=e.divergence,
+                                        rtol=e.rtol, atol=e.atol, elbo_slices=e.elbo_slices,
+                                        elbo_variance=e.elbo_variance, generator=torch.Generator().manual_seed(e.seed))
+        metrics.update(likelihoods)
         if mixture is not None:
-            # the true nats/dim of the very points the model's likelihood was computed on
-            metrics["nll_true_subset"] = float(-mixture.log_prob(x.reshape(len(x), -1)).mean()) / x[0].numel()
-            for key in ("nll", "elbo_nll"):
-                if key in metrics:
-                    metrics[f"{key}_gap"] = metrics[key] - metrics["nll_true_subset"]
+            metrics.update(likelihood_gaps(mixture, x, likelihoods))
     io.write_json(EVAL_METRICS, metrics)
     plots.density_comparison(EVAL_PLOT, gen, test, f"cd {metrics['cd']:.4f} (floor {metrics['cd_floor']:.4f}), "
                                                    f"emd {metrics['emd']:.4f} (floor {metrics['emd_floor']:.4f})")

@@ -7,7 +7,7 @@ import torch
 
 from pipeline import io, models, plots
 from pipeline.config import Config
-from pipeline.methods import DEFAULT_SDE_STEPS
+from pipeline.methods import sampling_steps
 from pipeline.samplers import draw
 from pipeline.tracking import StageRun
 from stages.common import MODEL, NOISE_SCALES, SAMPLE_METRICS, SAMPLES, SAMPLES_PLOT, TEST, TRAIN, main, plan_of, process_of
@@ -19,7 +19,7 @@ def sample_stage(cfg: Config, run: StageRun) -> None:
     process = process_of(record)
     sampler = plan_of(cfg).sampler
     model_kind, fn = models.load_model(MODEL, process)
-    steps = (DEFAULT_SDE_STEPS if process.continuous else None) if s.steps == "auto" else s.steps
+    steps = sampling_steps(process, s.steps)
     options = s.model_dump(include={"denoise", "variance", "eta", "predictor", "corrector", "snr", "corrector_steps",
                                     "lam", "ode_method", "rtol", "atol"})
     if sampler == "annealed_langevin":

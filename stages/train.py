@@ -11,22 +11,11 @@ from pipeline import io, models
 from pipeline.config import Config
 from pipeline.gmm import GaussianMixture
 from pipeline.losses import build_loss
+from pipeline.methods import loss_options
 from pipeline.train import TrainSettings, train
 from pipeline.tracking import StageRun
 from stages.common import (CHECKPOINTS, EMA_MODEL, LOSS_CSV, NOISE_SCALES, RAW_MODEL, TRAIN, TRAIN_METRICS, main, plan_of,
                            process_of)
-
-# A DDPM trained on its ELBO keeps the reverse variance beta: on continuous 2-D data the bound is
-# tight with it and loose with beta_tilde (pipeline/elbo.py; tests/test_elbo.py measures both).
-VLB_VARIANCE = "beta"
-
-
-def _loss_options(loss: str, method) -> dict:
-    if loss in ("dsm", "ism", "ssm"):
-        return {"weighting": method.weighting, "t_sampling": method.t_sampling}
-    if loss == "huang_elbo":
-        return {"t_sampling": method.t_sampling}
-    return {"variance": VLB_VARIANCE} if loss == "vlb" else {}
 
 
 def _write_curve(rows: list[tuple[int, float]]) -> None:
@@ -53,7 +42,7 @@ def train_stage(cfg: Config, run: StageRun) -> None:
     process = process_of(record)
     spec = {"kind": "mlp", "dim": int(np.prod(data.shape[1:])), "hidden": cfg.model.hidden, "blocks": cfg.model.blocks,
             "emb_dim": cfg.model.emb_dim, "parameterization": plan.parameterization}
-    options = _loss_options(plan.loss, cfg.method)
+    options = loss_options(plan.loss, cfg.method.weighting, cfg.method.t_sampling)
     loss = build_loss(plan.loss, process, plan.parameterization, **options)
     settings = TrainSettings(t.steps, t.batch_size, t.lr, t.grad_clip, t.ema_decay, t.checkpoint_every, t.log_every, cfg.seed)
     # Everything that must match for a checkpoint to be resumed; steps and logging cadence may change.

@@ -127,3 +127,41 @@ def test_model_likelihoods_reports_each_bound_of_the_exact_score():
     chain = DiscreteVP(linear_betas(100))
     r = model_likelihoods("score", exact_score(chain), chain, x, ode=False, elbo="discrete", generator=gen(1))
     assert set(r) == {"elbo_nll", "elbo_nll_se", "elbo_bpd"}
+
+
+@pytest.mark.parametrize("shape", [(2,), (1, 8, 8)], ids=["B2", "B1x8x8"])
+def test_learned_kernel_contract(shape):
+    """Sohl-Dickstein's kernel network on points and images: the ELBO loss, the full bound and the sampler."""
+    from pipeline.nets.mlp import ConditionalMLP
+    from pipeline.parameterization import make_kernel_fn
+
+    p, dim = DiscreteVP(linear_betas(12)), math.prod(shape)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = ConditionalMLP(dim, hidden=16, blocks=1, emb_dim=8, outputs=2)
+    x = torch.randn((5, *shape), generator=gen(0))
+    assert net(x, torch.zeros(5)).shape == (5, 2, *shape)
+    loss = DiscreteELBO(p, "kernel")
+    a, b, c = loss(net, x, generator=gen(1)), loss(net, x, generator=gen(1)), loss(net, x, generator=gen(2))
+    assert a.shape == (5,) and torch.isfinite(a).all() and torch.equal(a, b) and not torch.equal(a, c)
+    a.mean().backward()
+    assert all(q.grad is not None for q in net.parameters())
+    kernel = make_kernel_fn(net, p)
+    with torch.no_grad():
+        full = negative_elbo(kernel, p, x, gen(3))
+        out = kernel_sampler(kernel, p, (4, *shape), gen(4))
+    assert full.shape == (5,) and torch.isfinite(full).all()
+    assert out.x.shape == (4, *shape) and out.nfe == 12 and torch.isfinite(out.x).all()
+    again = kernel_sampler(kernel, p, (4, *shape), gen(4))
+    assert torch.equal(out.x, again.x)
+
+
+def test_likelihood_gaps_against_the_mixture():
+    from pipeline.gmm import likelihood_gaps
+
+    x = MIX.sample(50, gen(0)).double()
+    true = float(-MIX.log_prob(x).mean()) / 2
+    got = likelihood_gaps(MIX, x, {"nll": true + 0.1, "elbo_nll": true + 0.3, "bpd": 9.0})
+    assert got["nll_true_subset"] == pytest.approx(true)
+    assert got["nll_gap"] == pytest.approx(0.1) and got["elbo_nll_gap"] == pytest.approx(0.3)
+    assert set(got) == {"nll_true_subset", "nll_gap", "elbo_nll_gap"}

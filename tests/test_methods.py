@@ -4,6 +4,7 @@ combination refused by params validation with a message that says what works."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pipeline import config
 from pipeline.methods import METHODS, Plan, build_process, num_steps_for, plan
@@ -104,3 +105,21 @@ def test_build_process_per_kind():
     assert cosine.num_steps == 100 and float(cosine.alpha_bars[-1]) < 1e-4
     with pytest.raises(ValueError, match="allowed: linear, cosine"):
         build_process("discrete_vp", sigmas=sigmas, num_steps=10, schedule="quadratic")
+
+
+def test_loss_options_and_sampling_steps():
+    from pipeline.losses import build_loss
+    from pipeline.methods import loss_options, sampling_steps
+
+    assert loss_options("dsm", "likelihood", "importance") == {"weighting": "likelihood", "t_sampling": "importance"}
+    assert loss_options("huang_elbo", "sigma2", "importance") == {"t_sampling": "importance"}
+    assert loss_options("vlb", "sigma2", "uniform") == {"variance": "beta"}
+    assert loss_options("eps_mse", "sigma2", "uniform") == {}
+    # every registry loss a plan can name accepts the options it is given
+    for kwargs in ({"name": "sde", "loss": "ssm"}, {"name": "sde", "loss": "elbo"}, {"name": "ddpm", "loss": "elbo"},
+                   {"name": "ddpm"}, {"name": "sohl_dickstein"}):
+        pl = plan(**kwargs)
+        process = build_process(pl.process, sigmas=[5.0, 0.01], num_steps=num_steps_for(kwargs["name"], 20))
+        build_loss(pl.loss, process, pl.parameterization, **loss_options(pl.loss, "sigma2", "uniform"))
+    assert sampling_steps(VPSDE(), "auto") == 1000 and sampling_steps(VPSDE(), 50) == 50
+    assert sampling_steps(DiscreteVP(torch.full((10,), 0.1)), "auto") is None
