@@ -11,23 +11,19 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from pipeline import io
+from pipeline import io, nets
 from pipeline.gmm import GaussianMixture
-from pipeline.nets.mlp import ConditionalMLP
 from pipeline.parameterization import KernelFn, ScoreFn, make_kernel_fn, make_score_fn
 from pipeline.processes import Process
 
-KINDS = ("mlp", "gmm_exact")
+KINDS = (*nets.NETWORKS, "gmm_exact")
 
 
 def build_network(spec: Mapping[str, Any], seed: int) -> nn.Module:
-    """A freshly initialised network from its spec; the init draws from `seed`, not the global RNG."""
-    if spec["kind"] != "mlp":
-        raise ValueError(f"no trainable network for kind {spec['kind']!r}; trainable kinds: mlp")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ConditionalMLP(spec["dim"], spec["hidden"], spec["blocks"], spec["emb_dim"],
-                              outputs=2 if spec.get("parameterization") == "kernel" else 1)
+    """A freshly initialised network from its spec; the init draws from `seed`, not the global RNG.
+
+    Delegates to the registry pipeline.nets.NETWORKS (ValueError on an unknown kind)."""
+    return nets.build_network(spec, seed)
 
 
 def exact_score_fn(mixture: GaussianMixture, process: Process) -> ScoreFn:
@@ -48,19 +44,21 @@ def gmm_model_file(mixture: GaussianMixture) -> dict[str, Any]:
 
 def save_model(path: str | Path, spec: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> None:
     """Write {"config": spec, "state_dict": ...} atomically."""
-    io.save_torch(path, {"config": dict(spec), "state_dict": {k: v.detach().clone() for k, v in state_dict.items()}})
+    io.save_torch(path, {"config": dict(spec), "state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()}})
 
 
-def load_model(path: str | Path, process: Process, dtype: torch.dtype = torch.float32) -> tuple[str, ScoreFn | KernelFn]:
+def load_model(path: str | Path, process: Process, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> tuple[str, ScoreFn | KernelFn]:
     """("score", score_fn) or ("kernel", kernel_fn) of a model file: a trained network (its weights cast to
-    `dtype`: float64 for the likelihood's ODE) or the exact mixture score."""
+    `dtype`: float64 for the likelihood's ODE, and moved to `device`) or the exact mixture score."""
     obj = io.load_torch(path)
     spec, state = obj["config"], obj["state_dict"]
     if spec["kind"] == "gmm_exact":
-        return "score", exact_score_fn(GaussianMixture(state["weights"], state["means"], state["covs"]), process)
+        mixture = GaussianMixture(*(state[k].to(device) for k in ("weights", "means", "covs")))
+        return "score", exact_score_fn(mixture, process)
     net = build_network(spec, seed=0)
     net.load_state_dict(state)
-    net.to(dtype)
+    net.to(device=device, dtype=dtype)
     net.eval()
     net.requires_grad_(False)
     if spec["parameterization"] == "kernel":

@@ -1,1 +1,39 @@
-"""Score networks."""
+"""Score networks and their registry: a spec (plain JSON, stored in every model file) -> a network.
+
+A network is model(x, c) -> output shaped like x (or (B, 2, *D) for the learned kernel), with c the
+process's conditioning scalar per example. To add one: a module here with a `from_spec(spec)` and a
+line in NETWORKS.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from pipeline.nets import unet
+from pipeline.nets.mlp import ConditionalMLP
+
+
+def _mlp(spec: Mapping[str, Any]) -> ConditionalMLP:
+    """{"kind": "mlp", "dim", "hidden", "blocks", "emb_dim", "parameterization"} -> ConditionalMLP."""
+    return ConditionalMLP(spec["dim"], spec["hidden"], spec["blocks"], spec["emb_dim"],
+                          outputs=2 if spec.get("parameterization") == "kernel" else 1)
+
+
+NETWORKS: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {
+    "mlp": _mlp,
+    "unet": unet.from_spec,
+}
+
+
+def build_network(spec: Mapping[str, Any], seed: int) -> nn.Module:
+    """A freshly initialised network from its spec; the init draws from `seed`, not the global RNG
+    (whose state is left as it was)."""
+    kind = spec.get("kind")
+    if kind not in NETWORKS:
+        raise ValueError(f"no trainable network for kind {kind!r}; trainable kinds: {', '.join(NETWORKS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return NETWORKS[kind](spec)
