@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from pipeline import rng
 from pipeline.elbo import DiscreteELBO
 from pipeline.parameterization import PARAMETERIZATIONS, eps_from_score, make_score_fn
 from pipeline.processes import Process, append_dims
@@ -50,10 +51,8 @@ def _sq(v: Tensor) -> Tensor:
 def _probe(x: Tensor, kind: str, generator: Optional[torch.Generator]) -> Tensor:
     """A probe v shaped like x with E[v v^T] = I: standard normal or Rademacher."""
     if kind == "gaussian":
-        v = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-    else:
-        v = torch.randint(0, 2, x.shape, generator=generator).to(x.dtype) * 2 - 1
-    return v.to(x.device)
+        return rng.randn_like(x, generator)
+    return (torch.randint(0, 2, x.shape, generator=generator).to(x.dtype) * 2 - 1).to(x.device)
 
 
 def _vjv(score: Tensor, x: Tensor, v: Tensor, create_graph: bool) -> Tensor:
@@ -126,7 +125,7 @@ class _PerturbedLoss:
             # grows like 1/t, and its integral from 0 does not exist.
             weight = torch.where(t >= p.t_min, inv_q / (p.t_max - p.t_min), torch.zeros_like(inv_q))
             t = t.clamp(min=p.t_min)  # the zero-weight draws never evaluate std = 0
-        z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        z = rng.randn_like(x, generator)
         return t, z, p.perturb(x, t, z), weight
 
     def _score(self, model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
@@ -298,7 +297,7 @@ class HuangELBO(_PerturbedLoss):
         p = self.process
         t, _, y_t, weight = self._perturbed(x, None, generator)
         t_max = torch.full_like(t, p.t_max)
-        y_max = p.perturb(x, t_max, torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device))
+        y_max = p.perturb(x, t_max, rng.randn_like(x, generator))
         train = torch.is_grad_enabled()
         with torch.enable_grad():
             y_t = y_t if y_t.requires_grad else y_t.requires_grad_()

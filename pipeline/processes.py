@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from pipeline import rng
+
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:
     """Reshape v of shape (B,) to (B, 1, ..., 1) with `ndim` dimensions in all."""
@@ -49,9 +51,14 @@ class Process(ABC):
         """The std of the Gaussian prior N(0, prior_std^2 I) at t_max."""
         return 1.0
 
-    def prior_sample(self, shape: Sequence[int], generator: torch.Generator) -> Tensor:
-        """A draw from the prior p_T of the given (B, *D) shape."""
-        return self.prior_std() * torch.randn(tuple(shape), generator=generator)
+    def prior_sample(self, shape: Sequence[int], generator: rng.Generator, device: Optional[torch.device | str] = None,
+                     dtype: Optional[torch.dtype] = None) -> Tensor:
+        """A draw from the prior p_T of the given (B, *D) shape, on `device` (default dtype unless given).
+
+        `generator` is a torch.Generator or per-sample SampleGenerators (pipeline.rng); the draw is made
+        where the generator lives and scaled there, then moved, so its bits do not depend on `device`.
+        """
+        return (self.prior_std() * rng.randn(shape, generator, dtype=dtype)).to(device)
 
     def prior_logp(self, z: Tensor) -> Tensor:
         """log p_T(z), shape (B,)."""
@@ -329,10 +336,15 @@ class DiscreteVP(Process):
         self.t_min, self.t_max = -1.0, float(self.num_steps - 1)
 
     def _alpha_bar(self, t: Tensor) -> Tensor:
+        """alpha_bar at step indices t (B,), float64 on t's device (the table is moved where t lives).
+
+        The range check reads the indices, so it runs where that is free (t on the CPU); elsewhere it
+        would be a host sync in every sampler step, and the same code paths are checked on the CPU.
+        """
         idx = torch.round(t.to(torch.float64)).long() + 1
-        if (idx < 0).any() or (idx > self.num_steps).any():
+        if idx.device.type == "cpu" and ((idx < 0).any() or (idx > self.num_steps).any()):
             raise ValueError(f"DDPM step index out of range [-1, {self.num_steps - 1}]")
-        return self._table[idx]
+        return self._table.to(idx.device)[idx]
 
     def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
         ab = self._alpha_bar(t).to(t.dtype)

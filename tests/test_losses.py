@@ -292,3 +292,55 @@ def test_huang_elbo_is_tight_at_the_true_score(t_sampling):
 def test_huang_elbo_needs_an_sde():
     with pytest.raises(ValueError, match="SDE"):
         HuangELBO(DiscreteVP(linear_betas(10)), "score")
+
+
+# --------------------------------------------------------------------------- devices and the draw order
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+VARIANT_OPTIONS = {"dsm": [{}, {"weighting": "likelihood"}, {"t_sampling": "importance"}],
+                   "eps_mse": [{}], "ism": [{}, {"exact_max_dim": 0}], "ssm": [{}, {"probe": "rademacher"}],
+                   "huang_elbo": [{}, {"exact_max_dim": 0}], "vlb": [{}]}
+DEVICE_CASES = [(name, proc, opts) for name, proc in CONTRACT_PAIRS for opts in VARIANT_OPTIONS[name]
+                if not (opts.get("t_sampling") == "importance" and proc != "vp")
+                and not (opts.get("weighting") == "likelihood" and proc == "ddpm")]
+
+
+@pytest.mark.parametrize("device", DEVICES + ["meta"])
+@pytest.mark.parametrize("shape", [(2,), (1, 8, 8)], ids=["B2", "B1x8x8"])
+@pytest.mark.parametrize("name, proc, opts", DEVICE_CASES)
+def test_losses_follow_the_data_device(name, proc, opts, shape, device):
+    """Every loss runs with the network and x on any device; on "meta" any CPU tensor left in the loss's
+    arithmetic (a time, a noise draw, a probe, a process table) raises."""
+    p, dim = CONTRACT_PROCESSES[proc](), math.prod(shape)
+    net, loss = tiny_net(dim).to(device), build_loss(name, p, "score", **opts)
+    x = torch.randn((5, *shape), generator=gen(0)).to(device)
+    v = loss(net, x, generator=gen(3))
+    assert v.shape == (5,) and v.device == x.device
+    v.mean().backward()
+    assert all(q.grad is not None and q.grad.device == x.device for q in net.parameters())
+    if device != "meta":  # drawn on the CPU then moved: the same loss on every device, up to float reductions
+        cpu = build_loss(name, p, "score", **opts)(tiny_net(dim), x.cpu(), generator=gen(3))
+        torch.testing.assert_close(v.detach().cpu(), cpu.detach())
+
+
+def test_the_loss_draws_t_then_z_from_one_generator():
+    """Training randomness is fixed: t from process.sample_time, then z = torch.randn(x.shape) from the same
+    generator (the trained model files depend on this order)."""
+    p, x = VPSDE(), torch.randn(6, 1, 4, 4, generator=gen(0))
+    seen = {}
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x_t, cond):
+            seen["x_t"], seen["cond"] = x_t, cond
+            return x_t * self.w
+
+    DenoisingScoreMatching(p, "score")(Spy(), x, generator=gen(5))
+    g = gen(5)
+    t = p.sample_time(6, g)
+    z = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    assert torch.equal(seen["x_t"], p.perturb(x, t, z))
+    assert torch.equal(seen["cond"], p.conditioning(t))

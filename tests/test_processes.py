@@ -227,3 +227,40 @@ def test_spec_rebuilds_the_same_process(name):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="unknown process kind"):
         process_from_spec({"kind": "brownian"})
+
+
+# --------------------------------------------------------------------------- devices
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("name", list(ALL))
+@pytest.mark.parametrize("device", DEVICES + ["meta"])
+def test_process_follows_the_device_of_its_inputs(name, device):
+    """Everything a process returns for t and x on a device lives there (float64 tables and sigmas are moved
+    at the point of use); on "meta" any stray CPU tensor mixed with the inputs raises."""
+    from pipeline.rng import SampleGenerators
+
+    p = ALL[name]
+    t = p.grid(None if not p.continuous else 10)[1:-1].to(torch.float32)
+    b = len(t)
+    t = t.to(device)
+    x = torch.zeros(b, 1, 4, 4, device=device)
+    outs = [*p.marginal(t), p.perturb(x, t, x), p.conditioning(t), *p.transition(t, t * 0 + t.min()),
+            *p.posterior(x, x, t, t * 0 + t.min()), p.prior_logp(x)]
+    if p.continuous:
+        outs += [*p.sde(x, t), *p.discretize(x, t, t * 0 + t.min())]
+    for gen in (torch.Generator().manual_seed(0), SampleGenerators(0, range(b))):
+        prior = p.prior_sample((b, 1, 4, 4), gen, device)
+        assert prior.shape == (b, 1, 4, 4) and prior.dtype == torch.get_default_dtype()
+        outs.append(prior)
+    assert all(o.device == x.device for o in outs)
+
+
+def test_prior_sample_is_drawn_where_the_generator_lives():
+    p = VESDE()
+    a = p.prior_sample((3, 2), torch.Generator().manual_seed(0))
+    assert torch.equal(a, p.sigma_max * torch.randn((3, 2), generator=torch.Generator().manual_seed(0)))
+    assert p.prior_sample((3, 2), torch.Generator().manual_seed(0), dtype=F64).dtype == F64
+    with pytest.raises(ValueError, match="out of range"):
+        DiscreteVP(linear_betas(10)).marginal(torch.tensor([10.0]))

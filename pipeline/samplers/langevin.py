@@ -2,23 +2,32 @@
 
 Song & Ermon 2019 (arXiv:1907.05600), Algorithm 1; NCSNv2 (arXiv:2006.09011) adds the
 final denoising step x + sigma_L^2 s(x, sigma_L).
+
+Annealed Langevin is a walk (pipeline.samplers.walk) over the noise levels with the first level
+repeated, [sigma_1, sigma_1, sigma_2, ..., sigma_L]: the step to level t_next runs T Langevin steps at
+t_next (the first one, from the prior N(0, sigma_1^2 I), moves no time), and the step that ends at the
+last level also denoises. So it is a PC sampler whose predictor is the identity.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import partial
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from pipeline import rng
 from pipeline.parameterization import ScoreFn, x0_from_score
 from pipeline.processes import Process
+from pipeline.samplers.walk import SampleResult, prior_walk
+
+__all__ = ["SampleResult", "annealed_langevin", "annealed_langevin_step", "annealed_step_sizes", "langevin_step"]
 
 
-def langevin_step(x: Tensor, t: Tensor, score_fn: ScoreFn, alpha: float, generator: torch.Generator) -> Tensor:
+def langevin_step(x: Tensor, t: Tensor, score_fn: ScoreFn, alpha: float, generator: rng.Generator) -> Tensor:
     """One unadjusted Langevin step x + alpha s(x, t) + sqrt(2 alpha) z at fixed time t (B,)."""
-    z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    z = rng.randn_like(x, generator)
     return x + alpha * score_fn(x, t) + (2 * alpha) ** 0.5 * z
 
 
@@ -27,12 +36,19 @@ def annealed_step_sizes(stds: Tensor, step_size: float) -> Tensor:
     return step_size * stds**2 / stds[-1] ** 2
 
 
-@dataclass
-class SampleResult:
-    """Samples (N, *D) and the number of score (network) evaluations per sample."""
-
-    x: Tensor
-    nfe: int
+def annealed_langevin_step(x: Tensor, t_cur: float, t_next: float, score_fn: ScoreFn, process: Process,
+                           generator: rng.Generator, alphas: Mapping[float, float], steps_per_scale: int,
+                           denoise: bool = True, t_end: Optional[float] = None) -> Tensor:
+    """T = steps_per_scale Langevin steps at level t_next with step size alphas[t_next] (Algorithm 1's
+    inner loop); the step that ends at t_end (the last level; process.t_min by default) then returns
+    Tweedie's denoised (x + std^2 s(x, t_end)) / mean_coef when `denoise` (NCSNv2's final denoising step)."""
+    t = torch.full((x.shape[0],), t_next, dtype=x.dtype, device=x.device)
+    alpha = alphas[t_next]
+    for _ in range(steps_per_scale):
+        x = langevin_step(x, t, score_fn, alpha, generator)
+    if denoise and t_next == (process.t_min if t_end is None else t_end):
+        x = x0_from_score(x, score_fn(x, t), t, process)
+    return x
 
 
 def annealed_langevin(
@@ -41,30 +57,25 @@ def annealed_langevin(
     shape: tuple[int, ...],
     step_size: float,
     steps_per_scale: int,
-    generator: torch.Generator,
+    generator: rng.Generator,
     denoise: bool = True,
     progress: bool = False,
+    *,
+    device=None,
+    record: Optional[int] = None,
 ) -> SampleResult:
     """Annealed Langevin dynamics from the prior over process.grid(), T steps per level.
 
     Step sizes come from the std of each grid time, so the same sampler serves any process
-    whose grid ends near the data (std small).
+    whose grid ends near the data (std small). Samples are independent of each other (batch-size
+    invariant with per-sample generators).
     """
     grid = process.grid()
     _, stds = process.marginal(grid)
-    alphas = annealed_step_sizes(stds, step_size)
-    x = process.prior_sample(shape, generator)
-    nfe = 0
-    bar = tqdm(total=len(grid) * steps_per_scale, desc="annealed Langevin", disable=not progress, mininterval=1.0)
-    for t_i, alpha in zip(grid, alphas):
-        t = torch.full((shape[0],), float(t_i), dtype=x.dtype)
-        for _ in range(steps_per_scale):
-            x = langevin_step(x, t, score_fn, float(alpha), generator)
-            nfe += 1
-        bar.update(steps_per_scale)
-    bar.close()
-    if denoise:
-        t = torch.full((shape[0],), float(grid[-1]), dtype=x.dtype)
-        x = x0_from_score(x, score_fn(x, t), t, process)
-        nfe += 1
-    return SampleResult(x, nfe)
+    levels = grid.tolist()
+    alphas = dict(zip(levels, annealed_step_sizes(stds, step_size).tolist()))
+    step = partial(annealed_langevin_step, alphas=alphas, steps_per_scale=steps_per_scale, denoise=denoise,
+                   t_end=levels[-1])
+    walk_grid = [levels[0]] + levels  # the first step stays at sigma_1: Langevin on the prior draw
+    return prior_walk(step, score_fn, process, shape, generator, walk_grid, device=device, record=record,
+                      progress=progress, desc="annealed Langevin")
