@@ -63,14 +63,16 @@ def divergence_hutchinson(fn: VectorField, x: Tensor, t: Tensor, probe: Tensor) 
     return _value_and_divergence(fn, x, t, probe)[1]
 
 
-def _draw_probe(kind: str, shape: tuple[int, ...], generator: Optional[torch.Generator]) -> Optional[Tensor]:
-    """A fixed probe shaped like x for Hutchinson, or None for the exact divergence."""
+def _draw_probe(kind: str, shape: tuple[int, ...], generator: Optional[torch.Generator],
+                device: torch.device = torch.device("cpu")) -> Optional[Tensor]:
+    """A fixed float64 probe shaped like x for Hutchinson (drawn on the CPU, then moved to `device`),
+    or None for the exact divergence."""
     if kind == "exact":
         return None
     if kind == "rademacher":
-        return torch.randint(0, 2, shape, generator=generator).to(torch.float64) * 2 - 1
+        return (torch.randint(0, 2, shape, generator=generator).to(torch.float64) * 2 - 1).to(device)
     if kind == "gaussian":
-        return torch.randn(shape, generator=generator, dtype=torch.float64)
+        return torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
     raise ValueError(f"unknown divergence {kind!r}; allowed: {', '.join(DIVERGENCES)}")
 
 
@@ -101,27 +103,30 @@ def ode_log_likelihood(
     offset: added to bpd, e.g. 8 for 8-bit data scaled to [0, 1] and uniformly dequantised (the
     density of the discrete data is p(x) / 256^D), 7 for [-1, 1]; 0 for continuous data.
 
-    Returns {"logp": (B,) float64, "nll": mean_b(-logp_b) / D, "bpd": nll / ln 2 + offset,
+    The ODE state lives on the CPU (SciPy); each evaluation of score_fn runs on x's device.
+
+    Returns {"logp": (B,) float64 on the CPU, "nll": mean_b(-logp_b) / D, "bpd": nll / ln 2 + offset,
     "nfe": number of drift evaluations}.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; allowed: {', '.join(DIVERGENCES)}")
     t0 = process.t_min if t_eps is None else float(t_eps)
-    x64 = x.detach().to(torch.float64)
+    device = x.device
+    x64 = x.detach().to("cpu", torch.float64)
     shape, batch = tuple(x64.shape), x64.shape[0]
     dim = x64[0].numel()
     n_x = batch * dim
-    probe = _draw_probe(divergence, shape, generator)
+    probe = _draw_probe(divergence, shape, generator, device)
     drift = probability_flow_drift(process, score_fn)
     nfe = 0
 
     def rhs(t: float, y: np.ndarray) -> np.ndarray:
         nonlocal nfe
         nfe += 1
-        xt = torch.from_numpy(y[:n_x]).reshape(shape)
-        tt = torch.full((batch,), t, dtype=torch.float64)
+        xt = torch.from_numpy(y[:n_x]).reshape(shape).to(device)
+        tt = torch.full((batch,), t, dtype=torch.float64, device=device)
         d, div = _value_and_divergence(drift, xt, tt, probe)
-        return np.concatenate([d.reshape(-1).to(torch.float64).numpy(), div.to(torch.float64).numpy()])
+        return np.concatenate([d.reshape(-1).to("cpu", torch.float64).numpy(), div.to("cpu", torch.float64).numpy()])
 
     y0 = np.concatenate([x64.reshape(-1).numpy(), np.zeros(batch)])
     sol = integrate.solve_ivp(rhs, (t0, process.t_max), y0, method="RK45", rtol=rtol, atol=atol)
@@ -136,7 +141,8 @@ def ode_log_likelihood(
 
 def model_likelihoods(model_kind: str, fn: Callable, process: Process, x: Tensor, *, ode: bool, elbo: Optional[str],
                       divergence: str = "auto", rtol: float = 1e-5, atol: float = 1e-5, elbo_slices: int = 20,
-                      elbo_variance: str = "beta", generator: Optional[torch.Generator] = None) -> dict[str, float]:
+                      elbo_variance: str = "beta", generator: Optional[torch.Generator] = None,
+                      scaling: Optional[str] = None) -> dict[str, float]:
     """Every likelihood a model has on held-out x (B, *D), per dimension, with standard errors over the points.
 
     ode: `nll` / `bpd` from the probability-flow ODE (score models on continuous processes; divergence
@@ -146,23 +152,42 @@ def model_likelihoods(model_kind: str, fn: Callable, process: Process, x: Tensor
     pipeline.elbo (DDPM with a fixed `elbo_variance`, or Sohl-Dickstein's learned kernel); "huang":
     Huang et al.'s continuous ELBO with `elbo_slices` random times per point, uniform and, where the
     process defines it, importance-sampled (the `_importance` keys). fn is a score_fn, or a kernel_fn
-    when model_kind == "kernel". Values in nats/dim; `elbo_bpd` = elbo_nll / ln 2 (no dequantisation offset).
+    when model_kind == "kernel". Values in nats/dim; `elbo_bpd` = elbo_nll / ln 2 (no dequantisation
+    offset, except for "huang" on pixels, below).
+
+    scaling None: x is continuous data, used as it is. scaling "minus_one_one" or "zero_one"
+    (pipeline.pixels): x is 8-bit pixels (uint8 or integer-valued, (N, C, H, W)). The ODE then runs
+    on the uniformly dequantised model-space data, drawn from `generator` before any probe, and
+    `bpd` = nll / ln 2 + bpd_offset(scaling) (score_sde); `nll` stays nats/dim of that continuous
+    data. "discrete" uses the discretised Gaussian decoder (Ho et al. 2020, eq. (13)) on the plain
+    model-space pixels: elbo_nll bounds -log P(x) / D of the discrete pixels, elbo_bpd = elbo_nll / ln 2.
+    "huang" bounds the density of the same dequantised data as the ODE, so elbo_bpd adds the offset.
     """
     from pipeline.elbo import negative_elbo
     from pipeline.losses import HuangELBO
     from pipeline.parameterization import kernel_from_score
+    from pipeline.pixels import bpd_offset, discrete_decoder, to_model
 
     dim, n = x[0].numel(), x.shape[0]
     out: dict[str, float] = {}
-    if ode and model_kind == "score":
+    offset = 0.0 if scaling is None else bpd_offset(scaling)  # refuses an unknown scaling before any work
+    run_ode = ode and model_kind == "score"
+    # one dequantised draw, the generator's first, shared by the ODE and Huang's bound (paired estimates)
+    # model-space pixels in float64, the precision the likelihoods run in (evaluate loads the network in float64)
+    x_dq = x if scaling is None or not (run_ode or elbo == "huang") else to_model(
+        x, scaling, dequantize=True, generator=generator).to(torch.float64)
+    if run_ode:
         div = divergence if divergence != "auto" else ("exact" if dim <= 16 else "rademacher")
-        r = ode_log_likelihood(process, fn, x, divergence=div, rtol=rtol, atol=atol, generator=generator)
+        r = ode_log_likelihood(process, fn, x_dq, divergence=div, rtol=rtol, atol=atol, generator=generator,
+                               offset=offset)
         out.update(nll=r["nll"], nll_se=float(r["logp"].std()) / math.sqrt(n) / dim, bpd=r["bpd"],
                    likelihood_nfe=r["nfe"])
     if elbo == "discrete":
         kernel = fn if model_kind == "kernel" else kernel_from_score(fn, process, elbo_variance)
+        decoder = {} if scaling is None else discrete_decoder(scaling)
+        x_elbo = x if scaling is None else to_model(x, scaling).to(torch.float64)
         with torch.no_grad():
-            values = negative_elbo(kernel, process, x, generator)
+            values = negative_elbo(kernel, process, x_elbo, generator, **decoder)
         out.update(elbo_nll=float(values.mean()) / dim, elbo_nll_se=float(values.std()) / math.sqrt(n) / dim)
     elif elbo == "huang":
         samplings = ["uniform"]
@@ -174,10 +199,10 @@ def model_likelihoods(model_kind: str, fn: Callable, process: Process, x: Tensor
         for sampling in samplings:
             estimator = HuangELBO(process, "score", t_sampling=sampling)
             with torch.no_grad():  # of_score turns gradients on for its divergence only
-                draws = torch.stack([estimator.of_score(fn, x, generator) for _ in range(elbo_slices)])
+                draws = torch.stack([estimator.of_score(fn, x_dq, generator) for _ in range(elbo_slices)])
             key = "elbo_nll" if sampling == "uniform" else "elbo_nll_importance"
             out[key] = float(draws.mean()) / dim
             out[key + "_se"] = float(draws.std()) / math.sqrt(draws.numel()) / dim
     if "elbo_nll" in out:
-        out["elbo_bpd"] = out["elbo_nll"] / math.log(2)
+        out["elbo_bpd"] = out["elbo_nll"] / math.log(2) + (offset if elbo == "huang" else 0.0)
     return out
