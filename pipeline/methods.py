@@ -176,13 +176,18 @@ def build_process(kind: str, *, sigmas: Sequence[float], num_steps: Optional[int
     return builders[kind]()
 
 
-def loss_options(loss: str, weighting: str, t_sampling: str) -> dict:
-    """The keyword options of the registry loss `loss` (pipeline.losses.build_loss) from method.* keys."""
+def loss_options(loss: str, weighting: str, t_sampling: str, decoder: Optional[dict] = None) -> dict:
+    """The keyword options of the registry loss `loss` (pipeline.losses.build_loss) from method.* keys.
+
+    decoder: for 8-bit images, the discretised Gaussian decoder of the discrete ELBO (Ho et al. 2020,
+    eq. (13); pipeline.pixels.discrete_decoder), so that L_vlb bounds -log P of the pixels."""
     if loss in ("dsm", "ism", "ssm"):
         return {"weighting": weighting, "t_sampling": t_sampling}
     if loss == "huang_elbo":
         return {"t_sampling": t_sampling}
-    return {"variance": VLB_VARIANCE} if loss == "vlb" else {}
+    if loss == "vlb":
+        return {"variance": VLB_VARIANCE, **(decoder or {})}
+    return {}
 
 
 def sampling_steps(process: Process, steps: int | str) -> Optional[int]:

@@ -113,3 +113,101 @@ def metric_bars(path: str | Path, metrics: Mapping[str, float], floors: Mapping[
     ax.legend()
     fig.tight_layout()
     _save(fig, path)
+
+
+def _tile(images: np.ndarray, nrow: int, pad: int = 1) -> np.ndarray:
+    """uint8 (N, C, H, W) -> one uint8 (H', W', C) mosaic, nrow images a row (torchvision.utils.make_grid)."""
+    import torch
+    from torchvision.utils import make_grid
+
+    grid = make_grid(torch.from_numpy(np.ascontiguousarray(images)), nrow=nrow, padding=pad, pad_value=255)
+    return grid.permute(1, 2, 0).numpy()
+
+
+def _show(ax, mosaic: np.ndarray) -> None:
+    if mosaic.shape[2] == 1:
+        ax.imshow(mosaic[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    else:
+        ax.imshow(mosaic, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def image_grid(path: str | Path, images: np.ndarray, title: str = "", nrow: int = 8) -> None:
+    """A grid of uint8 images (N, C, H, W), nrow a row; make_grid replicates 1-channel images to RGB."""
+    mosaic = _tile(images, nrow)
+    fig, ax = plt.subplots(figsize=(6, 6 * mosaic.shape[0] / mosaic.shape[1] + 0.4))
+    _show(ax, mosaic)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def image_trajectory(path: str | Path, frames: Sequence[tuple[float, np.ndarray]], title: str = "") -> None:
+    """The sampling trajectory of a few images: column j is x at time t_j (uint8 (K, C, H, W) each), row i one sample."""
+    k = len(frames[0][1])
+    stacked = np.stack([f for _, f in frames], axis=1).reshape(-1, *frames[0][1].shape[1:])  # row-major: sample, time
+    mosaic = _tile(stacked, nrow=len(frames))
+    fig, ax = plt.subplots(figsize=(1.1 * len(frames) + 0.5, 1.1 * k + 0.8))
+    _show(ax, mosaic)
+    step = mosaic.shape[1] / len(frames)
+    ax.set_xticks([step * (j + 0.5) for j in range(len(frames))], [f"{t:.3g}" for t, _ in frames], fontsize=7)
+    ax.set_xlabel("t (sampling runs left to right)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def point_trajectory(path: str | Path, frames: Sequence[tuple[float, np.ndarray]], title: str = "") -> None:
+    """Points (K, D) at each recorded time, one panel per time (first two coordinates)."""
+    fig, axes = plt.subplots(1, len(frames), figsize=(2.2 * len(frames), 2.5), squeeze=False)
+    for ax, (t, pts) in zip(axes[0], frames):
+        y = pts[:, 1] if pts.shape[1] > 1 else np.zeros(len(pts))
+        ax.scatter(pts[:, 0], y, s=2, alpha=0.5)
+        ax.set_title(f"t = {t:.3g}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def nearest_neighbours(path: str | Path, samples: np.ndarray, neighbours: np.ndarray, title: str = "") -> None:
+    """Memorisation check: row i is sample i (uint8 (K, C, H, W)) then its nearest training images (K, M, C, H, W)."""
+    rows = np.concatenate([samples[:, None], neighbours], axis=1)
+    mosaic = _tile(rows.reshape(-1, *samples.shape[1:]), nrow=rows.shape[1])
+    fig, ax = plt.subplots(figsize=(1.0 * rows.shape[1] + 0.5, 1.0 * rows.shape[0] + 0.8))
+    _show(ax, mosaic)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def class_histogram(path: str | Path, fractions: Sequence[float], reference: Sequence[float], classes: Sequence[str],
+                    title: str = "") -> None:
+    """The classifier's class frequencies of the samples next to those of held-out data."""
+    x = np.arange(len(fractions))
+    fig, ax = plt.subplots(figsize=(0.6 * len(x) + 2.5, 3.2))
+    ax.bar(x - 0.2, fractions, 0.4, label="samples")
+    ax.bar(x + 0.2, reference, 0.4, label="held-out data")
+    ax.set_xticks(x, [str(c)[:10] for c in classes], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("fraction")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def nearest_points(path: str | Path, samples: np.ndarray, neighbours: np.ndarray, train: np.ndarray,
+                   title: str = "") -> None:
+    """Samples (K, D) and their nearest training points (K, M, D) over the training cloud (first two coordinates)."""
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    y = lambda a: a[:, 1] if a.shape[1] > 1 else np.zeros(len(a))  # noqa: E731
+    flat = neighbours.reshape(-1, neighbours.shape[-1])
+    ax.scatter(train[:, 0], y(train), s=1, alpha=0.15, color="grey")
+    ax.scatter(flat[:, 0], y(flat), s=6, color="tab:blue")
+    ax.scatter(samples[:, 0], y(samples), s=14, color="tab:orange")
+    ax.set_aspect("equal")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 from pipeline.tracking import flatten
 
 # Metrics that have a floor (the same metric between two independent true samples).
-FLOORED = ("cd", "emd")
+FLOORED = ("cd", "emd", "fid", "kid", "fid_domain")
 
 
 def _fmt(v: Any) -> str:
@@ -24,10 +24,19 @@ def render(
     metrics: Mapping[str, Mapping[str, Any]],
     noise: Mapping[str, Any],
     figures: Sequence[tuple[str, str]],
+    data: Mapping[str, Any] | None = None,
 ) -> str:
-    """Markdown for reports/report.md; `metrics` maps a stage name to its flat metrics."""
+    """Markdown for reports/report.md; `metrics` maps a stage name to its flat metrics, `data` is the data
+    record of the prepare stage (kind, shape, split sizes)."""
     ev = metrics.get("evaluate", {})
     lines = [f"# Report: {params['method']['name']} on {params['data']['name']}", ""]
+    if data is not None and data.get("kind") == "images":
+        lines += [f"{data['kind']} of shape {data['shape']}, {data['n_train']} train / {data['n_test']} test / "
+                  f"{data['n_reference']} reference; {data.get('source', '')}", ""]
+        if "fid_n" in ev:
+            lines += [f"FID protocol: {ev.get('fid_impl')}, mode {ev.get('fid_mode')}, N = {ev['fid_n']} samples "
+                      f"against the {ev.get('fid_reference')}, {ev.get('fid_weights')}. FID is biased upwards at "
+                      f"small N: compare runs at equal N only, next to the floor.", ""]
     lines += ["## Metrics against their floors", "", "| metric | model | floor (true vs true) | model / floor |",
               "|---|---|---|---|"]
     for name in FLOORED:

@@ -20,6 +20,11 @@ from tqdm.auto import tqdm
 from pipeline import io
 
 LossFn = Callable[..., Tensor]
+# (batch drawn from the data, generator) -> what the loss sees, e.g. pixels to model space with dequantisation
+# and flips; its randomness comes from the training generator, after the batch indices.
+BatchTransform = Callable[[Tensor, torch.Generator], Tensor]
+# (step, EMA network) -> one row of held-out numbers (e.g. {"value": ..., "se": ...}), every eval_every steps.
+Evaluator = Callable[[int, nn.Module], Mapping[str, float]]
 CHECKPOINT = "last.pt"
 
 
@@ -45,6 +50,7 @@ class TrainResult:
     ema: nn.Module
     loss_rows: list[tuple[int, float]] = field(default_factory=list)
     resumed_from: int = 0
+    eval_rows: list[dict] = field(default_factory=list)
 
 
 def fingerprint(obj: Mapping[str, Any]) -> str:
@@ -74,17 +80,25 @@ def train(
     setup: Mapping[str, Any],
     on_log: Optional[Callable[[int, float], None]] = None,
     progress: bool = True,
+    transform: Optional[BatchTransform] = None,
+    device: torch.device | str = "cpu",
+    evaluator: Optional[Evaluator] = None,
+    eval_every: int = 0,
 ) -> TrainResult:
     """Train `model` on `data` (N, *D) with mini-batches drawn with replacement.
 
     Resumes from checkpoint_dir/last.pt when it was written for the same `setup` (model,
     method, noise scales, data, and every train.* key but steps and the logging cadence);
-    a resumed run gives the same bits as an uninterrupted one.
+    a resumed run gives the same bits as an uninterrupted one. `data` stays where it is (uint8
+    images on the CPU); each batch is transformed and moved to `device`, where the model lives.
+    Every `eval_every` steps (0: never) `evaluator(step, ema_network)` adds a row to `eval_rows`.
     """
+    model.to(device)
     gen = torch.Generator().manual_seed(settings.seed)
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
     rows: list[tuple[int, float]] = []
+    eval_rows: list[dict] = []
     step = 0
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT
     expected = fingerprint(setup)
@@ -95,6 +109,7 @@ def train(
         ema.load_state_dict(ckpt["ema"])
         gen.set_state(ckpt["generator"])
         rows = [(int(s), float(v)) for s, v in ckpt["loss_rows"].tolist()]
+        eval_rows = [dict(r) for r in ckpt.get("eval_rows", [])]
         step = int(ckpt["step"])
     resumed_from = step
 
@@ -102,7 +117,7 @@ def train(
         io.save_torch(ckpt_path, {
             "fingerprint": expected, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "ema": ema.state_dict(), "generator": gen.get_state(),
-            "loss_rows": torch.tensor(rows, dtype=torch.float64).reshape(-1, 2),
+            "loss_rows": torch.tensor(rows, dtype=torch.float64).reshape(-1, 2), "eval_rows": eval_rows,
         })
 
     model.train()
@@ -110,7 +125,8 @@ def train(
     bar = tqdm(total=settings.steps, initial=step, desc="train", disable=not progress, mininterval=1.0)
     while step < settings.steps:
         idx = torch.randint(len(data), (settings.batch_size,), generator=gen)
-        loss = loss_fn(model, data[idx], generator=gen).mean()
+        batch = data[idx] if transform is None else transform(data[idx], gen)
+        loss = loss_fn(model, batch.to(device), generator=gen).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if settings.grad_clip is not None:
@@ -120,6 +136,11 @@ def train(
         step += 1
         running += float(loss.detach())
         count += 1
+        if eval_every and evaluator is not None and step % eval_every == 0:
+            ema.module.eval()  # no dropout in the held-out numbers
+            with torch.no_grad():
+                eval_rows.append({"step": step, **evaluator(step, ema.module)})
+            ema.module.train()
         if step % settings.log_every == 0 or step == settings.steps:
             rows.append((step, running / count))
             if on_log is not None:
@@ -132,4 +153,56 @@ def train(
     bar.close()
     if step == 0 or (ckpt is None and settings.steps == 0):
         save()
-    return TrainResult(model, ema.module, rows, resumed_from)
+    return TrainResult(model, ema.module, rows, resumed_from, eval_rows)
+
+
+def image_batches(scaling: str, *, dequantize: bool = False, hflip: bool = False) -> BatchTransform:
+    """The training transform of uint8 image batches (B, C, H, W): pixels to model space (pipeline.pixels), with
+    uniform dequantisation (score_sde) and random horizontal flips (Ho et al. 2020, appendix B), drawn from the
+    training generator: the dequantisation noise first, then one flip bit per example."""
+    from pipeline.pixels import to_model
+
+    def transform(x: Tensor, generator: torch.Generator) -> Tensor:
+        out = to_model(x, scaling, dequantize=dequantize, generator=generator)
+        if hflip:
+            flip = torch.rand(x.shape[0], generator=generator) < 0.5
+            out = torch.where(flip.reshape(-1, *([1] * (out.ndim - 1))).to(out.device), out.flip(-1), out)
+        return out
+
+    return transform
+
+
+def held_out_evaluator(loss_fn: LossFn, loss_name: str, x: Tensor, *, transform: Optional[BatchTransform],
+                       device: torch.device | str, seed: int, scaling: Optional[str],
+                       on_row: Optional[Callable[[int, dict], None]] = None) -> tuple[Evaluator, str]:
+    """The held-out number tracked during training (train.eval_every) and its unit.
+
+    The training loss on held-out examples x (N, *D), with the same noise at every evaluation (generator
+    seeded with `seed`), mean and standard error over the examples, per dimension. For the ELBO losses
+    ("vlb": the discrete bound, "huang_elbo": Huang et al.'s) it is a negative log-likelihood bound: nats/dim
+    on points, bits/dim on images (the discrete bound with its discretised decoder is already in bits of the
+    pixels; Huang's bound is a density of dequantised data, so the offset of pipeline.pixels.bpd_offset is
+    added), as sdeflow-light plots test bpd against iterations. Other losses report "loss/dim".
+    """
+    import math
+
+    from pipeline.pixels import bpd_offset
+
+    dim = x[0].numel()
+    bound = loss_name in ("vlb", "huang_elbo")
+    if bound and scaling is not None:
+        unit, scale, offset = "bits/dim", 1.0 / (dim * math.log(2)), bpd_offset(scaling) if loss_name == "huang_elbo" else 0.0
+    else:
+        unit, scale, offset = ("nats/dim" if bound else "loss/dim"), 1.0 / dim, 0.0
+
+    def evaluator(step: int, net: nn.Module) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        batch = x if transform is None else transform(x, gen)
+        # the divergence losses turn gradients on for their divergence only (pipeline.losses)
+        values = loss_fn(net, batch.to(device), generator=gen).detach().double().cpu() * scale + offset
+        row = {"value": float(values.mean()), "se": float(values.std() / math.sqrt(len(values)))}
+        if on_row is not None:
+            on_row(step, row)
+        return row
+
+    return evaluator, unit

@@ -6,16 +6,20 @@ noise.* change leaves the record of a DDPM or VP run byte-identical and DVC re-r
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
 from pipeline import io, plots
 from pipeline.config import Config
+from pipeline.defaults import scaling_for
 from pipeline.methods import build_process, num_steps_for
+from pipeline.pixels import to_model
 from pipeline.noise import choose_noise_scales
 from pipeline.samplers.langevin import annealed_step_sizes
 from pipeline.tracking import StageRun
-from stages.common import NOISE_PLOT, NOISE_SCALES, TRAIN, main, plan_of
+from stages.common import NOISE_PLOT, NOISE_SCALES, TRAIN, data_record, main, plan_of
 
 NCSN_KEYS = ("sigma_max", "sigma_min", "num_scales", "step_size", "ratio", "steps_per_scale")
 
@@ -23,15 +27,26 @@ NCSN_KEYS = ("sigma_max", "sigma_min", "num_scales", "step_size", "ratio", "step
 def noise_scales(cfg: Config, run: StageRun) -> None:
     n, m = cfg.noise, cfg.method
     kind = plan_of(cfg).process
+    images = data_record()["kind"] == "images"
+    # images: the pixel scaling the model sees, recorded here for train, sample and evaluate (DESIGN.md)
+    scaling = scaling_for(kind, cfg.data.scaling) if images else None
     record: dict = {}
     sigmas: list[float] = []
     if kind in ("noise_scales", "ve"):  # NCSN's scales, and VE's sigma_max (technique 1) and sigma_min
-        scales = choose_noise_scales(np.load(TRAIN), m.name, n.sigma_max, n.sigma_min, n.num_scales,
+        train = np.load(TRAIN)
+        if images:  # technique 1 measures distances where the model works
+            train = to_model(torch.from_numpy(train), scaling).numpy()
+        start = time.perf_counter()
+        scales = choose_noise_scales(train, m.name, n.sigma_max, n.sigma_min, n.num_scales,
                                      n.fallback_num_scales, n.steps_per_scale, n.step_size, n.max_exact_pairwise,
                                      cfg.seed)
+        print(f"noise_scales: chose {len(scales.sigmas)} scales in {time.perf_counter() - start:.1f} s "
+              f"(sigma_1 = {scales.sigma_max:.4g}: {scales.how['sigma_max']})")
         record, sigmas = scales.to_json(), scales.sigmas
     process = build_process(kind, sigmas=sigmas, num_steps=num_steps_for(m.name, m.num_steps), schedule=m.schedule)
     record["process"] = process.spec()
+    if scaling is not None:
+        record["scaling"] = scaling
     io.write_json(NOISE_SCALES, record)
     if kind == "noise_scales":
         alphas = annealed_step_sizes(torch.tensor(sigmas, dtype=torch.float64), scales.step_size).tolist()
@@ -43,7 +58,7 @@ def noise_scales(cfg: Config, run: StageRun) -> None:
         plots.process_schedule(NOISE_PLOT, t.tolist(), mean_coef.tolist(), std.tolist(),
                                f"{m.name} ({kind}): x_t = mean_coef x0 + std z", "step i" if not process.continuous else "t")
     run.log_params({"method.name": m.name, "method.sde": m.sde, "method.schedule": m.schedule,
-                    "method.num_steps": m.num_steps, "noise": n.model_dump(mode="json")})
+                    "method.num_steps": m.num_steps, "noise": n.model_dump(mode="json"), "scaling": scaling})
     run.log_metrics({k: record[k] for k in NCSN_KEYS if k in record})
     run.log_artifact(NOISE_PLOT)
 

@@ -1,24 +1,28 @@
-"""prepare: draw or load the data set and write the train / test / reference splits."""
+"""prepare: draw or load the data set and write the train / test / reference splits, their labels and the record."""
 
 from __future__ import annotations
 
 from pipeline import io
 from pipeline.config import Config
-from pipeline.data import prepare_splits
+from pipeline.data.prepare import prepare_data
 from pipeline.gmm import GaussianMixture
 from pipeline.tracking import StageRun
-from stages.common import REFERENCE, TEST, TRAIN, main
+from stages.common import DATA_RECORD, LABELS, REFERENCE, TEST, TRAIN, main
 
 
 def prepare(cfg: Config, run: StageRun) -> None:
     d = cfg.data
     mixture = GaussianMixture.from_params(d.gmm.weights, d.gmm.means, d.gmm.covs) if d.name == "gmm" else None
-    splits = prepare_splits(d.name, n_train=d.n_train, n_test=d.n_test, n_reference=d.n_reference,
-                            seed=cfg.seed, noise=d.noise, gmm=mixture, path=d.path)
+    out = prepare_data(d.name, n_train=d.n_train, n_test=d.n_test, n_reference=d.n_reference, seed=cfg.seed,
+                       noise=d.noise, gmm=mixture, path=d.path, labels_path=d.labels_path, download=d.download,
+                       image_size=d.image_size, channels=d.channels)
     for path, key in ((TRAIN, "train"), (TEST, "test"), (REFERENCE, "reference")):
-        io.save_npy(path, splits[key].astype("float32"))
+        io.save_npy(path, out.x[key])
+        io.save_npy(LABELS[key], out.y[key])
+    io.write_json(DATA_RECORD, out.record)
     run.log_params({"seed": cfg.seed, "data": d.model_dump(mode="json")})
-    run.log_metrics({"dim": splits["train"].shape[1], "n_train": len(splits["train"])})
+    run.log_metrics({"dim": int(out.x["train"][0].size), "n_train": out.record["n_train"],
+                     "num_classes": out.record["num_classes"]})
 
 
 if __name__ == "__main__":

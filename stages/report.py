@@ -8,33 +8,54 @@ import shutil
 from pipeline import io, plots, report
 from pipeline.config import Config, to_dict
 from pipeline.tracking import StageRun, flatten
-from stages.common import (EVAL_METRICS, EVAL_PLOT, LOSS_CSV, NOISE_PLOT, NOISE_SCALES, REPORT, REPORT_FIGURES,
-                           SAMPLE_METRICS, SAMPLES_PLOT, TRAIN_METRICS, main)
+from stages.common import (CLASSIFIER_METRICS, EVAL_CSV, EVAL_METRICS, EVAL_PLOT, FID_METRICS, LOSS_CSV,
+                           NEIGHBOURS_PLOT, NOISE_PLOT, NOISE_SCALES, REPORT, REPORT_FIGURES, SAMPLE_METRICS,
+                           SAMPLES_PLOT, TRAIN_METRICS, TRAJECTORY_PLOT, data_record, main)
+
+
+def _rows(path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
 
 
 def report_stage(cfg: Config, run: StageRun) -> None:
     REPORT_FIGURES.mkdir(parents=True, exist_ok=True)
-    with LOSS_CSV.open() as f:
-        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+    info = data_record()
+    images = info["kind"] == "images"
+    rows = [(int(r["step"]), float(r["loss"])) for r in _rows(LOSS_CSV)]
     figures = []
     if rows:
         plots.loss_curve(REPORT_FIGURES / "loss.png", [s for s, _ in rows], [v for _, v in rows],
                          f"training loss ({cfg.method.name})")
         figures.append(("Training loss", "figures/loss.png"))
-    for title, src in (("Noise schedule", NOISE_PLOT), ("Samples against held-out data", SAMPLES_PLOT),
-                       ("Densities", EVAL_PLOT)):
+    held_out = _rows(EVAL_CSV)
+    if held_out:
+        plots.loss_curve(REPORT_FIGURES / "held_out.png", [int(r["step"]) for r in held_out],
+                         [float(r["value"]) for r in held_out], f"held-out {held_out[0]['unit']} during training")
+        figures.append((f"Held-out {held_out[0]['unit']} during training", "figures/held_out.png"))
+    shown = [("Noise schedule", NOISE_PLOT),
+             ("Samples" if images else "Samples against held-out data", SAMPLES_PLOT),
+             ("Sampling trajectory", TRAJECTORY_PLOT),
+             ("Classes of the samples" if images else "Densities", EVAL_PLOT),
+             ("Nearest training examples of a few samples (memorisation check)", NEIGHBOURS_PLOT)]
+    for title, src in shown:
         with io.atomic_path(REPORT_FIGURES / src.name) as tmp:
             shutil.copyfile(src, tmp)
         figures.append((title, f"figures/{src.name}"))
     metrics = {"train": io.read_json(TRAIN_METRICS), "sample": io.read_json(SAMPLE_METRICS),
                "evaluate": io.read_json(EVAL_METRICS)}
+    if images:
+        metrics["fid_reference"] = io.read_json(FID_METRICS)
+        metrics["classifier"] = io.read_json(CLASSIFIER_METRICS)
     noise = io.read_json(NOISE_SCALES)
     params = to_dict(cfg)
-    io.write_text(REPORT, report.render(params, metrics, noise, figures))
-    flat_metrics = {f"{stage}.{k}": v for stage, m in metrics.items() for k, v in m.items()}
-    flat_metrics.update({k: v for k, v in metrics["evaluate"].items()})  # the headline numbers, unprefixed
+    io.write_text(REPORT, report.render(params, metrics, noise, figures, data=info))
+    flat_metrics = {f"{stage}.{k}": v for stage, m in metrics.items() for k, v in flatten(m).items()}
+    flat_metrics.update(flatten(metrics["evaluate"]))  # the headline numbers, unprefixed
     flat_metrics.update({f"noise.{k}": noise[k] for k in ("sigma_max", "num_scales", "step_size", "ratio") if k in noise})
-    run.log_to_parent(params=flatten(params), metrics=flat_metrics, artifacts=[REPORT])
+    strings = {k: v for k, v in flat_metrics.items() if isinstance(v, str)}
+    run.log_to_parent(params={**flatten(params), **strings},
+                      metrics={k: v for k, v in flat_metrics.items() if not isinstance(v, str)}, artifacts=[REPORT])
     run.log_to_parent(artifacts=[REPORT_FIGURES], artifact_path="figures")
     print(report.render_summary(metrics["evaluate"]))
 

@@ -7,19 +7,27 @@ import hashlib
 import numpy as np
 import torch
 
-from pipeline import io, models
+from pipeline import defaults, io, models, pixels
 from pipeline.config import Config
 from pipeline.gmm import GaussianMixture
 from pipeline.losses import build_loss
 from pipeline.methods import loss_options
-from pipeline.train import TrainSettings, train
+from pipeline.train import TrainSettings, held_out_evaluator, image_batches, train
 from pipeline.tracking import StageRun
-from stages.common import (CHECKPOINTS, EMA_MODEL, LOSS_CSV, NOISE_SCALES, RAW_MODEL, TRAIN, TRAIN_METRICS, main, plan_of,
-                           process_of)
+from stages.common import (CHECKPOINTS, EMA_MODEL, EVAL_CSV, LOSS_CSV, NOISE_SCALES, RAW_MODEL, TEST, TRAIN,
+                           TRAIN_METRICS, choose_device, data_record, main, plan_of, process_of)
+
+# Held-out examples the training-time evaluation averages over (train.eval_every).
+EVAL_EXAMPLES = 512
 
 
 def _write_curve(rows: list[tuple[int, float]]) -> None:
     io.write_text(LOSS_CSV, "step,loss\n" + "".join(f"{s},{v:.8g}\n" for s, v in rows))
+
+
+def _write_eval(rows: list[dict], unit: str) -> None:
+    io.write_text(EVAL_CSV, f"step,value,se,unit\n" + "".join(f"{r['step']},{r['value']:.8g},{r['se']:.8g},{unit}\n"
+                                                            for r in rows))
 
 
 def train_stage(cfg: Config, run: StageRun) -> None:
@@ -33,34 +41,56 @@ def train_stage(cfg: Config, run: StageRun) -> None:
         for path in (RAW_MODEL, EMA_MODEL):
             io.save_torch(path, exact)
         _write_curve([])
+        _write_eval([], "none")
         io.write_json(TRAIN_METRICS, {"steps": 0, "num_params": 0, "final_loss": None})
         CHECKPOINTS.mkdir(exist_ok=True)
         return
 
+    info = data_record()
     data = np.load(TRAIN)
     record = io.read_json(NOISE_SCALES)
     process = process_of(record)
-    spec = {"kind": "mlp", "dim": int(np.prod(data.shape[1:])), "hidden": cfg.model.hidden, "blocks": cfg.model.blocks,
-            "emb_dim": cfg.model.emb_dim, "parameterization": plan.parameterization}
-    options = loss_options(plan.loss, cfg.method.weighting, cfg.method.t_sampling)
+    images = info["kind"] == "images"
+    scaling = record.get("scaling")
+    resolved = defaults.train_settings(t.model_dump(), info)
+    spec = defaults.network_spec(cfg.model.model_dump(), info, plan.parameterization)
+    decoder = pixels.discrete_decoder(scaling) if images else None
+    options = loss_options(plan.loss, cfg.method.weighting, cfg.method.t_sampling, decoder)
     loss = build_loss(plan.loss, process, plan.parameterization, **options)
-    settings = TrainSettings(t.steps, t.batch_size, t.lr, t.grad_clip, t.ema_decay, t.checkpoint_every, t.log_every, cfg.seed)
-    # Everything that must match for a checkpoint to be resumed; steps and logging cadence may change.
+    settings = TrainSettings(resolved["steps"], resolved["batch_size"], resolved["lr"], t.grad_clip, t.ema_decay,
+                             t.checkpoint_every, t.log_every, cfg.seed)
+    # Everything that must match for a checkpoint to be resumed; steps, logging and the device may change.
     setup = {"spec": spec, "process": record["process"], "loss": plan.loss, "options": options, "seed": cfg.seed,
-             "data": hashlib.sha256(data.tobytes()).hexdigest(),
-             "train": t.model_dump(exclude={"steps", "checkpoint_every", "log_every", "ema"})}
+             "data": hashlib.sha256(data.tobytes()).hexdigest(), "resolved": {**resolved, "steps": None},
+             "augment": {"dequantize": cfg.data.dequantize, "hflip": cfg.data.hflip} if images else None,
+             "train": t.model_dump(exclude={"steps", "checkpoint_every", "log_every", "ema", "device", "eval_every"})}
+    device = choose_device(t.device)
     net = models.build_network(spec, seed=cfg.seed)
-    result = train(net, loss, torch.from_numpy(data), settings,
-                   CHECKPOINTS, setup, on_log=lambda step, loss: run.log_metric_buffered("train_loss", loss, step))
+    transform = image_batches(scaling, dequantize=cfg.data.dequantize, hflip=cfg.data.hflip) if images else None
+    evaluator, unit = None, "none"
+    if t.eval_every:
+        held_out = torch.from_numpy(np.load(TEST)[:EVAL_EXAMPLES])
+        evaluator, unit = held_out_evaluator(loss, plan.loss, held_out, transform=transform, device=device,
+                                             seed=cfg.seed, scaling=scaling if images else None,
+                                             on_row=lambda step, row: run.log_metrics(
+                                                 {"held_out": row["value"], "held_out_se": row["se"]}, step=step))
+    result = train(net, loss, torch.from_numpy(data), settings, CHECKPOINTS, setup,
+                   on_log=lambda step, loss: run.log_metric_buffered("train_loss", loss, step),
+                   transform=transform, device=device, evaluator=evaluator, eval_every=t.eval_every)
     if result.resumed_from:
         print(f"train: resumed from the checkpoint at step {result.resumed_from}")
     models.save_model(RAW_MODEL, spec, result.model.state_dict())
     models.save_model(EMA_MODEL, spec, result.ema.state_dict())
     _write_curve(result.loss_rows)
+    _write_eval(result.eval_rows, unit)
     final = result.loss_rows[-1][1] if result.loss_rows else None
     num_params = sum(p.numel() for p in net.parameters())
-    io.write_json(TRAIN_METRICS, {"steps": t.steps, "num_params": num_params, "final_loss": final})
+    metrics = {"steps": resolved["steps"], "num_params": num_params, "final_loss": final}
+    if images:  # the 2-D record keeps its keys; MLflow gets the resolved values of every run
+        metrics.update(batch_size=resolved["batch_size"], lr=resolved["lr"], arch=spec["kind"])
+    io.write_json(TRAIN_METRICS, metrics)
     run.flush()
+    run.log_params({"resolved": {**resolved, "arch": spec["kind"], "device": str(device)}})
     run.log_metrics({"final_loss": final, "num_params": num_params, "resumed_from": result.resumed_from})
 
 

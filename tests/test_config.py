@@ -39,7 +39,7 @@ def test_yaml12_floats_as_dvc_writes_them(tmp_path):
     ({"model": {"scale_by_sigma": "yes"}}, ["model.scale_by_sigma", "boolean"]),
     ({"noise": {"sigma_max": "big"}}, ["noise.sigma_max", "'auto'"]),
     # out of range
-    ({"train": {"lr": 0.0}}, ["train.lr", "greater than 0"]),
+    ({"train": {"lr": 0.0}}, ["train.lr", "'auto' or a number > 0"]),
     ({"train": {"ema_decay": 1.0}}, ["train.ema_decay", "less than 1"]),
     ({"noise": {"sigma_max": -1.0}}, ["noise.sigma_max", "'auto' or a number > 0"]),
     ({"noise": {"num_scales": 1}}, ["noise.num_scales", ">= 2"]),
@@ -54,6 +54,21 @@ def test_yaml12_floats_as_dvc_writes_them(tmp_path):
     ({"data": {"name": "file"}}, ["data.path must name a .npy or .csv"]),
     ({"data": {"name": "file", "path": "points.txt"}}, ["data.path must end in .npy or .csv"]),
     ({"data": {"name": "file", "path": "/nonexistent/points.npy"}}, ["data.path", "does not exist"]),
+    # images: keys that only apply to images, missing files, sizes
+    ({"data": {"hflip": True}}, ["data.hflip applies to images", "swissroll"]),
+    ({"data": {"scaling": "zero_one"}}, ["data.scaling applies to images"]),
+    ({"data": {"name": "folder"}}, ["data.name: folder needs data.path", "directory"]),
+    ({"data": {"name": "cifar10"}}, ["cifar10 needs its official files", "data.download: true"]),
+    ({"data": {"name": "mnist"}}, ["mnist needs its official files", "data.path"]),
+    ({"data": {"name": "digits", "channels": 2}}, ["data.channels"]),
+    ({"data": {"name": "digits", "n_test": 100}, "eval": {"fid_n": 200}}, ["eval.fid_n (200) must be <= data.n_test"]),
+    ({"model": {"arch": "unet"}}, ["model.arch: unet is for images"]),
+    ({"data": {"name": "digits"}, "method": {"name": "sde"}, "eval": {"likelihood": True, "divergence": "exact"}},
+     ["eval.divergence: exact", "rademacher"]),
+    ({"model": {"channel_mult": []}}, ["model.channel_mult", "non-empty"]),
+    ({"model": {"dropout": 1.0}}, ["model.dropout", "[0, 1)"]),
+    ({"train": {"device": "tpu"}}, ["train.device", "cuda"]),
+    ({"data": {"labels_path": "y.npy"}}, ["data.labels_path", "file"]),
 ])
 def test_bad_input_names_the_key_and_what_is_allowed(raw, words):
     with pytest.raises(ConfigError) as info:
@@ -86,3 +101,16 @@ def test_file_data_path_accepted_when_present(tmp_path):
     np.save(p, np.zeros((10, 2)))
     cfg = config.validate({"data": {"name": "file", "path": str(p)}})
     assert cfg.data.path == str(p)
+
+
+def test_image_data_sets_validate_with_auto_sizes():
+    for name in ("digits", "fashion_mnist"):
+        cfg = config.validate({"data": {"name": name}})
+        assert cfg.data.kind == "images" and cfg.data.n_train == "auto" and cfg.model.arch == "auto"
+    assert config.validate({}).data.kind == "points"
+
+
+def test_file_data_kind_is_left_to_the_file(tmp_path):
+    p = tmp_path / "images.npy"
+    np.save(p, np.zeros((10, 1, 4, 4), dtype=np.uint8))
+    assert config.validate({"data": {"name": "file", "path": str(p)}}).data.kind is None

@@ -272,7 +272,7 @@ def test_unknown_pixel_scaling_is_rejected():
                           ode=True, elbo=None, scaling="bytes")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda  # run on a GPU machine: pytest -m cuda (deselected by default, pytest.ini)
 def test_pixel_likelihoods_on_cuda_match_the_cpu():
     """Every draw is made on the CPU and moved, so the device changes only the float arithmetic."""
     from pipeline.likelihood import model_likelihoods

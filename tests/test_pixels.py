@@ -104,7 +104,7 @@ def test_device_follows_the_input():
         assert to_pixels(y, scaling).device == x.device
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda  # run on a GPU machine: pytest -m cuda (deselected by default, pytest.ini)
 def test_device_follows_the_input_on_cuda():
     x = ALL.reshape(1, 1, 16, 16).cuda()
     a = to_model(x, "minus_one_one", dequantize=True, generator=gen(0))

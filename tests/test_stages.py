@@ -19,7 +19,9 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "noise_scales", "train", "ema", "sample", "evaluate", "report")
+from stages.common import STAGE_BODIES, run_named
+
+STAGES = tuple(STAGE_BODIES)
 
 TINY_OVERRIDES = {
     "seed": 0,
@@ -60,14 +62,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 def _run(name: str, params: str = "params.yaml") -> int:
-    import importlib
-
-    module = importlib.import_module(f"stages.{name}")
-    body = {"prepare": "prepare", "noise_scales": "noise_scales", "train": "train_stage", "ema": "ema_stage",
-            "sample": "sample_stage", "evaluate": "evaluate_stage", "report": "report_stage"}[name]
-    from stages.common import run_stage
-
-    return run_stage(name, getattr(module, body), ["--params", params])
+    return run_named(name, ["--params", params])
 
 
 def test_every_stage_in_process(workdir):
@@ -102,6 +97,61 @@ def test_every_stage_in_process(workdir):
     assert {"cd", "cd_floor", "emd", "emd_floor", "train.final_loss", "sample.nfe"} <= keys
     params = {k for (k,) in db.execute("select key from params where run_uuid = ?", parents[0])}
     assert {"train.lr", "data.name", "noise.sigma_min", "sample.n"} <= params
+
+
+# Digits end to end on tiny sizes: a 16-wide U-Net, 20 FID images (Inception ~0.15 s an image here).
+TINY_IMAGES = {"data": {"name": "digits", "n_train": 200, "n_test": 20, "n_reference": 20},
+               "model": {"channels": 16}, "train": {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 2,
+                                                    "eval_every": 2},
+               "sample": {"n": 20, "batch_size": 8}, "eval": {"fid_n": 20, "classifier_steps": 20}}
+
+
+@pytest.mark.parametrize("method", [{"name": "ncsnv2"}, {"name": "ddpm", "num_steps": 20}])
+def test_every_stage_on_images(workdir, method):
+    params = _deep_merge(TINY, _deep_merge(TINY_IMAGES, {"method": method}))
+    if method["name"] == "ddpm":
+        params = _deep_merge(params, {"eval": {"likelihood": True, "likelihood_n": 8}, "method": {"loss": "elbo"}})
+    _write_params(Path("params.yaml"), params)
+    for name in STAGES:
+        assert _run(name) == 0, name
+    record = json.loads(Path("data/record.json").read_text())
+    assert record["kind"] == "images" and record["shape"] == [1, 8, 8] and record["num_classes"] == 10
+    for split, n in (("train", 200), ("test", 20), ("reference", 20)):
+        x, y = np.load(f"data/{split}.npy"), np.load(f"data/{split}_labels.npy")
+        assert x.dtype == np.uint8 and x.shape == (n, 1, 8, 8) and y.shape == (n,) and y.dtype == np.int64
+    model = torch.load("models/model.pt", weights_only=True)
+    assert model["config"]["kind"] == "unet" and model["config"]["channels"] == 16
+    samples = np.load("outputs/samples.npz")["x"]
+    assert samples.dtype == np.uint8 and samples.shape == (20, 1, 8, 8)
+    scaling = json.loads(Path("outputs/noise_scales.json").read_text())["scaling"]
+    assert scaling == ("zero_one" if method["name"] == "ncsnv2" else "minus_one_one")
+    metrics = json.loads(Path("metrics/evaluate.json").read_text())
+    for key in ("fid", "fid_floor", "kid", "kid_floor", "fid_domain", "fid_domain_floor"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["fid_n"] == 20 and metrics["fid_mode"] == "clean" and "sha256" in metrics["fid_weights"]
+    assert sum(metrics["class_histogram"].values()) == pytest.approx(1.0)
+    if method["name"] == "ddpm":
+        assert np.isfinite(metrics["elbo_bpd"]) and metrics["elbo_bpd"] > 0
+    rows = Path("plots/train_eval.csv").read_text().splitlines()
+    assert rows[0] == "step,value,se,unit" and len(rows) == 3
+    assert rows[1].endswith("bits/dim" if method["name"] == "ddpm" else "loss/dim")
+    train_metrics = json.loads(Path("metrics/train.json").read_text())
+    assert train_metrics["arch"] == "unet" and train_metrics["batch_size"] == 16
+    report = Path("reports/report.md").read_text()
+    assert "FID protocol" in report and "fid_domain" in report
+    for fig in ("samples.png", "trajectory.png", "neighbours.png", "density.png"):
+        assert (Path("reports/figures") / fig).stat().st_size > 1000
+
+
+def test_image_samples_do_not_depend_on_the_batch_size(workdir):
+    params = _deep_merge(TINY, TINY_IMAGES)
+    _write_params(Path("params.yaml"), params)
+    for name in ("prepare", "noise_scales", "train", "ema", "sample"):
+        assert _run(name) == 0, name
+    first = Path("outputs/samples.npz").read_bytes()
+    _write_params(Path("params.yaml"), _deep_merge(params, {"sample": {"batch_size": 20}}))
+    assert _run("sample") == 0
+    assert Path("outputs/samples.npz").read_bytes() == first
 
 
 def test_train_resumes_from_its_checkpoint(workdir):
@@ -183,7 +233,7 @@ def test_exact_score_ode_nll_matches_the_true_nll(workdir, sde):
 
 
 @pytest.mark.parametrize("bad, words", [
-    ({"train": {"lr": -1.0}}, ["train.lr", "greater than 0"]),
+    ({"train": {"lr": -1.0}}, ["train.lr", "'auto' or a number > 0"]),
     ({"train": {"learning_rate": 0.1}}, ["train.learning_rate: unknown key"]),
     ({"sample": {"n": "many"}}, ["sample.n", "integer"]),
     ({"data": {"name": "file", "path": "missing.npy"}}, ["data.path", "does not exist"]),

@@ -1,0 +1,82 @@
+"""The prepare stage's library call: any data set -> train / test / reference splits, labels and the data record.
+
+Two kinds (DESIGN.md, "Images, devices, several GPUs"): points, float arrays (N, D); images, uint8
+arrays (N, C, H, W) with integer labels. The record says which, once, and every later stage reads
+it instead of guessing from a shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from pipeline.data.images import (IMAGE_DATASETS, ImageData, default_split_sizes, load_image_data, load_uint8_file,
+                                  split_image_data)
+from pipeline.data.toy2d import DataError, prepare_splits
+from pipeline.defaults import POINT_SIZES
+
+if TYPE_CHECKING:
+    from pipeline.gmm import GaussianMixture
+
+SPLITS = ("train", "test", "reference")
+NO_LABEL = -1  # the label of every point of a 2-D set: points carry no classes
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """x[split] (float32 points or uint8 images), y[split] int64 labels, and the data record (JSON)."""
+
+    x: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+    record: dict
+
+
+def _is_image_file(path: Optional[str]) -> bool:
+    """A data.name: file is images when it holds a uint8 array of 4 dimensions."""
+    if path is None or Path(path).suffix.lower() != ".npy":
+        return False
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        return False  # let the point loader give its error
+    return arr.dtype == np.uint8 and arr.ndim == 4
+
+
+def _size(value, auto: int) -> int:
+    return auto if value == "auto" else int(value)
+
+
+def _images(data: ImageData, name: str, n_train, n_test, n_reference, seed: int) -> Prepared:
+    auto = default_split_sizes(name, data)
+    sizes = [_size(v, a) for v, a in zip((n_train, n_test, n_reference), auto)]
+    splits = split_image_data(data, *sizes, seed=seed)
+    record = {"kind": "images", "name": name, "shape": list(data.shape), "num_classes": data.num_classes,
+              "classes": list(data.classes), "source": data.source, "pixels": "uint8 (N, C, H, W), 0..255",
+              **{f"n_{k}": int(len(splits[k].x)) for k in SPLITS}}
+    return Prepared({k: splits[k].x for k in SPLITS}, {k: splits[k].y.astype(np.int64) for k in SPLITS}, record)
+
+
+def prepare_data(name: str, *, n_train, n_test, n_reference, seed: int, noise: float = 0.0,
+                 gmm: "GaussianMixture | None" = None, path: Optional[str] = None, labels_path: Optional[str] = None,
+                 download: bool = False, image_size: Optional[int] = None, channels=None) -> Prepared:
+    """Load or draw data set `name` and split it; 'auto' sizes resolve per data set (pipeline.defaults and
+    pipeline.data.images.default_split_sizes). Points are float32 (N, D) with labels NO_LABEL."""
+    channels = None if channels == "auto" else channels
+    if name in IMAGE_DATASETS:
+        data = load_image_data(name, path=path, download=download, image_size=image_size, channels=channels,
+                               seed=seed)
+        return _images(data, name, n_train, n_test, n_reference, seed)
+    if name == "file" and _is_image_file(path):
+        return _images(load_uint8_file(path, labels_path), name, n_train, n_test, n_reference, seed)
+    if labels_path is not None:
+        raise DataError("data.labels_path is for a uint8 image array (N, C, H, W); points carry no labels")
+    sizes = {k: _size(v, POINT_SIZES) for k, v in zip(SPLITS, (n_train, n_test, n_reference))}
+    splits = prepare_splits(name, n_train=sizes["train"], n_test=sizes["test"], n_reference=sizes["reference"],
+                            seed=seed, noise=noise, gmm=gmm, path=path)
+    x = {k: splits[k].astype("float32") for k in SPLITS}
+    record = {"kind": "points", "name": name, "shape": list(x["train"].shape[1:]), "num_classes": 0, "classes": [],
+              **{f"n_{k}": int(len(x[k])) for k in SPLITS}}
+    return Prepared(x, {k: np.full(len(x[k]), NO_LABEL, dtype=np.int64) for k in SPLITS}, record)

@@ -1,0 +1,122 @@
+"""What every 'auto' size resolves to, per data kind and image size: one table, read by the stages.
+
+The 2-D values are the ones the swiss-roll runs were tuned and measured with. The image values are
+sized so that a whole pipeline fits a 2-core CPU (digits 8x8: about 10 minutes; 28x28: about an
+hour at 2,000 FID samples); a GPU user raises `train.steps`, `model.channels` and `eval.fid_n`
+(the paper presets of issue 8 do). Every resolved value is written into a stage output (the data
+record, the model file's spec, metrics/train.json, metrics/sample.json), so a run says what it used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+# data.n_*, sample.n, eval.n and sample.batch_size for the 2-D sets (config.POINT_SIZES).
+POINT_SIZES = 10_000
+POINT_TRAIN = {"steps": 5_000, "batch_size": 512, "lr": 1e-3}
+
+
+@dataclass(frozen=True)
+class ImageDefaults:
+    """The 'auto' values for images of one size class."""
+
+    channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    dropout: float
+    steps: int
+    batch_size: int
+    lr: float
+    fid_n: int
+    sample_batch_size: int
+
+
+# Keyed by the largest image side they serve. DDPM's CIFAR-10 network (Ho et al. 2020, appendix B) is
+# channels 128, mult (1, 2, 2, 2), 2 blocks, dropout 0.1, lr 2e-4, batch 128: far too slow for a CPU,
+# so the small classes keep its shape at a fraction of the width.
+IMAGE_CLASSES: tuple[tuple[int, ImageDefaults], ...] = (
+    (16, ImageDefaults(channels=32, channel_mult=(1, 2), num_res_blocks=1, dropout=0.1, steps=2_000,
+                       batch_size=128, lr=1e-3, fid_n=2_000, sample_batch_size=500)),
+    (32, ImageDefaults(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, dropout=0.1, steps=3_000,
+                       batch_size=64, lr=5e-4, fid_n=2_000, sample_batch_size=250)),
+    (10**9, ImageDefaults(channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2, dropout=0.1, steps=20_000,
+                          batch_size=64, lr=2e-4, fid_n=2_000, sample_batch_size=100)),
+)
+
+
+def image_defaults(shape: tuple[int, ...]) -> ImageDefaults:
+    """The defaults for images of shape (C, H, W): the first class whose side bound covers max(H, W)."""
+    side = max(shape[-2:])
+    return next(d for bound, d in IMAGE_CLASSES if side <= bound)
+
+
+def _pick(value: Any, auto: Any) -> Any:
+    return auto if value == "auto" else value
+
+
+def lowest_resolution(shape: tuple[int, ...], channel_mult) -> int:
+    """The feature-map side at the U-Net's deepest level: H halved (rounding up) once per extra level."""
+    side = shape[-2]
+    for _ in range(len(channel_mult) - 1):
+        side = (side + 1) // 2
+    return side
+
+
+def network_spec(model: Mapping[str, Any], data: Mapping[str, Any], parameterization: str) -> dict:
+    """The network's spec (pipeline.nets.build_network) from model.* and the data record: 'auto' arch is the
+    U-Net for images and the MLP for points; U-Net sizes 'auto' resolve by image size; attention 'auto' is at
+    the lowest resolution (DDPM puts it at 16x16 of 32x32, one level above; at 8x8 and 28x28 the lowest
+    level is the cheap one)."""
+    shape = tuple(data["shape"])
+    arch = model["arch"] if model["arch"] != "auto" else ("unet" if data["kind"] == "images" else "mlp")
+    if arch == "mlp":
+        dim = 1
+        for s in shape:
+            dim *= s
+        return {"kind": "mlp", "dim": dim, "hidden": model["hidden"], "blocks": model["blocks"],
+                "emb_dim": model["emb_dim"], "parameterization": parameterization}
+    if len(shape) != 3:
+        raise ValueError(f"model.arch: unet needs images (C, H, W); the data has shape {list(shape)}")
+    d = image_defaults(shape)
+    mult = [int(m) for m in _pick(model["channel_mult"], d.channel_mult)]
+    attn = _pick(model["attn_resolutions"], [lowest_resolution(shape, mult)])
+    return {"kind": "unet", "shape": list(shape), "channels": int(_pick(model["channels"], d.channels)),
+            "channel_mult": mult, "num_res_blocks": int(_pick(model["num_res_blocks"], d.num_res_blocks)),
+            "attn_resolutions": [int(a) for a in attn], "dropout": float(_pick(model["dropout"], d.dropout)),
+            "num_classes": 0, "parameterization": parameterization}
+
+
+def train_settings(train: Mapping[str, Any], data: Mapping[str, Any]) -> dict:
+    """train.steps / batch_size / lr with 'auto' resolved for the data kind and image size."""
+    if data["kind"] == "images":
+        d = image_defaults(tuple(data["shape"]))
+        auto = {"steps": d.steps, "batch_size": d.batch_size, "lr": d.lr}
+    else:
+        auto = POINT_TRAIN
+    return {k: _pick(train[k], v) for k, v in auto.items()}
+
+
+def fid_n(eval_fid_n: Any, data: Mapping[str, Any]) -> Optional[int]:
+    """eval.fid_n resolved: the image class's default, at most the test and reference sizes; None for points."""
+    if data["kind"] != "images":
+        return None
+    n = _pick(eval_fid_n, image_defaults(tuple(data["shape"])).fid_n)
+    return int(min(n, data["n_test"], data["n_reference"])) if eval_fid_n == "auto" else int(n)
+
+
+def sample_sizes(sample_n: Any, batch_size: Any, eval_fid_n: Any, data: Mapping[str, Any]) -> tuple[int, int]:
+    """(sample.n, sample.batch_size) resolved: points 10,000 in one batch; images eval.fid_n samples in the
+    image class's batch."""
+    if data["kind"] != "images":
+        return int(_pick(sample_n, POINT_SIZES)), int(_pick(batch_size, POINT_SIZES))
+    d = image_defaults(tuple(data["shape"]))
+    return int(_pick(sample_n, fid_n(eval_fid_n, data))), int(_pick(batch_size, d.sample_batch_size))
+
+
+def scaling_for(process_kind: str, scaling: str) -> str:
+    """data.scaling resolved: [0, 1] where the method's paper uses it (NCSN, NCSNv2 and score_sde's VE: Song &
+    Ermon 2019, 2020; Song et al. 2021, appendix), [-1, 1] otherwise (DDPM, VP, sub-VP, OU)."""
+    if scaling != "auto":
+        return scaling
+    return "zero_one" if process_kind in ("noise_scales", "ve") else "minus_one_one"

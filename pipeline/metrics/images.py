@@ -1,0 +1,59 @@
+"""Image metrics against held-out data: FID/KID (clean-fid), fid_domain, the class histogram, nearest neighbours.
+
+Definitions: DESIGN.md, "Metrics, defined once". Every distance is reported next to its floor, the
+same distance between the reference split and the same test images at the same N, because FID is
+biased upwards at small N and only comparable at equal N (Heusel et al. 2017; Parmar et al. 2022).
+The test and reference features are computed once by their own cached stages (fid_reference,
+classifier); an experiment only computes the features of its samples.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.metrics.domain import class_histogram, classifier_features, predict
+from pipeline.metrics.fid import fid_from_features, frechet_distance, inception_features, kid_from_features
+
+
+def reference_metrics(test_feats: np.ndarray, reference_feats: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """The floors: fid and kid of the reference split against the test split, (N, 2048) features each."""
+    return {"fid_floor": fid_from_features(reference_feats, test_feats),
+            "kid_floor": kid_from_features(reference_feats, test_feats, seed)}
+
+
+def sample_metrics(samples: np.ndarray, fid_reference: Mapping[str, np.ndarray], classifier: nn.Module,
+                   domain_reference: Mapping[str, np.ndarray], *, num_classes: int, device="cpu", seed: int = 0,
+                   progress: bool = False) -> dict[str, float | list[float]]:
+    """fid, kid, fid_domain of uint8 samples (N, C, H, W) against the test features, and the samples' class
+    histogram; N must equal the number of reference features (equal N, DESIGN.md)."""
+    n = len(fid_reference["test"])
+    if len(samples) < n:
+        raise ValueError(f"FID compares {n} images each side but there are only {len(samples)} samples; "
+                         f"re-run sample with sample.n >= eval.fid_n")
+    feats = inception_features(samples[:n], device=device, progress=progress)
+    domain = classifier_features(classifier, samples[:n], device=device)
+    pred = predict(classifier, samples[:n], device=device)
+    return {"fid": fid_from_features(feats, fid_reference["test"]),
+            "kid": kid_from_features(feats, fid_reference["test"], seed),
+            "fid_domain": frechet_distance(domain, domain_reference["test"]),
+            "class_histogram": class_histogram(pred, num_classes)}
+
+
+def nearest_training(samples: np.ndarray, train: np.ndarray, k: int = 8, block: int = 4096) -> np.ndarray:
+    """Indices (S, k) of the k training images closest in pixel L2 to each sample (uint8 (S, C, H, W) and
+    (N, C, H, W)): the memorisation check (a sample equal to a training image is copied, not generated)."""
+    s = torch.from_numpy(samples.reshape(len(samples), -1).astype(np.float32))
+    best_d = torch.full((len(s), 0), 0.0)
+    best_i = torch.zeros((len(s), 0), dtype=torch.long)
+    for start in range(0, len(train), block):
+        t = torch.from_numpy(train[start:start + block].reshape(-1, s.shape[1]).astype(np.float32))
+        d = torch.cdist(s, t)
+        best_d = torch.cat([best_d, d], 1)
+        best_i = torch.cat([best_i, torch.arange(start, start + len(t)).expand(len(s), -1)], 1)
+        keep = torch.topk(best_d, min(k, best_d.shape[1]), largest=False, sorted=True).indices
+        best_d, best_i = best_d.gather(1, keep), best_i.gather(1, keep)
+    return best_i.numpy()

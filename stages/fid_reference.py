@@ -1,0 +1,40 @@
+"""fid_reference: Inception features of the test and reference images, once per data set (cached by DVC).
+
+Writes outputs/fid_reference.npz (the features of the first eval.fid_n test and reference images)
+and metrics/fid_reference.json (fid_floor, kid_floor and the FID protocol). Points have no FID: the
+stage writes an empty record and returns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline import defaults, io
+from pipeline.config import Config
+from pipeline.metrics.fid import ensure_inception, inception_features, protocol
+from pipeline.metrics.images import reference_metrics
+from pipeline.tracking import StageRun
+from stages.common import FID_METRICS, FID_REFERENCE, REFERENCE, TEST, choose_device, data_record, main
+
+
+def fid_reference_stage(cfg: Config, run: StageRun) -> None:
+    info = data_record()
+    n = defaults.fid_n(cfg.eval.fid_n, info)
+    if n is None:
+        io.save_npz(FID_REFERENCE, test=np.zeros((0, 2048)), reference=np.zeros((0, 2048)))
+        io.write_json(FID_METRICS, {})
+        return
+    device = choose_device(cfg.train.device)
+    weights = ensure_inception()
+    feats = {name: inception_features(np.load(path)[:n], device=str(device), progress=True)
+             for name, path in (("test", TEST), ("reference", REFERENCE))}
+    io.save_npz(FID_REFERENCE, **feats)
+    metrics = {**reference_metrics(feats["test"], feats["reference"], cfg.eval.seed),
+               **protocol(n, "test split (floor: reference split)", weights)}
+    io.write_json(FID_METRICS, metrics)
+    run.log_params({k: v for k, v in metrics.items() if isinstance(v, str)} | {"fid_n": n})
+    run.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, str)})
+
+
+if __name__ == "__main__":
+    main("fid_reference", fid_reference_stage)
