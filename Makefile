@@ -30,7 +30,7 @@ repro: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
 test: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $${PORT:-5000} \

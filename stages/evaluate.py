@@ -12,6 +12,7 @@ import torch
 
 from pipeline import io, models, plots
 from pipeline.config import Config
+from pipeline.defaults import POINT_SIZES
 from pipeline.gmm import GaussianMixture, likelihood_gaps, mixture_metrics
 from pipeline.likelihood import model_likelihoods
 from pipeline.metrics import pointcloud_metrics
@@ -28,7 +29,7 @@ NEIGHBOUR_SAMPLES, NEIGHBOURS = 8, 8
 
 def _point_metrics(cfg: Config, gen: np.ndarray) -> dict:
     e = cfg.eval
-    n = 10_000 if e.n == "auto" else e.n
+    n = POINT_SIZES if e.n == "auto" else e.n
     test, reference = np.load(TEST).astype(np.float64), np.load(REFERENCE).astype(np.float64)
     if len(gen) < n:
         raise ValueError(f"samples.npz holds {len(gen)} points but eval.n is {n}; re-run sample")

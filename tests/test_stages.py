@@ -304,27 +304,39 @@ def dvc_repo(tmp_path_factory) -> Path:
     return tmp
 
 
-def test_dvc_repro_twice_is_bit_identical(dvc_repo):
+BASELINE_FILES = ["outputs/samples.npz", "metrics/evaluate.json", "metrics/train.json", "models/model.pt"]
+
+
+@pytest.fixture(scope="module")
+def dvc_baseline(dvc_repo) -> dict:
+    """The tiny repo after its first `dvc repro`, committed: the baseline every `dvc exp run` test starts from
+    (a fixture, not a test, so the tests do not depend on their order across xdist workers)."""
     env = _dvc_env(dvc_repo)
-    dvc = [sys.executable, "-m", "dvc"]
-    log = _sh(dvc + ["repro"], dvc_repo, env)
-    for name in STAGES:
-        assert f"Running stage '{name}'" in log
-    assert (dvc_repo / "reports" / "report.md").is_file()
-    files = ["outputs/samples.npz", "metrics/evaluate.json", "metrics/train.json", "models/model.pt"]
-    first = {f: (dvc_repo / f).read_bytes() for f in files}
-    shutil.rmtree(dvc_repo / "checkpoints")  # a forced re-run must retrain from scratch, not resume
-    _sh(dvc + ["repro", "--force"], dvc_repo, env)
-    assert {f: (dvc_repo / f).read_bytes() for f in files} == first
+    log = _sh([sys.executable, "-m", "dvc", "repro"], dvc_repo, env)
+    files = {f: (dvc_repo / f).read_bytes() for f in BASELINE_FILES}
     _sh(["git", "add", "-A"], dvc_repo, env)
     _sh(["git", "commit", "-qm", "baseline run"], dvc_repo, env)
+    return {"log": log, "files": files}
 
 
-def test_dvc_exp_run_sample_key_reruns_only_sample_evaluate_report(dvc_repo):
+@pytest.mark.xdist_group("dvc")
+def test_dvc_repro_twice_is_bit_identical(dvc_repo, dvc_baseline):
+    env = _dvc_env(dvc_repo)
+    _back_to_baseline(dvc_repo, env)
+    for name in STAGES:
+        assert f"Running stage '{name}'" in dvc_baseline["log"]
+    assert (dvc_repo / "reports" / "report.md").is_file()
+    shutil.rmtree(dvc_repo / "checkpoints")  # a forced re-run must retrain from scratch, not resume
+    _sh([sys.executable, "-m", "dvc", "repro", "--force"], dvc_repo, env)
+    assert {f: (dvc_repo / f).read_bytes() for f in BASELINE_FILES} == dvc_baseline["files"]
+    _back_to_baseline(dvc_repo, env)
+
+
+@pytest.mark.xdist_group("dvc")
+def test_dvc_exp_run_sample_key_reruns_only_sample_evaluate_report(dvc_repo, dvc_baseline):
     env = _dvc_env(dvc_repo)
     dvc = [sys.executable, "-m", "dvc"]
-    if not (dvc_repo / "dvc.lock").is_file():
-        pytest.skip("needs the baseline run of test_dvc_repro_twice_is_bit_identical")
+    _back_to_baseline(dvc_repo, env)
     log = _sh(dvc + ["exp", "run", "-S", "sample.seed=1", "-n", "seed1"], dvc_repo, env)
     ran = {name for name in STAGES if f"Running stage '{name}'" in log}
     assert ran == {"sample", "evaluate", "report"}, log
@@ -342,25 +354,23 @@ def _back_to_baseline(repo: Path, env: dict) -> None:
     _sh([sys.executable, "-m", "dvc", "checkout", "-f", "-q"], repo, env)
 
 
+@pytest.mark.xdist_group("dvc")
 @pytest.mark.parametrize("sets, expected", [
     (["method.loss=ssm"], {"train", "ema", "sample", "evaluate", "report"}),
     (["sample.sampler=ddim"], {"sample", "evaluate", "report"}),
     (["method.name=ddpm", "method.num_steps=20"], {"noise_scales", "train", "ema", "sample", "evaluate", "report"}),
 ])
-def test_dvc_exp_run_reruns_only_the_stages_whose_keys_changed(dvc_repo, sets, expected):
+def test_dvc_exp_run_reruns_only_the_stages_whose_keys_changed(dvc_repo, dvc_baseline, sets, expected):
     env = _dvc_env(dvc_repo)
-    if not (dvc_repo / "dvc.lock").is_file():
-        pytest.skip("needs the baseline run of test_dvc_repro_twice_is_bit_identical")
     _back_to_baseline(dvc_repo, env)
     args = [a for kv in sets for a in ("-S", kv)]
     log = _sh([sys.executable, "-m", "dvc", "exp", "run", *args], dvc_repo, env)
     assert {name for name in STAGES if f"Running stage '{name}'" in log} == expected, log
 
 
-def test_dvc_exp_run_refuses_an_undefined_combination_before_work(dvc_repo):
+@pytest.mark.xdist_group("dvc")
+def test_dvc_exp_run_refuses_an_undefined_combination_before_work(dvc_repo, dvc_baseline):
     env = _dvc_env(dvc_repo)
-    if not (dvc_repo / "dvc.lock").is_file():
-        pytest.skip("needs the baseline run of test_dvc_repro_twice_is_bit_identical")
     _back_to_baseline(dvc_repo, env)
     outputs = ["outputs/samples.npz", "models/model.pt"]
     before = {f: (dvc_repo / f).read_bytes() for f in outputs}
@@ -374,12 +384,11 @@ def test_dvc_exp_run_refuses_an_undefined_combination_before_work(dvc_repo):
     _back_to_baseline(dvc_repo, env)  # a failed `dvc exp run` leaves its -S values in params.yaml
 
 
-def test_dvc_queue_keeps_mlflow_artifacts_and_skips_training(dvc_repo):
+@pytest.mark.xdist_group("dvc")
+def test_dvc_queue_keeps_mlflow_artifacts_and_skips_training(dvc_repo, dvc_baseline):
     """`dvc exp run --queue` + `dvc queue start`: runs in a temp copy, tracks into the real repo."""
     env = _dvc_env(dvc_repo)
     dvc = [sys.executable, "-m", "dvc"]
-    if not (dvc_repo / "dvc.lock").is_file():
-        pytest.skip("needs the baseline run of test_dvc_repro_twice_is_bit_identical")
     _back_to_baseline(dvc_repo, env)
     _sh(dvc + ["exp", "run", "--queue", "-S", "sample.seed=2", "-n", "queued2"], dvc_repo, env)
     _sh(dvc + ["queue", "start", "-j", "1"], dvc_repo, env)
