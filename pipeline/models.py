@@ -61,7 +61,12 @@ def load_model(path: str | Path, process: Process, dtype: torch.dtype = torch.fl
     net.to(device=device, dtype=dtype)
     net.eval()
     net.requires_grad_(False)
-    if spec["parameterization"] == "kernel":
+    return network_fn(net, process, spec["parameterization"])
+
+
+def network_fn(net: nn.Module, process: Process, parameterization: str) -> tuple[str, ScoreFn | KernelFn]:
+    """("kernel", kernel_fn) for Sohl-Dickstein's learned kernel, else ("score", score_fn) of a network."""
+    if parameterization == "kernel":
         return "kernel", make_kernel_fn(net, process)
-    return "score", make_score_fn(net, process, spec["parameterization"])
+    return "score", make_score_fn(net, process, parameterization)
 

@@ -173,8 +173,7 @@ def image_batches(scaling: str, *, dequantize: bool = False, hflip: bool = False
 
 
 def held_out_evaluator(loss_fn: LossFn, loss_name: str, x: Tensor, *, transform: Optional[BatchTransform],
-                       device: torch.device | str, seed: int, scaling: Optional[str],
-                       on_row: Optional[Callable[[int, dict], None]] = None) -> tuple[Evaluator, str]:
+                       device: torch.device | str, seed: int, scaling: Optional[str]) -> tuple[Evaluator, str]:
     """The held-out number tracked during training (train.eval_every) and its unit.
 
     The training loss on held-out examples x (N, *D), with the same noise at every evaluation (generator
@@ -200,9 +199,6 @@ def held_out_evaluator(loss_fn: LossFn, loss_name: str, x: Tensor, *, transform:
         batch = x if transform is None else transform(x, gen)
         # the divergence losses turn gradients on for their divergence only (pipeline.losses)
         values = loss_fn(net, batch.to(device), generator=gen).detach().double().cpu() * scale + offset
-        row = {"value": float(values.mean()), "se": float(values.std() / math.sqrt(len(values)))}
-        if on_row is not None:
-            on_row(step, row)
-        return row
+        return {"value": float(values.mean()), "se": float(values.std() / math.sqrt(len(values)))}
 
     return evaluator, unit

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import hashlib
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline import defaults, io, models, pixels
+from pipeline import defaults, io, models, pixels, plots
 from pipeline.config import Config
 from pipeline.gmm import GaussianMixture
 from pipeline.losses import build_loss
 from pipeline.methods import loss_options
+from pipeline.rng import SampleGenerators
+from pipeline.samplers import draw
 from pipeline.train import TrainSettings, held_out_evaluator, image_batches, train
 from pipeline.tracking import StageRun
 from stages.common import (CHECKPOINTS, EMA_MODEL, EVAL_CSV, LOSS_CSV, NOISE_SCALES, RAW_MODEL, TEST, TRAIN,
-                           TRAIN_METRICS, choose_device, data_record, main, plan_of, process_of)
+                           TRAIN_METRICS, choose_device, data_record, main, plan_of, process_of, sampler_options)
 
-# Held-out examples the training-time evaluation averages over (train.eval_every).
-EVAL_EXAMPLES = 512
+# Held-out examples the training-time evaluation averages over, and images in its sample grid (train.eval_every).
+EVAL_EXAMPLES, TRAIN_GRID = 512, 16
 
 
 def _write_curve(rows: list[tuple[int, float]]) -> None:
@@ -28,6 +32,19 @@ def _write_curve(rows: list[tuple[int, float]]) -> None:
 def _write_eval(rows: list[dict], unit: str) -> None:
     io.write_text(EVAL_CSV, f"step,value,se,unit\n" + "".join(f"{r['step']},{r['value']:.8g},{r['se']:.8g},{unit}\n"
                                                             for r in rows))
+
+
+def _log_sample_grid(cfg: Config, run: StageRun, net: torch.nn.Module, process, record: dict, plan, info: dict,
+                     device, step: int) -> None:
+    """TRAIN_GRID samples of the network so far with the method's sampler, as a PNG on the stage's MLflow run."""
+    kind, fn = models.network_fn(net, process, plan.parameterization)
+    steps, options = sampler_options(cfg, process, record)
+    out = draw(plan.sampler, kind, fn, process, (TRAIN_GRID, *info["shape"]), SampleGenerators(cfg.sample.seed,
+               range(TRAIN_GRID)), steps, options, device=device)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"step_{step:07d}.png"
+        plots.image_grid(path, pixels.to_pixels(out.x, record["scaling"]).cpu().numpy(), f"step {step}", nrow=4)
+        run.log_artifact(path, "train_samples")
 
 
 def train_stage(cfg: Config, run: StageRun) -> None:
@@ -70,10 +87,15 @@ def train_stage(cfg: Config, run: StageRun) -> None:
     evaluator, unit = None, "none"
     if t.eval_every:
         held_out = torch.from_numpy(np.load(TEST)[:EVAL_EXAMPLES])
-        evaluator, unit = held_out_evaluator(loss, plan.loss, held_out, transform=transform, device=device,
-                                             seed=cfg.seed, scaling=scaling if images else None,
-                                             on_row=lambda step, row: run.log_metrics(
-                                                 {"held_out": row["value"], "held_out_se": row["se"]}, step=step))
+        held_out_eval, unit = held_out_evaluator(loss, plan.loss, held_out, transform=transform, device=device,
+                                                 seed=cfg.seed, scaling=scaling if images else None)
+
+        def evaluator(step: int, ema_net: torch.nn.Module) -> dict:
+            row = held_out_eval(step, ema_net)
+            run.log_metrics({"held_out": row["value"], "held_out_se": row["se"]}, step=step)
+            if images:  # a small grid of the EMA network's samples, to MLflow only (the DVC record is the curve)
+                _log_sample_grid(cfg, run, ema_net, process, record, plan, info, device, step)
+            return row
     result = train(net, loss, torch.from_numpy(data), settings, CHECKPOINTS, setup,
                    on_log=lambda step, loss: run.log_metric_buffered("train_loss", loss, step),
                    transform=transform, device=device, evaluator=evaluator, eval_every=t.eval_every)

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# `make test` runs two xdist workers on two cores: one torch thread each (also in the `dvc repro`
+# subprocesses, through the environment) instead of two each, which oversubscribes the cores and slows
+# small ops many times over. Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture

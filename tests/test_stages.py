@@ -135,6 +135,8 @@ def test_every_stage_on_images(workdir, method):
     rows = Path("plots/train_eval.csv").read_text().splitlines()
     assert rows[0] == "step,value,se,unit" and len(rows) == 3
     assert rows[1].endswith("bits/dim" if method["name"] == "ddpm" else "loss/dim")
+    grids = sorted(p.name for p in Path("mlartifacts").rglob("train_samples/*.png"))
+    assert grids == ["step_0000002.png", "step_0000004.png"]  # the EMA network's samples during training
     train_metrics = json.loads(Path("metrics/train.json").read_text())
     assert train_metrics["arch"] == "unet" and train_metrics["batch_size"] == 16
     report = Path("reports/report.md").read_text()
