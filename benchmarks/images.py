@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.methods import _fmt, _merge, _run_stages
+from benchmarks.methods import _fmt, _merge, _run_stages, run_variants
 
 REPO = Path(__file__).resolve().parents[1]
 LIKELIHOOD = {"eval": {"likelihood": True, "likelihood_n": 200}}
@@ -57,17 +57,7 @@ def run_model(name: str, data: str, scratch: Path, references: Path) -> list[dic
     work.mkdir(parents=True)
     _copy_references(references, work)
     os.chdir(work)
-    rows = []
-    for i, (variant, sample) in enumerate(variants.items()):
-        Path("params.yaml").write_text(yaml.safe_dump(_merge(base, {"sample": sample}), sort_keys=False))
-        stages = ["noise_scales", "train", "ema", "sample", "evaluate", "report"] if i == 0 else ["sample", "evaluate"]
-        seconds = _run_stages(stages)
-        metrics = json.loads(Path("metrics/evaluate.json").read_text())
-        nfe = json.loads(Path("metrics/sample.json").read_text())["nfe"]
-        rows.append({"model": name, "sampler": variant, "nfe": nfe, **metrics,
-                     "train_s": seconds.get("train"), "sample_s": seconds["sample"], "evaluate_s": seconds["evaluate"]})
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
+    return run_variants(name, base, variants, ["noise_scales", "train", "ema", "sample", "evaluate", "report"])
 
 
 def table(rows: list[dict[str, Any]]) -> str:

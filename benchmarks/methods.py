@@ -66,10 +66,16 @@ def run_model(name: str, scratch: Path) -> list[dict[str, Any]]:
     work = scratch / name
     work.mkdir(parents=True)
     os.chdir(work)
+    return run_variants(name, base, variants, list(STAGE_BODIES))
+
+
+def run_variants(name: str, base: dict, variants: dict[str, dict], first: list[str]) -> list[dict[str, Any]]:
+    """In the current directory: the `first` stages with the first variant's sample keys, then sample and
+    evaluate for each further variant; one result row per variant (printed as it comes)."""
     rows = []
     for i, (variant, sample) in enumerate(variants.items()):
         Path("params.yaml").write_text(yaml.safe_dump(_merge(base, {"sample": sample}), sort_keys=False))
-        stages = list(STAGE_BODIES) if i == 0 else ["sample", "evaluate"]
+        stages = first if i == 0 else ["sample", "evaluate"]
         seconds = _run_stages(stages)
         metrics = json.loads(Path("metrics/evaluate.json").read_text())
         nfe = json.loads(Path("metrics/sample.json").read_text())["nfe"]
