@@ -94,8 +94,8 @@ def main() -> None:
         print(f"reference stages: {time.perf_counter() - start:.0f} s", flush=True)
         for name in args.only or list(MODELS):
             rows.extend(run_model(name, args.data, Path(scratch), references))
+            out.write_text(json.dumps(rows, indent=1) + "\n")  # kept as it comes: a long run may be stopped
         os.chdir(REPO)
-    out.write_text(json.dumps(rows, indent=1) + "\n")
     print(table(rows))
 
 

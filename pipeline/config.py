@@ -193,6 +193,7 @@ class TrainParams(_Section):
     grad_clip: Optional[float] = Field(1.0, gt=0.0)
     ema: bool = True
     ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
+    ema_warmup: Union[Auto, bool] = "auto"
     checkpoint_every: int = Field(1_000, ge=1)
     log_every: int = Field(50, ge=1)
 

@@ -75,7 +75,7 @@ def train_stage(cfg: Config, run: StageRun) -> None:
     options = loss_options(plan.loss, cfg.method.weighting, cfg.method.t_sampling, decoder)
     loss = build_loss(plan.loss, process, plan.parameterization, **options)
     settings = TrainSettings(resolved["steps"], resolved["batch_size"], resolved["lr"], t.grad_clip, t.ema_decay,
-                             t.checkpoint_every, t.log_every, cfg.seed)
+                             t.checkpoint_every, t.log_every, cfg.seed, ema_warmup=resolved["ema_warmup"])
     # Everything that must match for a checkpoint to be resumed; steps, logging and the device may change.
     setup = {"spec": spec, "process": record["process"], "loss": plan.loss, "options": options, "seed": cfg.seed,
              "data": hashlib.sha256(data.tobytes()).hexdigest(), "resolved": {**resolved, "steps": None},

@@ -10,7 +10,9 @@ from pipeline.losses import build_loss
 from pipeline.nets.mlp import ConditionalMLP
 from pipeline.pixels import to_model
 from pipeline.processes import DiscreteVP, VPSDE, linear_betas
-from pipeline.train import held_out_evaluator, image_batches
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from pipeline.train import ema_multi_avg_fn, held_out_evaluator, image_batches
 
 
 def _pixels(n: int = 64) -> torch.Tensor:
@@ -54,3 +56,56 @@ def test_held_out_evaluator_units_and_repeatability():
     huang = build_loss("huang_elbo", VPSDE(), "eps")
     evaluate, unit = held_out_evaluator(huang, "huang_elbo", points, transform=None, device="cpu", seed=0, scaling=None)
     assert unit == "nats/dim" and math.isfinite(evaluate(1, ConditionalMLP(2, hidden=8, blocks=1, emb_dim=8))["value"])
+
+
+def _averaged(decay: float, warmup: bool, values: list[float]) -> float:
+    """The EMA of a one-weight model whose weight takes `values` in turn (the first is the initial weight)."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(values[0])
+    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(decay, warmup), use_buffers=True)
+    for v in values[1:]:
+        with torch.no_grad():
+            model.weight.fill_(v)
+        ema.update_parameters(model)
+    return float(ema.module.weight.detach())
+
+
+def test_ema_warmup_follows_score_sde_recursion():
+    values = [5.0, -1.0, 2.0, 0.5, 3.0, -2.0, 1.0]
+    want = values[1]  # AveragedModel's first update copies the weights
+    for n, v in enumerate(values[2:], start=1):
+        d = min(0.9, (1 + n) / (10 + n))
+        want = d * want + (1 - d) * v
+    assert math.isclose(_averaged(0.9, True, values), want, rel_tol=1e-6)
+
+
+def test_ema_without_warmup_is_torch_ema():
+    values = torch.randn(50, generator=torch.Generator().manual_seed(0)).tolist()
+    ours = _averaged(0.97, False, values)
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.97), use_buffers=True)
+    for v in values[1:]:
+        with torch.no_grad():
+            model.weight.fill_(v)
+        ema.update_parameters(model)
+    assert ours == float(ema.module.weight.detach())  # the 2-D default keeps its bits
+
+
+def test_ema_warmup_forgets_the_initial_weights():
+    """2,000 steps at decay 0.999 keep 0.999^2000 = 13.5 % of the weights the EMA started from; the warm-up
+    keeps less than 0.1 %."""
+    kept = {}
+    for warmup in (False, True):
+        model = torch.nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            model.weight.fill_(1.0)
+        ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(0.999, warmup), use_buffers=True)
+        ema.update_parameters(model)  # the first update copies the start, 1
+        with torch.no_grad():
+            model.weight.fill_(0.0)
+        for _ in range(2000):
+            ema.update_parameters(model)
+        kept[warmup] = float(ema.module.weight.detach())
+    assert math.isclose(kept[False], 0.999**2000, rel_tol=1e-4)
+    assert kept[True] < 1e-3
