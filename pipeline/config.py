@@ -183,7 +183,8 @@ class MethodParams(_Section):
 
 class TrainParams(_Section):
     """Optimisation, EMA (technique 5), checkpointing, the device and the held-out evaluation during training;
-    'auto' steps / batch / lr resolve per data set (pipeline/defaults.py)."""
+    'auto' steps / batch / lr resolve per data set (pipeline/defaults.py). GPU speed: precision (autocast),
+    tf32, channels_last, compile; accumulate splits each batch into micro-batches; warmup ramps the lr linearly."""
 
     steps: Union[Auto, int] = "auto"
     batch_size: Union[Auto, int] = "auto"
@@ -196,11 +197,27 @@ class TrainParams(_Section):
     ema_warmup: Union[Auto, bool] = "auto"
     checkpoint_every: int = Field(1_000, ge=1)
     log_every: int = Field(50, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    tf32: bool = True
+    channels_last: bool = False
+    compile: bool = False
+    accumulate: int = Field(1, ge=1)
+    warmup: int = Field(0, ge=0)
 
     @field_validator("steps")
     @classmethod
     def _non_negative(cls, v):
         return _auto_or_at_least(v, 0)
+
+    @field_validator("accumulate")
+    @classmethod
+    def _whole_micro_batches(cls, v, info):  # info: pydantic's ValidationInfo, the fields before
+        # 'auto' batch sizes are checked by the train stage once resolved (pipeline/defaults.py)
+        batch = info.data.get("batch_size")
+        if isinstance(batch, int) and batch % v:
+            raise ValueError(f"must divide train.batch_size ({batch}): each step splits its batch into "
+                             f"train.accumulate equal micro-batches")
+        return v
 
     @field_validator("batch_size")
     @classmethod

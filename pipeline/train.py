@@ -1,19 +1,26 @@
-"""The training loop: Adam, optional gradient clipping, EMA, checkpoints and resume.
+"""The training loop: Adam, optional gradient clipping, EMA, checkpoints and resume; mixed precision, gradient
+accumulation, learning-rate warm-up, channels-last and torch.compile for GPUs; preemption (should_stop).
 
 EMA of the weights is NCSNv2 technique 5 (arXiv:2006.09011, sec. 3.5), kept with
 torch.optim.swa_utils.AveragedModel; optionally with score_sde's warm-up of the decay (ema_multi_avg_fn).
+The learning-rate warm-up is DDPM's and score_sde's lr * min(1, step / warmup) (Ho et al. 2020, appendix B:
+5,000 steps; score_sde's optimization_manager). Every knob defaults to the plain fp32 loop, bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, ContextManager, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
@@ -26,11 +33,28 @@ BatchTransform = Callable[[Tensor, torch.Generator], Tensor]
 # (step, EMA network) -> one row of held-out numbers (e.g. {"value": ..., "se": ...}), every eval_every steps.
 Evaluator = Callable[[int, nn.Module], Mapping[str, float]]
 CHECKPOINT = "last.pt"
+# train.precision -> the autocast dtype (None: no autocast at all, the plain fp32 loop).
+PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Losses that differentiate the network inside the loss (the divergence of ism, ssm and Huang's ELBO, with
+# create_graph) need a double backward, which torch.compile's AOTAutograd graphs refuse (torch 2.14).
+NO_COMPILE_LOSSES = ("ism", "ssm", "huang_elbo")
+
+
+class Preempted(Exception):
+    """Training stopped at `step` because should_stop() asked it to; `checkpoint` resumes it exactly."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"preempted at step {step}; the checkpoint {checkpoint} resumes the run")
+        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """The knobs of the loop (train.* in params.yaml)."""
+    """The knobs of the loop (train.* in params.yaml; compile_backend is torch.compile's, tests pick a light one).
+
+    precision: autocast dtype of the forward pass and loss ('fp32': none; 'fp16' with a GradScaler);
+    accumulate: micro-batches per step (batch_size must divide evenly); warmup: steps of linear lr warm-up.
+    """
 
     steps: int
     batch_size: int
@@ -41,6 +65,21 @@ class TrainSettings:
     log_every: int
     seed: int
     ema_warmup: bool = False
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    accumulate: int = 1
+    warmup: int = 0
+    compile_backend: str = "inductor"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.accumulate < 1 or self.batch_size % self.accumulate:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.accumulate "
+                             f"({self.accumulate}): each step splits its batch into accumulate equal micro-batches")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
 
 
 @dataclass
@@ -75,6 +114,58 @@ def ema_multi_avg_fn(decay: float, warmup: bool) -> Callable:
     return update
 
 
+def warmup_factor(warmup: int) -> Callable[[int], float]:
+    """LambdaLR's factor of update k = 0, 1, 2, ...: min(1, k / warmup), the linear warm-up of DDPM (Ho et al.
+    2020, appendix B; their get_warmed_up_lr) and score_sde (optimization_manager), both of which give the first
+    update lr 0: it only fills Adam's moments. The factor depends on k alone, so raising train.steps continues."""
+
+    def factor(k: int) -> float:
+        return min(1.0, k / warmup)
+
+    return factor
+
+
+def autocast(device_type: str, precision: str) -> ContextManager:
+    """The context of the forward pass and loss: none for fp32 (the plain loop, bit for bit), else
+    torch.autocast to bf16 or fp16 on the device's type (matmuls and convolutions in half precision,
+    reductions and pointwise maths as autocast's op lists decide)."""
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
+def micro_batches(batch: Tensor, accumulate: int) -> tuple[Tensor, ...]:
+    """The global batch (B, *D) as `accumulate` equal micro-batches (B / accumulate, *D), in order."""
+    return (batch,) if accumulate == 1 else batch.chunk(accumulate)
+
+
+def to_device(batch: Tensor, device: torch.device, channels_last: bool = False) -> Tensor:
+    """A CPU batch (B, *D) on `device`. On CUDA it goes through pinned memory without blocking the host, so the
+    copy is queued behind the previous step's kernels instead of waiting for them; images (B, C, H, W) are
+    made channels-last when asked (faster convolutions with tensor cores, the model is converted too)."""
+    if device.type == "cuda":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    else:
+        batch = batch.to(device)
+    if channels_last and batch.ndim == 4:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def _global_rng(device: torch.device) -> dict:
+    """The global RNG states dropout draws from (the CPU's, and the CUDA device's): part of an exact resume."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_global_rng(state: Mapping[str, Tensor], device: torch.device) -> None:
+    """Put the global RNGs back where a checkpoint left them (a run resumed on another device keeps its own)."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def fingerprint(obj: Mapping[str, Any]) -> str:
     """A stable hash of everything that must match for a checkpoint to be resumed."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
@@ -106,6 +197,7 @@ def train(
     device: torch.device | str = "cpu",
     evaluator: Optional[Evaluator] = None,
     eval_every: int = 0,
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> TrainResult:
     """Train `model` on `data` (N, *D) with mini-batches drawn with replacement.
 
@@ -114,15 +206,35 @@ def train(
     a resumed run gives the same bits as an uninterrupted one. `data` stays where it is (uint8
     images on the CPU); each batch is transformed and moved to `device`, where the model lives.
     Every `eval_every` steps (0: never) `evaluator(step, ema_network)` adds a row to `eval_rows`.
+
+    Each step draws its batch_size indices and transforms the batch with the training generator, then runs
+    `settings.accumulate` micro-batches through the loss (each drawing its own noise, in order) before one
+    optimizer step. `should_stop()` is asked once per step, after the optimizer step, the EMA update and the
+    step's evaluation, loss row and checkpoint; when it answers True, a checkpoint at this step (with the
+    partial loss sum, so the resumed run writes the same rows) is written and Preempted is raised.
     """
+    device = torch.device(device)
     model.to(device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(settings.seed)
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    # warmup 0: no scheduler at all, so the optimizer and its checkpoints are the constant-lr loop's
+    sched = LambdaLR(opt, warmup_factor(settings.warmup)) if settings.warmup else None
+    # fp16's narrow exponent underflows small gradients: scale the loss up, unscale before clipping and stepping
+    scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
     ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(settings.ema_decay, settings.ema_warmup),
                         use_buffers=True)
+    # the compiled module shares `model`'s parameters; the optimizer, EMA and state_dicts use `model` itself, so
+    # the saved keys have no `_orig_mod.` prefix
+    net = torch.compile(model, backend=settings.compile_backend) if settings.compile else model
     rows: list[tuple[int, float]] = []
     eval_rows: list[dict] = []
     step = 0
+    # The loss since the last row, summed on the device in float64 and read only at log_every (no host sync per
+    # step); float64 sums of float32 losses are the bits of the Python float sum the loop used to keep.
+    running = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT
     expected = fingerprint(setup)
     ckpt = _load_compatible(ckpt_path, expected, settings.steps)
@@ -131,51 +243,92 @@ def train(
         opt.load_state_dict(ckpt["optimizer"])
         ema.load_state_dict(ckpt["ema"])
         gen.set_state(ckpt["generator"])
+        if sched is not None:
+            sched.load_state_dict(ckpt["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        if "rng" in ckpt:  # checkpoints from before preemption support lack the partial sum and dropout's RNG
+            _restore_global_rng(ckpt["rng"], device)
+            running.copy_(ckpt["running"])
+            count = int(ckpt["count"])
         rows = [(int(s), float(v)) for s, v in ckpt["loss_rows"].tolist()]
         eval_rows = [dict(r) for r in ckpt.get("eval_rows", [])]
         step = int(ckpt["step"])
     resumed_from = step
 
     def save() -> None:
-        io.save_torch(ckpt_path, {
+        state = {
             "fingerprint": expected, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "ema": ema.state_dict(), "generator": gen.get_state(),
             "loss_rows": torch.tensor(rows, dtype=torch.float64).reshape(-1, 2), "eval_rows": eval_rows,
-        })
+            "running": running.cpu(), "count": count, "rng": _global_rng(device),
+        }
+        if sched is not None:
+            state["scheduler"] = sched.state_dict()
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        io.save_torch(ckpt_path, state)
 
     model.train()
-    running, count = 0.0, 0
     bar = tqdm(total=settings.steps, initial=step, desc="train", disable=not progress, mininterval=1.0)
-    while step < settings.steps:
-        idx = torch.randint(len(data), (settings.batch_size,), generator=gen)
-        batch = data[idx] if transform is None else transform(data[idx], gen)
-        loss = loss_fn(model, batch.to(device), generator=gen).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if settings.grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        opt.step()
-        ema.update_parameters(model)
-        step += 1
-        running += float(loss.detach())
-        count += 1
-        if eval_every and evaluator is not None and step % eval_every == 0:
-            ema.module.eval()  # no dropout in the held-out numbers
-            with torch.no_grad():
-                eval_rows.append({"step": step, **evaluator(step, ema.module)})
-            ema.module.train()
-        if step % settings.log_every == 0 or step == settings.steps:
-            rows.append((step, running / count))
-            if on_log is not None:
-                on_log(step, running / count)
-            bar.set_postfix(loss=f"{running / count:.4f}")
-            running, count = 0.0, 0
-        if step % settings.checkpoint_every == 0 or step == settings.steps:
-            save()
-        bar.update(1)
-    bar.close()
+    try:
+        while step < settings.steps:
+            idx = torch.randint(len(data), (settings.batch_size,), generator=gen)
+            batch = data[idx] if transform is None else transform(data[idx], gen)
+            batch = to_device(batch, device, settings.channels_last)
+            opt.zero_grad(set_to_none=True)
+            for micro in micro_batches(batch, settings.accumulate):
+                with autocast(device.type, settings.precision):
+                    per_example = loss_fn(net, micro, generator=gen)
+                loss = per_example.float().mean()  # float32 whatever autocast computed it in
+                if settings.accumulate > 1:  # equal micro-batches: the summed gradients are the batch mean's
+                    loss = loss / settings.accumulate
+                (loss if scaler is None else scaler.scale(loss)).backward()
+                running += loss.detach()
+            if scaler is not None and settings.grad_clip is not None:
+                scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+            if settings.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            if scaler is None:
+                opt.step()
+            else:  # skips the step when a gradient overflowed, and adapts the scale
+                scaler.step(opt)
+                scaler.update()
+            if sched is not None:
+                with warnings.catch_warnings():  # the schedule counts steps, also those the GradScaler skipped
+                    warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+                    sched.step()
+            ema.update_parameters(model)
+            step += 1
+            count += 1
+            if eval_every and evaluator is not None and step % eval_every == 0:
+                ema.module.eval()  # no dropout in the held-out numbers
+                with torch.no_grad():
+                    eval_rows.append({"step": step, **evaluator(step, ema.module)})
+                ema.module.train()
+            if step % settings.log_every == 0 or step == settings.steps:
+                mean = float(running) / count  # the one host sync, every log_every steps
+                rows.append((step, mean))
+                if on_log is not None:
+                    on_log(step, mean)
+                bar.set_postfix(loss=f"{mean:.4f}")
+                running.zero_()
+                count = 0
+            saved = step % settings.checkpoint_every == 0 or step == settings.steps
+            if saved:
+                save()
+            bar.update(1)
+            if should_stop is not None and step < settings.steps and should_stop():
+                if not saved:
+                    save()
+                raise Preempted(step, ckpt_path)
+    finally:
+        bar.close()
     if step == 0 or (ckpt is None and settings.steps == 0):
         save()
+    if settings.channels_last:  # the returned (and saved) weights are laid out like any other run's
+        model.to(memory_format=torch.contiguous_format)
+        ema.module.to(memory_format=torch.contiguous_format)
     return TrainResult(model, ema.module, rows, resumed_from, eval_rows)
 
 

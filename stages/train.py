@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import signal
+import sys
 import tempfile
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from pipeline import defaults, io, models, pixels, plots
-from pipeline.config import Config
+from pipeline.config import Config, TrainParams
+from pipeline.data import DataError
 from pipeline.gmm import GaussianMixture
 from pipeline.losses import build_loss
 from pipeline.methods import loss_options
 from pipeline.rng import SampleGenerators
 from pipeline.samplers import draw
-from pipeline.train import TrainSettings, held_out_evaluator, image_batches, train
+from pipeline.train import (NO_COMPILE_LOSSES, Preempted, TrainSettings, held_out_evaluator, image_batches,
+                            train)
 from pipeline.tracking import StageRun
 from stages.common import (CHECKPOINTS, EMA_MODEL, EVAL_CSV, LOSS_CSV, NOISE_SCALES, RAW_MODEL, TEST, TRAIN,
                            TRAIN_METRICS, choose_device, data_record, main, plan_of, process_of, sampler_options)
 
 # Held-out examples the training-time evaluation averages over, and images in its sample grid (train.eval_every).
 EVAL_EXAMPLES, TRAIN_GRID = 512, 16
+# The exit status of a preempted run: 128 + SIGTERM, what a shell reports for a process SIGTERM ended.
+PREEMPTED_EXIT = 128 + signal.SIGTERM
+# train.* keys that leave the result alone (the cadence of logs, checkpoints and held-out rows, the device and
+# its TF32 switch, like the device a property of the machine) or only pick the file the ema stage copies.
+NOT_FINGERPRINTED = {"steps", "checkpoint_every", "log_every", "ema", "device", "eval_every", "tf32"}
+# Keys added after checkpoints existed that change the bits: fingerprinted only away from their defaults, so a
+# checkpoint written before they existed still resumes.
+LATER_KEYS = ("precision", "channels_last", "compile", "accumulate", "warmup")
 
 
 def _write_curve(rows: list[tuple[int, float]]) -> None:
@@ -45,6 +59,50 @@ def _log_sample_grid(cfg: Config, run: StageRun, net: torch.nn.Module, process, 
         path = Path(tmp) / f"step_{step:07d}.png"
         plots.image_grid(path, pixels.to_pixels(out.x, record["scaling"]).cpu().numpy(), f"step {step}", nrow=4)
         run.log_artifact(path, "train_samples")
+
+
+def fingerprinted_train(t: TrainParams) -> dict:
+    """The train.* keys a checkpoint must match to be resumed (the rest may change between runs)."""
+    at_default = {k for k in LATER_KEYS if getattr(t, k) == TrainParams.model_fields[k].default}
+    return t.model_dump(exclude=NOT_FINGERPRINTED | at_default)
+
+
+def set_tf32(device: torch.device, allowed: bool) -> None:
+    """train.tf32: TF32 tensor-core matmuls and cuDNN convolutions on CUDA (10 mantissa bits in the products,
+    fp32 accumulation; Ampere and later). Process-wide switches, so the stage sets them, never the library;
+    the CPU keeps torch's defaults."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+        torch.backends.cudnn.allow_tf32 = allowed
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
+    """A should_stop for the training loop: True once SIGTERM arrived (SLURM's notice before preemption or the
+    end of the time limit; `kill`). The handler only records it; the loop ends its step, writes a checkpoint
+    and raises Preempted. The previous handler comes back on exit; off the main thread, where Python cannot
+    set handlers, nothing is installed and training is never stopped early."""
+    received: list[int] = []
+    try:
+        previous, installed = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum)), True
+    except ValueError:  # not the main thread
+        previous, installed = None, False
+    try:
+        yield lambda: bool(received)
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _check_train(t: TrainParams, batch_size: int, loss: str) -> None:
+    """Refuse, before any training, what params validation could not see: an 'auto' batch size that
+    train.accumulate does not divide, and torch.compile with a loss it cannot train through."""
+    if batch_size % t.accumulate:
+        raise DataError(f"train.accumulate ({t.accumulate}) must divide train.batch_size ({batch_size}, resolved "
+                        f"from auto for this data set): each step splits its batch into equal micro-batches")
+    if t.compile and loss in NO_COMPILE_LOSSES:
+        raise DataError(f"train.compile: the {loss} loss differentiates the network inside the loss (a divergence), "
+                        f"and torch.compile cannot train through that double backward; set train.compile: false")
 
 
 def train_stage(cfg: Config, run: StageRun) -> None:
@@ -74,14 +132,18 @@ def train_stage(cfg: Config, run: StageRun) -> None:
     decoder = pixels.discrete_decoder(scaling) if images else None
     options = loss_options(plan.loss, cfg.method.weighting, cfg.method.t_sampling, decoder)
     loss = build_loss(plan.loss, process, plan.parameterization, **options)
+    _check_train(t, resolved["batch_size"], plan.loss)
     settings = TrainSettings(resolved["steps"], resolved["batch_size"], resolved["lr"], t.grad_clip, t.ema_decay,
-                             t.checkpoint_every, t.log_every, cfg.seed, ema_warmup=resolved["ema_warmup"])
+                             t.checkpoint_every, t.log_every, cfg.seed, ema_warmup=resolved["ema_warmup"],
+                             precision=t.precision, channels_last=t.channels_last, compile=t.compile,
+                             accumulate=t.accumulate, warmup=t.warmup)
     # Everything that must match for a checkpoint to be resumed; steps, logging and the device may change.
     setup = {"spec": spec, "process": record["process"], "loss": plan.loss, "options": options, "seed": cfg.seed,
              "data": hashlib.sha256(data.tobytes()).hexdigest(), "resolved": {**resolved, "steps": None},
              "augment": {"dequantize": cfg.data.dequantize, "hflip": cfg.data.hflip} if images else None,
-             "train": t.model_dump(exclude={"steps", "checkpoint_every", "log_every", "ema", "device", "eval_every"})}
+             "train": fingerprinted_train(t)}
     device = choose_device(t.device)
+    set_tf32(device, t.tf32)
     net = models.build_network(spec, seed=cfg.seed)
     transform = image_batches(scaling, dequantize=cfg.data.dequantize, hflip=cfg.data.hflip) if images else None
     evaluator, unit = None, "none"
@@ -96,9 +158,17 @@ def train_stage(cfg: Config, run: StageRun) -> None:
             if images:  # a small grid of the EMA network's samples, to MLflow only (the DVC record is the curve)
                 _log_sample_grid(cfg, run, ema_net, process, record, plan, info, device, step)
             return row
-    result = train(net, loss, torch.from_numpy(data), settings, CHECKPOINTS, setup,
-                   on_log=lambda step, loss: run.log_metric_buffered("train_loss", loss, step),
-                   transform=transform, device=device, evaluator=evaluator, eval_every=t.eval_every)
+    try:
+        with stop_on_sigterm() as should_stop:
+            result = train(net, loss, torch.from_numpy(data), settings, CHECKPOINTS, setup,
+                           on_log=lambda step, loss: run.log_metric_buffered("train_loss", loss, step),
+                           transform=transform, device=device, evaluator=evaluator, eval_every=t.eval_every,
+                           should_stop=should_stop)
+    except Preempted as stop:
+        run.log_metrics({"preempted_at": stop.step}, step=stop.step)
+        print(f"train: SIGTERM: stopped at step {stop.step} and wrote {stop.checkpoint}; run the stage again to "
+              f"resume from it (exit {PREEMPTED_EXIT})", file=sys.stderr)
+        raise SystemExit(PREEMPTED_EXIT) from None
     if result.resumed_from:
         print(f"train: resumed from the checkpoint at step {result.resumed_from}")
     models.save_model(RAW_MODEL, spec, result.model.state_dict())

@@ -1,18 +1,23 @@
-"""The training loop's image transform and held-out evaluation (pipeline/train.py)."""
+"""The training loop (pipeline/train.py): the image transform, held-out evaluation, EMA; precision, accumulation,
+warm-up, channels-last and compile against the plain loop; the new train.* keys in params and the stage."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
+from torch import nn
 
 from pipeline.losses import build_loss
 from pipeline.nets.mlp import ConditionalMLP
+from pipeline.nets.unet import UNet
 from pipeline.pixels import to_model
 from pipeline.processes import DiscreteVP, VPSDE, linear_betas
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipeline.train import ema_multi_avg_fn, held_out_evaluator, image_batches
+from pipeline.train import (TrainSettings, ema_multi_avg_fn, held_out_evaluator, image_batches, micro_batches, train,
+                            warmup_factor)
 
 
 def _pixels(n: int = 64) -> torch.Tensor:
@@ -109,3 +114,245 @@ def test_ema_warmup_forgets_the_initial_weights():
         kept[warmup] = float(ema.module.weight.detach())
     assert math.isclose(kept[False], 0.999**2000, rel_tol=1e-4)
     assert kept[True] < 1e-3
+
+
+# --- GPU speed knobs: precision, channels-last, compile, accumulation, warm-up (pipeline.train.train) ---------
+
+
+def _settings(**kw) -> TrainSettings:
+    base = dict(steps=12, batch_size=32, lr=1e-3, grad_clip=1.0, ema_decay=0.9, checkpoint_every=1000,
+                log_every=5, seed=0)
+    return TrainSettings(**{**base, **kw})
+
+
+def _points(n: int = 256) -> torch.Tensor:
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(3))
+
+
+def _images(n: int = 64) -> torch.Tensor:
+    return torch.randint(256, (n, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+
+
+def _mlp() -> ConditionalMLP:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the same initial weights in every run of a test
+        return ConditionalMLP(2, hidden=16, blocks=1, emb_dim=8)
+
+
+def _unet(dropout: float = 0.0) -> UNet:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return UNet((1, 8, 8), 8, (1, 2), 1, [4], dropout)
+
+
+def _run(tmp_path, settings, net=None, data=None, loss=None, **kw):
+    net = _mlp() if net is None else net
+    loss = build_loss("dsm", VPSDE(), "eps") if loss is None else loss
+    data = _points() if data is None else data
+    return train(net, loss, data, settings, tmp_path, {"test": 1}, progress=False, **kw)
+
+
+def _plain_loop(model, loss_fn, data, s: TrainSettings, transform=None):
+    """The loop as it was before precision, accumulation, warm-up and preemption (commit 96839e1), inline: the
+    reference the default settings must reproduce bit for bit."""
+    gen = torch.Generator().manual_seed(s.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
+    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(s.ema_decay, s.ema_warmup), use_buffers=True)
+    rows, running, count = [], 0.0, 0
+    model.train()
+    for step in range(1, s.steps + 1):
+        idx = torch.randint(len(data), (s.batch_size,), generator=gen)
+        batch = data[idx] if transform is None else transform(data[idx], gen)
+        loss = loss_fn(model, batch, generator=gen).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        opt.step()
+        ema.update_parameters(model)
+        running += float(loss.detach())
+        count += 1
+        if step % s.log_every == 0 or step == s.steps:
+            rows.append((step, running / count))
+            running, count = 0.0, 0
+    return model, ema.module, rows
+
+
+def _same_bits(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("images", [False, True])
+def test_default_settings_are_the_plain_loop_bit_for_bit(tmp_path, images):
+    """All new knobs at their defaults (fp32, accumulate 1, warmup 0, no compile, contiguous) give exactly the
+    weights, EMA and loss rows of the loop before they existed; images with dropout, dequantisation and flips."""
+    s = _settings(ema_warmup=images)
+    loss = build_loss("dsm", VPSDE(), "eps")
+    if images:
+        data, transform = _images(), image_batches("zero_one", dequantize=True, hflip=True)
+        make = lambda: _unet(dropout=0.1)  # noqa: E731
+    else:
+        data, transform, make = _points(), None, _mlp
+    with torch.random.fork_rng():
+        torch.manual_seed(1)  # dropout draws from the global RNG: the same start for both loops
+        new = _run(tmp_path, s, net=make(), data=data, loss=loss, transform=transform)
+        torch.manual_seed(1)
+        model, ema, rows = _plain_loop(make(), loss, data, s, transform)
+    assert _same_bits(new.model.state_dict(), model.state_dict())
+    assert _same_bits(new.ema.state_dict(), ema.state_dict())
+    assert new.loss_rows == rows  # the float64 device sum reads back the Python float sum's bits
+
+
+def _regression(model: nn.Module, x: torch.Tensor, generator=None) -> torch.Tensor:
+    """A loss with no randomness of its own: the network at c = 0 regressed onto a fixed map of x, (B,)."""
+    target = torch.stack([x[:, 1], -x[:, 0]], 1).tanh()
+    return (model(x, torch.zeros(x.shape[0])) - target).pow(2).sum(1)
+
+
+def test_micro_batches_split_the_batch_in_order():
+    x = torch.arange(12.0).reshape(12, 1)
+    parts = micro_batches(x, 3)
+    assert [p.shape[0] for p in parts] == [4, 4, 4] and torch.equal(torch.cat(parts), x)
+    assert micro_batches(x, 1)[0] is x
+    with pytest.raises(ValueError, match="train.batch_size .* multiple of train.accumulate"):
+        _settings(batch_size=30, accumulate=4)
+
+
+@pytest.mark.parametrize("accumulate", [2, 4])
+def test_accumulation_follows_the_full_batch(tmp_path, accumulate):
+    """With a loss that draws no noise, accumulate equal micro-batches give the full batch's mean gradient: the
+    weights after 12 Adam steps agree to float32 rounding of the sums (|diff| <= 1e-5 absolute + 1e-4 relative;
+    measured ~1e-7), and so do the loss rows (1e-6 relative)."""
+    one = _run(tmp_path / "1", _settings(), loss=_regression)
+    acc = _run(tmp_path / "n", _settings(accumulate=accumulate), loss=_regression)
+    for k, v in one.model.state_dict().items():
+        torch.testing.assert_close(acc.model.state_dict()[k], v, atol=1e-5, rtol=1e-4)
+    for (s1, v1), (s2, v2) in zip(one.loss_rows, acc.loss_rows, strict=True):
+        assert s1 == s2 and math.isclose(v1, v2, rel_tol=1e-6)
+    assert not _same_bits(one.model.state_dict(), _mlp().state_dict())  # it did train
+
+
+def test_warmup_is_linear_then_constant(tmp_path):
+    """lr_k = lr * min(1, k / warmup) for update k = 0, 1, ... (DDPM's and score_sde's warm-up): the first update
+    has lr 0 and leaves the weights alone; the schedule's state is in the checkpoint."""
+    factor = warmup_factor(4)
+    assert [factor(k) for k in range(7)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    net = _mlp()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3], abs=1e-12)
+    start = {k: v.clone() for k, v in _mlp().state_dict().items()}
+    one = _run(tmp_path / "a", _settings(steps=1, warmup=4))
+    assert _same_bits(one.model.state_dict(), start)
+    _run(tmp_path / "b", _settings(steps=6, warmup=4))
+    ckpt = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert ckpt["scheduler"]["last_epoch"] == 6 and ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_trains_on_the_cpu(tmp_path, precision):
+    """autocast on the CPU through a tiny U-Net: finite weights that moved; fp16 keeps its GradScaler's state,
+    whose scale backed off from 2^16 (the first 5 steps here overflow in fp16 and are skipped, by design)."""
+    data = _images()
+    result = _run(tmp_path, _settings(steps=10, batch_size=16, precision=precision), net=_unet(), data=data,
+                  transform=image_batches("minus_one_one"))
+    state = result.model.state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert all(v.dtype == _unet().state_dict()[k].dtype for k, v in state.items())  # the weights stay fp32
+    assert not _same_bits(state, _unet().state_dict())
+    assert all(math.isfinite(v) for _, v in result.loss_rows)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ("scaler" in ckpt) == (precision == "fp16")
+    if precision == "fp16":
+        assert 0 < ckpt["scaler"]["scale"] < 2.0**16
+
+
+def test_channels_last_trains_like_contiguous(tmp_path):
+    """channels_last changes only the memory layout (and the convolution kernels): the weights after 4 steps
+    agree with the contiguous run to 1e-4 and come back contiguous, with the same keys."""
+    data = _images()
+    kw = dict(data=data, transform=image_batches("minus_one_one"))
+    plain = _run(tmp_path / "a", _settings(steps=4, batch_size=16), net=_unet(), **kw)
+    last = _run(tmp_path / "b", _settings(steps=4, batch_size=16, channels_last=True), net=_unet(), **kw)
+    for k, v in plain.model.state_dict().items():
+        assert last.model.state_dict()[k].is_contiguous() and last.ema.state_dict()[k].is_contiguous()
+        torch.testing.assert_close(last.model.state_dict()[k], v, atol=1e-4, rtol=1e-3)
+
+
+def test_compile_keeps_the_plain_keys(tmp_path):
+    """torch.compile of the training network: state_dicts of the model and the EMA keep the module's own keys
+    (no `_orig_mod.`) and the weights match eager training to float tolerance. Backend aot_eager runs
+    TorchDynamo's capture and AOTAutograd's forward and backward graphs but not Inductor's C++ code generation,
+    which alone takes ~30 s here for a tiny MLP (the `inductor` default is what the stage uses)."""
+    eager = _run(tmp_path / "a", _settings(steps=6))
+    compiled = _run(tmp_path / "b", _settings(steps=6, compile=True, compile_backend="aot_eager"))
+    assert list(compiled.model.state_dict()) == list(eager.model.state_dict())
+    assert list(compiled.ema.state_dict()) == list(eager.ema.state_dict())
+    for k, v in eager.model.state_dict().items():
+        torch.testing.assert_close(compiled.model.state_dict()[k], v, atol=1e-5, rtol=1e-4)
+    ckpt = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in ckpt["model"])
+
+
+# --- the train.* keys and the stage's use of them -----------------------------------------------------------
+
+def test_new_train_keys_are_validated_with_their_names():
+    import yaml
+
+    from pipeline.config import ConfigError, validate
+
+    from pathlib import Path
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())  # the repo's params
+    for extra, words in (({"batch_size": 100, "accumulate": 3}, ["train.accumulate", "train.batch_size (100)"]),
+                         ({"precision": "fp8"}, ["train.precision", "fp32", "bf16", "fp16"]),
+                         ({"warmup": -1}, ["train.warmup"]), ({"compile": "yes"}, ["train.compile"])):
+        with pytest.raises(ConfigError) as err:
+            validate({**raw, "train": {**raw["train"], **extra}})
+        assert all(w in str(err.value) for w in words), str(err.value)
+    cfg = validate({**raw, "train": {**raw["train"], "batch_size": 96, "accumulate": 4, "precision": "bf16"}})
+    assert cfg.train.accumulate == 4 and cfg.train.tf32 and not cfg.train.compile and cfg.train.warmup == 0
+
+
+def test_checkpoint_fingerprint_keeps_its_keys_at_the_defaults():
+    """At their defaults the new keys stay out of the fingerprint, so checkpoints written before them resume;
+    away from them the keys that change the bits enter it; tf32, like the device, never does."""
+    from pipeline.config import TrainParams
+    from stages.train import fingerprinted_train
+
+    old = TrainParams().model_dump(exclude={"steps", "checkpoint_every", "log_every", "ema", "device", "eval_every",
+                                            "precision", "tf32", "channels_last", "compile", "accumulate", "warmup"})
+    assert fingerprinted_train(TrainParams()) == old
+    assert fingerprinted_train(TrainParams(tf32=False)) == old
+    changed = TrainParams(precision="bf16", channels_last=True, compile=True, accumulate=2, warmup=10)
+    assert fingerprinted_train(changed) == {**old, "precision": "bf16", "channels_last": True, "compile": True,
+                                            "accumulate": 2, "warmup": 10}
+
+
+def test_stage_refuses_compile_with_a_divergence_loss_and_uneven_auto_batches(tmp_path, monkeypatch, capsys):
+    """What params validation cannot see is refused by the stage before training (exit 2): torch.compile with
+    ssm (a double backward) and an accumulate that does not divide the 'auto' batch size (512 for points)."""
+    import yaml
+
+    from stages.common import run_named
+    from test_stages import TINY, _deep_merge
+
+    monkeypatch.chdir(tmp_path)
+    for key in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(TINY, sort_keys=False))
+    for name in ("prepare", "noise_scales"):
+        assert run_named(name, ["--params", str(params)]) == 0
+    for extra, words in (({"method": {"loss": "ssm"}, "train": {"compile": True}}, ["train.compile", "ssm"]),
+                         ({"train": {"batch_size": "auto", "accumulate": 3}}, ["train.accumulate (3)", "(512"])):
+        params.write_text(yaml.safe_dump(_deep_merge(TINY, extra), sort_keys=False))
+        assert run_named("train", ["--params", str(params)]) == 2
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), err
+    assert not (tmp_path / "models" / "raw.pt").exists() and not (tmp_path / "checkpoints" / "last.pt").exists()
