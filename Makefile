@@ -43,5 +43,18 @@ bench: $(STAMP)
 bench-images: $(STAMP)
 	$(BIN)/python -m benchmarks.images --data digits
 
+# Training images/s of the pipeline's loop against a bare PyTorch loop (DDPM CIFAR-10 U-Net and digits),
+# benchmarks/throughput.json; e.g. make bench-throughput BENCH_ARGS="--device cuda --compile".
+.PHONY: bench-throughput preset
+bench-throughput: $(STAMP)
+	$(BIN)/python -m benchmarks.throughput $(BENCH_ARGS)
+
+# A paper preset (presets/NAME.yaml, `python -m presets` lists them) written into params.yaml, validated, then
+# run as a DVC experiment named NAME: make preset NAME=ddpm-cifar10 [PRESET_ARGS="-S data.path=..."].
+preset: $(STAMP)
+	@test -n "$(NAME)" || { $(BIN)/python -m presets; echo "make preset NAME=<one of the above>"; exit 2; }
+	$(BIN)/python -m presets $(NAME) $(PRESET_ARGS)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc exp run -n $(NAME)
+
 clean-venv:
 	rm -rf $(VENV)
