@@ -184,7 +184,8 @@ class MethodParams(_Section):
 class TrainParams(_Section):
     """Optimisation, EMA (technique 5), checkpointing, the device and the held-out evaluation during training;
     'auto' steps / batch / lr resolve per data set (pipeline/defaults.py). GPU speed: precision (autocast),
-    tf32, channels_last, compile; accumulate splits each batch into micro-batches; warmup ramps the lr linearly."""
+    tf32, channels_last, compile; accumulate splits each batch into micro-batches; warmup ramps the lr linearly;
+    devices: processes on this node (torchrun), each taking an equal share of every micro-batch."""
 
     steps: Union[Auto, int] = "auto"
     batch_size: Union[Auto, int] = "auto"
@@ -203,6 +204,7 @@ class TrainParams(_Section):
     compile: bool = False
     accumulate: int = Field(1, ge=1)
     warmup: int = Field(0, ge=0)
+    devices: int = Field(1, ge=1)  # after batch_size and accumulate: its check reads them
 
     @field_validator("steps")
     @classmethod
@@ -223,6 +225,16 @@ class TrainParams(_Section):
     @classmethod
     def _at_least_one(cls, v):
         return _auto_or_at_least(v, 1)
+
+    @field_validator("devices")
+    @classmethod
+    def _whole_shares(cls, v, info):
+        # 'auto' batch sizes (and a world size torchrun sets) are checked by the train stage
+        batch, accumulate = info.data.get("batch_size"), info.data.get("accumulate")
+        if isinstance(batch, int) and isinstance(accumulate, int) and batch % (v * accumulate):
+            raise ValueError(f"train.batch_size ({batch}) must be a multiple of train.devices x train.accumulate "
+                             f"({v} x {accumulate}): each process takes an equal share of every micro-batch")
+        return v
 
     @field_validator("lr")
     @classmethod
@@ -251,6 +263,7 @@ class SampleParams(_Section):
     ode_method: Literal["rk45", "euler", "heun"] = "rk45"
     rtol: float = Field(1e-5, gt=0.0)
     atol: float = Field(1e-5, gt=0.0)
+    devices: int = Field(1, ge=1)
 
     @field_validator("steps", "n", "batch_size")
     @classmethod

@@ -1,5 +1,6 @@
 """The training loop: Adam, optional gradient clipping, EMA, checkpoints and resume; mixed precision, gradient
-accumulation, learning-rate warm-up, channels-last and torch.compile for GPUs; preemption (should_stop).
+accumulation, learning-rate warm-up, channels-last and torch.compile for GPUs; preemption (should_stop); several
+processes (a pipeline.distributed.Group: each rank trains on its rows of every global batch, see that module).
 
 EMA of the weights is NCSNv2 technique 5 (arXiv:2006.09011, sec. 3.5), kept with
 torch.optim.swa_utils.AveragedModel; optionally with score_sde's warm-up of the decay (ema_multi_avg_fn).
@@ -25,6 +26,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from pipeline import io
+from pipeline.distributed import Group, ShardRows
 
 LossFn = Callable[..., Tensor]
 # (batch drawn from the data, generator) -> what the loss sees, e.g. pixels to model space with dequantisation
@@ -171,8 +173,13 @@ def fingerprint(obj: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _load_compatible(path: Path, expected: str, steps: int) -> Optional[dict]:
-    """The checkpoint at path if it was written by the same setup and is not past `steps`."""
+def _load_compatible(path: Path, expected: str, steps: int, world_size: int = 1, warn: bool = True
+                     ) -> Optional[dict]:
+    """The checkpoint at path if it was written by the same setup, with as many processes, and is not past `steps`.
+
+    A checkpoint of another world size is not resumed: the ranks' global RNGs and partial loss sums do not map onto
+    another number of processes, and a run stitched from two world sizes could not be replayed. The run starts
+    over, with a warning saying why (checkpoints from before several processes have no world size: 1)."""
     if not path.is_file():
         return None
     try:
@@ -180,6 +187,14 @@ def _load_compatible(path: Path, expected: str, steps: int) -> Optional[dict]:
     except Exception:  # unreadable: start over rather than crash
         return None
     if ckpt.get("fingerprint") != expected or int(ckpt["step"]) > steps:
+        return None
+    written = int(ckpt.get("world_size", 1))
+    if written != world_size:
+        if warn:
+            warnings.warn(f"{path} was written by {written} process(es) at step {int(ckpt['step'])} and this run has "
+                          f"{world_size} (train.devices): it cannot be resumed bit for bit with another number of "
+                          f"processes, so training starts over from step 0 and overwrites it (set train.devices: "
+                          f"{written} to resume it instead)", stacklevel=3)
         return None
     return ckpt
 
@@ -198,6 +213,7 @@ def train(
     evaluator: Optional[Evaluator] = None,
     eval_every: int = 0,
     should_stop: Optional[Callable[[], bool]] = None,
+    group: Optional[Group] = None,
 ) -> TrainResult:
     """Train `model` on `data` (N, *D) with mini-batches drawn with replacement.
 
@@ -212,8 +228,20 @@ def train(
     optimizer step. `should_stop()` is asked once per step, after the optimizer step, the EMA update and the
     step's evaluation, loss row and checkpoint; when it answers True, a checkpoint at this step (with the
     partial loss sum, so the resumed run writes the same rows) is written and Preempted is raised.
+
+    With a `group` of N > 1 processes, every rank draws the same global batch and noise, evaluates the network on its
+    rows of each micro-batch (pipeline.distributed) and the gradients are averaged before the optimizer step, so the
+    run follows the single-process one up to float reductions; batch_size / accumulate must be a multiple of N.
+    The ranks agree on should_stop (any rank's SIGTERM stops all at the same step), log rows are the mean over the
+    ranks, and rank 0 alone writes the checkpoint, which holds the world size and every rank's global RNG and
+    partial loss sum. `evaluator` and `on_log` are the caller's to give to rank 0 only. group=None (or N = 1) is the
+    single-process loop, bit for bit.
     """
     device = torch.device(device)
+    sharded = group is not None and group.world_size > 1
+    if sharded and (settings.batch_size // settings.accumulate) % group.world_size:
+        raise ValueError(f"batch_size / accumulate ({settings.batch_size} / {settings.accumulate}) must be a multiple "
+                         f"of the {group.world_size} processes: each rank takes an equal share of every micro-batch")
     model.to(device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -228,6 +256,8 @@ def train(
     # the compiled module shares `model`'s parameters; the optimizer, EMA and state_dicts use `model` itself, so
     # the saved keys have no `_orig_mod.` prefix
     net = torch.compile(model, backend=settings.compile_backend) if settings.compile else model
+    if sharded:  # the loss sees the whole micro-batch (its noise as in one process), the network this rank's rows
+        net = ShardRows(net, group.rank, group.world_size)
     rows: list[tuple[int, float]] = []
     eval_rows: list[dict] = []
     step = 0
@@ -237,7 +267,8 @@ def train(
     count = 0
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT
     expected = fingerprint(setup)
-    ckpt = _load_compatible(ckpt_path, expected, settings.steps)
+    world_size = group.world_size if sharded else 1
+    ckpt = _load_compatible(ckpt_path, expected, settings.steps, world_size, warn=not sharded or group.is_main)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -248,8 +279,9 @@ def train(
         if scaler is not None:
             scaler.load_state_dict(ckpt["scaler"])
         if "rng" in ckpt:  # checkpoints from before preemption support lack the partial sum and dropout's RNG
-            _restore_global_rng(ckpt["rng"], device)
-            running.copy_(ckpt["running"])
+            own = ckpt["ranks"][group.rank] if sharded else ckpt  # each rank's own RNG and partial sum
+            _restore_global_rng(own["rng"], device)
+            running.copy_(own["running"])
             count = int(ckpt["count"])
         rows = [(int(s), float(v)) for s, v in ckpt["loss_rows"].tolist()]
         eval_rows = [dict(r) for r in ckpt.get("eval_rows", [])]
@@ -257,6 +289,9 @@ def train(
     resumed_from = step
 
     def save() -> None:
+        ranks = group.gather({"rng": _global_rng(device), "running": running.cpu()}) if sharded else None
+        if sharded and not group.is_main:
+            return
         state = {
             "fingerprint": expected, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "ema": ema.state_dict(), "generator": gen.get_state(),
@@ -267,6 +302,8 @@ def train(
             state["scheduler"] = sched.state_dict()
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
+        if sharded:
+            state.update(world_size=group.world_size, ranks=ranks)
         io.save_torch(ckpt_path, state)
 
     model.train()
@@ -280,11 +317,15 @@ def train(
             for micro in micro_batches(batch, settings.accumulate):
                 with autocast(device.type, settings.precision):
                     per_example = loss_fn(net, micro, generator=gen)
+                if sharded:  # this rank's rows; the other rows are the zero outputs of ShardRows
+                    per_example = per_example[group.rows(len(per_example))]
                 loss = per_example.float().mean()  # float32 whatever autocast computed it in
                 if settings.accumulate > 1:  # equal micro-batches: the summed gradients are the batch mean's
                     loss = loss / settings.accumulate
                 (loss if scaler is None else scaler.scale(loss)).backward()
                 running += loss.detach()
+            if sharded:  # the mean of the ranks' gradients is the gradient of the global batch's mean loss
+                group.average_gradients(model.parameters())
             if scaler is not None and settings.grad_clip is not None:
                 scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
             if settings.grad_clip is not None:
@@ -307,7 +348,8 @@ def train(
                     eval_rows.append({"step": step, **evaluator(step, ema.module)})
                 ema.module.train()
             if step % settings.log_every == 0 or step == settings.steps:
-                mean = float(running) / count  # the one host sync, every log_every steps
+                # the one host sync, every log_every steps; with N ranks the mean of their means (equal shares)
+                mean = float(running) / count if not sharded else float(group.sum(running)) / group.world_size / count
                 rows.append((step, mean))
                 if on_log is not None:
                     on_log(step, mean)
@@ -318,9 +360,11 @@ def train(
             if saved:
                 save()
             bar.update(1)
-            if should_stop is not None and step < settings.steps and should_stop():
+            if should_stop is not None and step < settings.steps and _agreed(should_stop(), group if sharded else None):
                 if not saved:
                     save()
+                if sharded:  # nobody exits (and torchrun stops nobody) before rank 0 has written the checkpoint
+                    group.barrier()
                 raise Preempted(step, ckpt_path)
     finally:
         bar.close()
@@ -330,6 +374,11 @@ def train(
         model.to(memory_format=torch.contiguous_format)
         ema.module.to(memory_format=torch.contiguous_format)
     return TrainResult(model, ema.module, rows, resumed_from, eval_rows)
+
+
+def _agreed(stop: bool, group: Optional[Group]) -> bool:
+    """should_stop's answer, the same on every rank: one SIGTERM seen by any rank stops them all at this step."""
+    return stop if group is None else group.any(stop)
 
 
 def image_batches(scaling: str, *, dequantize: bool = False, hflip: bool = False) -> BatchTransform:

@@ -1,4 +1,8 @@
-"""train: fit the network with the method's loss (or write the exact GMM score for exact_score)."""
+"""train: fit the network with the method's loss (or write the exact GMM score for exact_score).
+
+train.devices N > 1 runs N processes under torchrun (stages.common.relaunch); each rank trains on its share of every
+global batch and rank 0 alone writes and logs (pipeline.distributed, pipeline.train).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -16,10 +20,11 @@ import torch
 from pipeline import defaults, io, models, pixels, plots
 from pipeline.config import Config, TrainParams
 from pipeline.data import DataError
+from pipeline.distributed import Group
 from pipeline.gmm import GaussianMixture
 from pipeline.losses import build_loss
 from pipeline.methods import loss_options
-from pipeline.rng import SampleGenerators
+from pipeline.rng import SampleGenerators, sample_seed
 from pipeline.samplers import draw
 from pipeline.train import (NO_COMPILE_LOSSES, Preempted, TrainSettings, held_out_evaluator, image_batches,
                             train)
@@ -32,8 +37,9 @@ EVAL_EXAMPLES, TRAIN_GRID = 512, 16
 # The exit status of a preempted run: 128 + SIGTERM, what a shell reports for a process SIGTERM ended.
 PREEMPTED_EXIT = 128 + signal.SIGTERM
 # train.* keys that leave the result alone (the cadence of logs, checkpoints and held-out rows, the device and
-# its TF32 switch, like the device a property of the machine) or only pick the file the ema stage copies.
-NOT_FINGERPRINTED = {"steps", "checkpoint_every", "log_every", "ema", "device", "eval_every", "tf32"}
+# its TF32 switch, like the device a property of the machine) or only pick the file the ema stage copies. The
+# number of processes is checked apart (pipeline.train: another world size starts over, with a warning).
+NOT_FINGERPRINTED = {"steps", "checkpoint_every", "log_every", "ema", "device", "eval_every", "tf32", "devices"}
 # Keys added after checkpoints existed that change the bits: fingerprinted only away from their defaults, so a
 # checkpoint written before they existed still resumes.
 LATER_KEYS = ("precision", "channels_last", "compile", "accumulate", "warmup")
@@ -94,23 +100,31 @@ def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _check_train(t: TrainParams, batch_size: int, loss: str) -> None:
+def _check_train(t: TrainParams, batch_size: int, loss: str, world_size: int = 1) -> None:
     """Refuse, before any training, what params validation could not see: an 'auto' batch size that
-    train.accumulate does not divide, and torch.compile with a loss it cannot train through."""
+    train.accumulate (times the processes) does not divide, and torch.compile with a loss it cannot train through."""
     if batch_size % t.accumulate:
         raise DataError(f"train.accumulate ({t.accumulate}) must divide train.batch_size ({batch_size}, resolved "
                         f"from auto for this data set): each step splits its batch into equal micro-batches")
+    if batch_size % (t.accumulate * world_size):
+        raise DataError(f"train.batch_size ({batch_size}) must be a multiple of train.devices x train.accumulate "
+                        f"({world_size} x {t.accumulate}): each of the {world_size} processes takes an equal share "
+                        f"of every micro-batch")
     if t.compile and loss in NO_COMPILE_LOSSES:
         raise DataError(f"train.compile: the {loss} loss differentiates the network inside the loss (a divergence), "
                         f"and torch.compile cannot train through that double backward; set train.compile: false")
 
 
-def train_stage(cfg: Config, run: StageRun) -> None:
+def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> None:
+    """The train stage's body; with a `group` (torchrun, N > 1) one rank of it, rank 0 writing and logging."""
     t = cfg.train
+    main_rank = group is None or group.is_main
     plan = plan_of(cfg)
     run.log_params({"seed": cfg.seed, "method": cfg.method.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
                     "train": t.model_dump(mode="json"), "loss": plan.loss, "parameterization": plan.parameterization})
     if plan.loss is None:
+        if not main_rank:
+            return
         g = cfg.data.gmm
         exact = models.gmm_model_file(GaussianMixture.from_params(g.weights, g.means, g.covs))
         for path in (RAW_MODEL, EMA_MODEL):
@@ -132,7 +146,7 @@ def train_stage(cfg: Config, run: StageRun) -> None:
     decoder = pixels.discrete_decoder(scaling) if images else None
     options = loss_options(plan.loss, cfg.method.weighting, cfg.method.t_sampling, decoder)
     loss = build_loss(plan.loss, process, plan.parameterization, **options)
-    _check_train(t, resolved["batch_size"], plan.loss)
+    _check_train(t, resolved["batch_size"], plan.loss, group.world_size if group else 1)
     settings = TrainSettings(resolved["steps"], resolved["batch_size"], resolved["lr"], t.grad_clip, t.ema_decay,
                              t.checkpoint_every, t.log_every, cfg.seed, ema_warmup=resolved["ema_warmup"],
                              precision=t.precision, channels_last=t.channels_last, compile=t.compile,
@@ -145,9 +159,11 @@ def train_stage(cfg: Config, run: StageRun) -> None:
     device = choose_device(t.device)
     set_tf32(device, t.tf32)
     net = models.build_network(spec, seed=cfg.seed)
+    if group is not None:  # each rank its own dropout masks (the global RNG), reproducibly; a resume restores them
+        torch.manual_seed(sample_seed(cfg.seed, group.rank))
     transform = image_batches(scaling, dequantize=cfg.data.dequantize, hflip=cfg.data.hflip) if images else None
     evaluator, unit = None, "none"
-    if t.eval_every:
+    if t.eval_every and main_rank:  # rank 0 alone evaluates, logs and writes the rows
         held_out = torch.from_numpy(np.load(TEST)[:EVAL_EXAMPLES])
         held_out_eval, unit = held_out_evaluator(loss, plan.loss, held_out, transform=transform, device=device,
                                                  seed=cfg.seed, scaling=scaling if images else None)
@@ -163,12 +179,16 @@ def train_stage(cfg: Config, run: StageRun) -> None:
             result = train(net, loss, torch.from_numpy(data), settings, CHECKPOINTS, setup,
                            on_log=lambda step, loss: run.log_metric_buffered("train_loss", loss, step),
                            transform=transform, device=device, evaluator=evaluator, eval_every=t.eval_every,
-                           should_stop=should_stop)
+                           should_stop=should_stop, group=group, progress=main_rank)
     except Preempted as stop:
+        if not main_rank:
+            raise SystemExit(PREEMPTED_EXIT) from None
         run.log_metrics({"preempted_at": stop.step}, step=stop.step)
         print(f"train: SIGTERM: stopped at step {stop.step} and wrote {stop.checkpoint}; run the stage again to "
               f"resume from it (exit {PREEMPTED_EXIT})", file=sys.stderr)
         raise SystemExit(PREEMPTED_EXIT) from None
+    if not main_rank:
+        return
     if result.resumed_from:
         print(f"train: resumed from the checkpoint at step {result.resumed_from}")
     models.save_model(RAW_MODEL, spec, result.model.state_dict())
@@ -182,7 +202,8 @@ def train_stage(cfg: Config, run: StageRun) -> None:
         metrics.update(batch_size=resolved["batch_size"], lr=resolved["lr"], arch=spec["kind"])
     io.write_json(TRAIN_METRICS, metrics)
     run.flush()
-    run.log_params({"resolved": {**resolved, "arch": spec["kind"], "device": str(device)}})
+    run.log_params({"resolved": {**resolved, "arch": spec["kind"], "device": str(device),
+                                 "world_size": group.world_size if group else 1}})
     run.log_metrics({"final_loss": final, "num_params": num_params, "resumed_from": result.resumed_from})
 
 

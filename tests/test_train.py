@@ -326,7 +326,7 @@ def test_checkpoint_fingerprint_keeps_its_keys_at_the_defaults():
     from stages.train import fingerprinted_train
 
     old = TrainParams().model_dump(exclude={"steps", "checkpoint_every", "log_every", "ema", "device", "eval_every",
-                                            "precision", "tf32", "channels_last", "compile", "accumulate", "warmup"})
+                                            "precision", "tf32", "channels_last", "compile", "accumulate", "warmup", "devices"})
     assert fingerprinted_train(TrainParams()) == old
     assert fingerprinted_train(TrainParams(tf32=False)) == old
     changed = TrainParams(precision="bf16", channels_last=True, compile=True, accumulate=2, warmup=10)
