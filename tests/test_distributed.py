@@ -237,15 +237,9 @@ def _stage_env() -> dict:
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A tiny project (test_stages' TINY params) in tmp_path, prepared, with its noise scales."""
-    from test_stages import TINY, _write_params
+    from test_stages import TINY, prepared_project
 
-    monkeypatch.chdir(tmp_path)
-    for key in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
-        monkeypatch.delenv(key, raising=False)
-    _write_params(tmp_path / "params.yaml", TINY)
-    for name in ("prepare", "noise_scales"):
-        assert run_named(name, ["--params", "params.yaml"]) == 0
-    return tmp_path
+    return prepared_project(tmp_path, TINY, monkeypatch)
 
 
 def _params(path: Path, extra: dict) -> None:

@@ -23,9 +23,8 @@ from pipeline.nets.mlp import ConditionalMLP
 from pipeline.nets.unet import UNet
 from pipeline.processes import VPSDE
 from pipeline.train import Preempted, TrainSettings, image_batches, train
-from stages.common import run_named
 from stages.train import PREEMPTED_EXIT
-from test_stages import REPO, TINY, _deep_merge, _write_params
+from test_stages import REPO, TINY, _deep_merge, prepared_project
 
 
 def _stop_at(k: int):
@@ -125,12 +124,7 @@ def _start(cwd: Path) -> subprocess.Popen:
 def test_sigterm_stops_the_stage_and_the_rerun_finishes_the_same_bytes(tmp_path, monkeypatch):
     cut, whole = tmp_path / "cut", tmp_path / "whole"
     cut.mkdir()
-    monkeypatch.chdir(cut)
-    for key in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
-        monkeypatch.delenv(key, raising=False)
-    _write_params(cut / "params.yaml", PREEMPT)
-    for name in ("prepare", "noise_scales"):
-        assert run_named(name, ["--params", "params.yaml"]) == 0
+    prepared_project(cut, PREEMPT, monkeypatch)
     shutil.copytree(cut, whole)  # with the MLflow store prepare made: no schema set-up in the subprocesses
 
     # the uninterrupted reference runs alongside (two processes: the test takes two runs' time, not three)

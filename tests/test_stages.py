@@ -39,6 +39,18 @@ def _write_params(path: Path, params: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def prepared_project(path: Path, params: dict, monkeypatch) -> Path:
+    """`path` as the working directory of a tiny project with `params`, its prepare and noise_scales run, and no
+    tracking or DVC variables from the environment."""
+    monkeypatch.chdir(path)
+    for key in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    _write_params(path / "params.yaml", params)
+    for name in ("prepare", "noise_scales"):
+        assert run_named(name, ["--params", "params.yaml"]) == 0
+    return path
+
+
 def _deep_merge(base: dict, extra: dict) -> dict:
     out = json.loads(json.dumps(base))
     for k, v in extra.items():
