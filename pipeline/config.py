@@ -253,6 +253,7 @@ class SampleParams(_Section):
     sampler: Literal["auto", "annealed_langevin", "ancestral", "ddim", "pc", "ode"] = "auto"
     steps: Union[Auto, int] = "auto"
     denoise: bool = True
+    clip_denoised: Union[Auto, bool] = "auto"
     variance: Literal["beta_tilde", "beta"] = "beta_tilde"
     eta: float = Field(0.0, ge=0.0, le=1.0)
     predictor: Literal["reverse_diffusion", "euler_maruyama", "ancestral"] = "reverse_diffusion"
@@ -348,6 +349,12 @@ class Config(_Section):
                 f"Gaussian mixture); got data.name: {d.name}. Train a model for {d.name}: method.name ncsnv2, ncsn, ddpm, sde or sohl_dickstein."
             )
         _check_data(d)
+        if s.clip_denoised is True and d.kind == "points":
+            raise ValueError(f"sample.clip_denoised clips x0_hat to the pixel range of images; data.name: {d.name} "
+                             f"is a point set (leave sample.clip_denoised: auto or false)")
+        if s.clip_denoised is True and m.name == "sohl_dickstein":
+            raise ValueError("sample.clip_denoised: Sohl-Dickstein's learned kernels predict no x0_hat to clip; "
+                             "leave sample.clip_denoised: auto or false")
         if d.kind == "points":
             _check_point_sizes(self)
         if d.kind == "points" and self.model.arch == "unet":

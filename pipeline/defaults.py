@@ -119,6 +119,19 @@ def sample_sizes(sample_n: Any, batch_size: Any, eval_fid_n: Any, data: Mapping[
     return int(_pick(sample_n, fid_n(eval_fid_n, data))), int(_pick(batch_size, d.sample_batch_size))
 
 
+# The samplers that step through Tweedie's x0_hat, where clipping it to the pixel range is the reference codes' habit.
+CLIPPED_SAMPLERS = ("ancestral", "ddim")
+
+
+def clip_denoised(setting: Any, sampler: str, model_kind: str, data: Mapping[str, Any]) -> bool:
+    """sample.clip_denoised resolved: 'auto' clips x0_hat for images under the ancestral and DDIM samplers of a
+    score model (Ho et al. 2020's reference sampler, diffusers' DDIMScheduler), never for points, whose data
+    have no range. A learned kernel (sohl_dickstein) has no x0_hat to clip."""
+    if setting != "auto":
+        return bool(setting)
+    return data["kind"] == "images" and sampler in CLIPPED_SAMPLERS and model_kind == "score"
+
+
 def scaling_for(process_kind: str, scaling: str) -> str:
     """data.scaling resolved: [0, 1] where the method's paper uses it (NCSN, NCSNv2 and score_sde's VE: Song &
     Ermon 2019, 2020; Song et al. 2021, appendix), [-1, 1] otherwise (DDPM, VP, sub-VP, OU)."""

@@ -81,6 +81,23 @@ def x0_from_score(x: Tensor, score: Tensor, t: Tensor, process: Process) -> Tens
     return (x + append_dims(s, x.ndim).to(x.dtype) ** 2 * score) / append_dims(m, x.ndim).to(x.dtype)
 
 
+def clip_denoised(score_fn: ScoreFn, process: Process, low: float, high: float) -> ScoreFn:
+    """The score rewritten from Tweedie's x0_hat clipped to [low, high]: s' = (m clip(x0_hat) - x) / std^2.
+
+    What Ho et al. 2020's reference sampler does (`clip_denoised=True`: x0_hat clipped to [-1, 1] before the
+    posterior mean of eq. (7)) and diffusers' DDIMScheduler (`clip_sample`), written as a score so that every
+    sampler that steps through x0_hat (ancestral, DDIM) takes it unchanged. Where x0_hat already lies in the
+    data range the score is unchanged. Shapes (B, *D), t (B,).
+    """
+
+    def clipped(x: Tensor, t: Tensor) -> Tensor:
+        m, std = process.marginal(t)
+        x0 = x0_from_score(x, score_fn(x, t), t, process).clamp(low, high)
+        return (_b(m, x) * x0 - x) / _b(std, x) ** 2
+
+    return clipped
+
+
 # "kernel": Sohl-Dickstein et al. 2015's reverse kernel p(x_s | x_t) = N(mean, diag(var)), learned
 # mean and variance; the network outputs two maps shaped like x, stacked as (B, 2, *D).
 KernelFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]

@@ -26,6 +26,7 @@ import torch
 from pipeline import defaults, io, models, pixels, plots
 from pipeline.config import Config
 from pipeline.distributed import Group
+from pipeline.parameterization import clip_denoised
 from pipeline.rng import SampleGenerators
 from pipeline.samplers import draw
 from pipeline.tracking import StageRun
@@ -47,10 +48,13 @@ def sample_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> N
     sampler = plan_of(cfg).sampler
     device = choose_device(cfg.train.device)
     model_kind, fn = models.load_model(MODEL, process, device=device)
+    scaling = record.get("scaling")
+    clip = defaults.clip_denoised(s.clip_denoised, sampler, model_kind, info)
+    if clip:
+        fn = clip_denoised(fn, process, *pixels.pixel_range(scaling))
     steps, options = sampler_options(cfg, process, record)
     n, batch_size = defaults.sample_sizes(s.n, s.batch_size, cfg.eval.fid_n, info)
     shape = tuple(info["shape"])
-    scaling = record.get("scaling")
     chunks, nfe, trajectory = [], 0, []
     starts = range(0, n, batch_size)  # the batches of one process
     if group is not None:  # this rank's run of them
@@ -85,7 +89,7 @@ def sample_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> N
         plots.scatter_samples(SAMPLES_PLOT, x, np.load(TEST)[: len(x)], title)
         plots.point_trajectory(TRAJECTORY_PLOT, [(t, v.numpy()) for t, v in trajectory],
                                f"{title}: x at {len(trajectory)} times")
-    run.log_params({"sample": s.model_dump(mode="json"), "sampler": sampler, "n": n, "batch_size": batch_size})
+    run.log_params({"sample": s.model_dump(mode="json"), "sampler": sampler, "clip_denoised": clip, "n": n, "batch_size": batch_size})
     run.log_metrics({"nfe": nfe})
     run.log_artifact(SAMPLES_PLOT)
     run.log_artifact(TRAJECTORY_PLOT)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import config
+from pipeline import config, defaults
 from pipeline.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +69,9 @@ def test_yaml12_floats_as_dvc_writes_them(tmp_path):
     ({"model": {"dropout": 1.0}}, ["model.dropout", "[0, 1)"]),
     ({"train": {"device": "tpu"}}, ["train.device", "cuda"]),
     ({"data": {"labels_path": "y.npy"}}, ["data.labels_path", "file"]),
+    ({"method": {"name": "ddpm"}, "sample": {"clip_denoised": True}}, ["sample.clip_denoised", "point set"]),
+    ({"data": {"name": "digits"}, "method": {"name": "sohl_dickstein"}, "sample": {"clip_denoised": True}},
+     ["sample.clip_denoised", "no x0_hat"]),
 ])
 def test_bad_input_names_the_key_and_what_is_allowed(raw, words):
     with pytest.raises(ConfigError) as info:
@@ -114,3 +117,17 @@ def test_file_data_kind_is_left_to_the_file(tmp_path):
     p = tmp_path / "images.npy"
     np.save(p, np.zeros((10, 1, 4, 4), dtype=np.uint8))
     assert config.validate({"data": {"name": "file", "path": str(p)}}).data.kind is None
+
+
+@pytest.mark.parametrize("setting, sampler, kind, data, want", [
+    ("auto", "ancestral", "score", "images", True),
+    ("auto", "ddim", "score", "images", True),
+    ("auto", "pc", "score", "images", False),  # score_sde's samplers do not clip
+    ("auto", "ode", "score", "images", False),
+    ("auto", "ancestral", "kernel", "images", False),  # Sohl-Dickstein: no x0_hat
+    ("auto", "ancestral", "score", "points", False),  # the 2-D default keeps its bits
+    (True, "pc", "score", "images", True),
+    (False, "ddim", "score", "images", False),
+])
+def test_clip_denoised_auto_clips_images_under_ancestral_and_ddim(setting, sampler, kind, data, want):
+    assert defaults.clip_denoised(setting, sampler, kind, {"kind": data}) is want

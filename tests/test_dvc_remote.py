@@ -53,3 +53,21 @@ def test_fresh_clone_restores_every_stage_from_the_pushed_run_cache(dvc_repo, dv
     untracked = subprocess.run(["git", "status", "--porcelain"], cwd=machine_b, env=env_b, capture_output=True,
                                text=True, check=True).stdout
     assert set(untracked.split()) <= {"M", "D", "dvc.lock"}, untracked
+
+
+@pytest.mark.xdist_group("dvc")
+def test_nodes_sharing_one_cache_directory_restore_every_stage_with_a_plain_repro(dvc_repo, dvc_baseline, tmp_path):
+    """Nodes on one filesystem need no remote: with `dvc cache dir` pointing at one shared cache, its run
+    records (cache/runs) and outputs are already there, and a plain `dvc repro` restores every stage."""
+    machine_b = tmp_path / "b"
+    env_a = _dvc_env(dvc_repo)
+    _sh(["git", "clone", "-q", str(dvc_repo), str(machine_b)], tmp_path, env_a)
+    env_b = _dvc_env(machine_b)
+    _sh(DVC + ["cache", "dir", "--local", str(dvc_repo / ".dvc" / "cache")], machine_b, env_b)
+    (machine_b / "dvc.lock").unlink()
+
+    log = _sh(DVC + ["repro"], machine_b, env_b)
+    assert "Running stage" not in log, log
+    for name in STAGES:
+        assert f"Stage '{name}' is cached - skipping run" in log, (name, log)
+    assert {f: (machine_b / f).read_bytes() for f in BASELINE_FILES} == dvc_baseline["files"]

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.gmm import GaussianMixture
 from pipeline.models import exact_score_fn
-from pipeline.parameterization import kernel_from_score
+from pipeline.parameterization import clip_denoised, kernel_from_score, x0_from_score
 from pipeline.processes import DiscreteVP, NoiseScaleProcess, SubVPSDE, VESDE, VPSDE, linear_betas
 from pipeline.rng import SampleGenerators
 from pipeline.samplers import draw
@@ -148,6 +148,38 @@ def test_ddim_with_eta_one_is_the_ancestral_step(process, shape):
         torch.testing.assert_close(a, b)
         c = ddim_step(x, t_cur, t_next, score_fn, p, torch.Generator().manual_seed(1), eta=0.0)
         assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("process", list(PROCESSES))
+def test_clip_denoised_clips_tweedies_x0_hat_and_nothing_else(process):
+    """The clipped score's x0_hat is the clamp of the raw one: equal where it is in range, on the edge elsewhere."""
+    p = PROCESSES[process]
+    raw = gaussian_score(p, mu=0.0, c=2.0)  # data wider than [-1, 1]: many x0_hat fall outside
+    clipped = clip_denoised(raw, p, -1.0, 1.0)
+    gen = torch.Generator().manual_seed(0)
+    outside = 0
+    for t_value in p.grid(6).tolist()[:-1]:  # every time but the clean end (no score there)
+        t = torch.full((64,), t_value, dtype=torch.float64)
+        m, std = p.marginal(t[:1])
+        x = m * 2.0 * torch.randn(64, 1, 4, 4, generator=gen, dtype=torch.float64) + std * torch.randn(
+            64, 1, 4, 4, generator=gen, dtype=torch.float64)
+        x0, x0_clipped = x0_from_score(x, raw(x, t), t, p), x0_from_score(x, clipped(x, t), t, p)
+        torch.testing.assert_close(x0_clipped, x0.clamp(-1.0, 1.0))
+        inside = x0.abs() <= 1.0
+        outside += int((~inside).sum())
+        torch.testing.assert_close(clipped(x, t)[inside], raw(x, t)[inside])
+    assert outside > 0  # near the prior x0_hat shrinks to the mean; at low noise it follows the wide data
+
+
+@pytest.mark.parametrize("sampler, options", [(ddpm_sampler, dict(steps=20)), (ddim_sampler, dict(steps=20))],
+                         ids=["ancestral", "ddim"])
+def test_clipped_ancestral_and_ddim_samples_end_in_the_pixel_range(sampler, options):
+    """Their last step returns x0_hat at the clean end, so with clipping every value lies in [-1, 1]."""
+    p = PROCESSES["ddpm"]
+    raw = gaussian_score(p, mu=0.0, c=2.0)
+    draw_with = lambda fn: sampler(fn, p, (32, 1, 8, 8), SampleGenerators(0, range(32)), **options).x  # noqa: E731
+    assert draw_with(raw).abs().max() > 1.5
+    assert draw_with(clip_denoised(raw, p, -1.0, 1.0)).abs().max() <= 1.0 + 1e-6
 
 
 # --------------------------------------------------------------------------- the walker
