@@ -64,12 +64,17 @@ def eps_from_score(score: Tensor, t: Tensor, process: Process) -> Tensor:
 
 
 def make_score_fn(model: nn.Module, process: Process, parameterization: str) -> ScoreFn:
-    """Wrap a network model(x, c) conditioned on c = process.conditioning(t) as score_fn(x, t)."""
+    """Wrap a network model(x, c[, y]) conditioned on c = process.conditioning(t) as score_fn(x, t, y=None).
+
+    y: optional int64 label indices (B,) passed on to the network (pipeline.guidance: 0 the null label);
+    samplers call score_fn(x, t), and y=None calls model(x, c) exactly as an unconditional network expects.
+    """
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"unknown parameterization {parameterization!r}; allowed: {', '.join(PARAMETERIZATIONS)}")
 
-    def score_fn(x: Tensor, t: Tensor) -> Tensor:
-        out = model(x, process.conditioning(t).to(x.dtype))
+    def score_fn(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        c = process.conditioning(t).to(x.dtype)
+        out = model(x, c) if y is None else model(x, c, y)
         return score_from_output(out, x, t, process, parameterization)
 
     return score_fn

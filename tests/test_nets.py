@@ -192,3 +192,77 @@ def test_mlp_init_unchanged(seed, parameterization):
         assert list(ref_state) == list(state)
         for k in ref_state:
             assert torch.equal(ref_state[k], state[k]), k
+
+
+# --------------------------------------------------------------------------- class-conditional networks
+
+# Conditional networks (num_classes real classes; embedding rows: the null label 0 and classes 1..3).
+COND = {
+    "mlp": ({**MLP, "num_classes": 3}, (2,)),
+    "unet-8x8": (_unet((1, 8, 8), attn_resolutions=[4], num_classes=3), (1, 8, 8)),
+}
+
+
+def _plain(spec):
+    """The same spec without the class key: what every unconditional model file holds."""
+    return {k: v for k, v in spec.items() if k != "num_classes"}
+
+
+@pytest.mark.parametrize("case", list(COND))
+def test_num_classes_zero_is_the_unconditional_network(case):
+    """num_classes = 0 adds no parameter and draws nothing more at init: its state_dict is, key for key and
+    bit for bit, the spec without the key. A conditional network adds label_emb.weight (num_classes + 1 rows)
+    only, created last, so its other weights are those of the unconditional network of the same seed."""
+    spec, _ = COND[case]
+    plain = nets.build_network(_plain(spec), seed=2).state_dict()
+    zero = nets.build_network({**spec, "num_classes": 0}, seed=2)
+    assert zero.label_emb is None
+    cond = nets.build_network(spec, seed=2).state_dict()
+    assert list(zero.state_dict()) == list(plain) and "label_emb.weight" not in plain
+    assert list(cond) == list(plain) + ["label_emb.weight"]
+    assert cond["label_emb.weight"].shape[0] == spec["num_classes"] + 1
+    for k, v in plain.items():
+        assert torch.equal(zero.state_dict()[k], v), k
+        assert torch.equal(cond[k], v), k
+
+
+@pytest.mark.parametrize("case", list(COND))
+def test_conditional_network_contract(case):
+    """Shapes right; each example's output depends on its own label only; the null label (0) and every class
+    index run; y=None takes the unconditional path (the same forward as the network without labels)."""
+    spec, shape = COND[case]
+    net = _perturb_output_layer(nets.build_network(spec, seed=0).eval())
+    x, c = _inputs(shape, batch=4)
+    labels = torch.tensor([0, 1, 2, 3])
+    out = net(x, c, labels)
+    assert out.shape == (4, *shape) and out.dtype == x.dtype and torch.isfinite(out).all()
+    other = net(x, c, torch.tensor([0, 2, 2, 3]))
+    assert not torch.allclose(out[1], other[1]), "the label must change the output"
+    torch.testing.assert_close(out[[0, 2, 3]], other[[0, 2, 3]], rtol=0, atol=0)
+    null = net(x, c, torch.zeros(4, dtype=torch.long))
+    assert not torch.allclose(null[1:], out[1:]) and torch.equal(null[0], out[0])
+    plain = _perturb_output_layer(nets.build_network(_plain(spec), seed=0).eval())
+    assert torch.equal(net(x, c), plain(x, c)), "y=None must be the unconditional forward pass"
+    kernel = nets.build_network({**spec, "parameterization": "kernel"}, seed=0)
+    assert kernel(x, c, labels).shape == (4, 2, *shape)
+
+
+@pytest.mark.parametrize("case", list(COND))
+def test_labels_to_an_unconditional_network_are_refused(case):
+    spec, shape = COND[case]
+    x, c = _inputs(shape)
+    with pytest.raises(ValueError, match="num_classes=0"):
+        nets.build_network(_plain(spec), seed=0)(x, c, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="num_classes"):
+        nets.build_network({**spec, "num_classes": -1}, seed=0)
+
+
+@pytest.mark.parametrize("case", list(COND))
+def test_gradients_reach_the_class_embedding(case):
+    """The label embedding trains: a conditional loss sends a gradient to the rows of the labels used only."""
+    spec, shape = COND[case]
+    net = _perturb_output_layer(nets.build_network(spec, seed=0))
+    x, c = _inputs(shape, batch=4)
+    ((net(x, c, torch.tensor([0, 1, 1, 2])) - torch.randn_like(x)) ** 2).mean().backward()
+    row_grad = net.label_emb.weight.grad.abs().sum(1)
+    assert (row_grad[:3] > 0).all() and row_grad[3] == 0

@@ -1,8 +1,9 @@
 """Score networks and their registry: a spec (plain JSON, stored in every model file) -> a network.
 
-A network is model(x, c) -> output shaped like x (or (B, 2, *D) for the learned kernel), with c the
-process's conditioning scalar per example. To add one: a module here with a `from_spec(spec)` and a
-line in NETWORKS.
+A network is model(x, c, y=None) -> output shaped like x (or (B, 2, *D) for the learned kernel), with c the
+process's conditioning scalar per example and y optional int64 label indices (B,) for a network built with
+"num_classes" > 0 (index 0 the null label, class k at k + 1: pipeline.guidance). To add one: a module here
+with a `from_spec(spec)` and a line in NETWORKS.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from pipeline.nets.mlp import ConditionalMLP
 
 
 def _mlp(spec: Mapping[str, Any]) -> ConditionalMLP:
-    """{"kind": "mlp", "dim", "hidden", "blocks", "emb_dim", "parameterization"} -> ConditionalMLP."""
+    """{"kind": "mlp", "dim", "hidden", "blocks", "emb_dim", "num_classes" (optional, 0), "parameterization"}
+    -> ConditionalMLP."""
     return ConditionalMLP(spec["dim"], spec["hidden"], spec["blocks"], spec["emb_dim"],
-                          outputs=2 if spec.get("parameterization") == "kernel" else 1)
+                          outputs=2 if spec.get("parameterization") == "kernel" else 1,
+                          num_classes=int(spec.get("num_classes", 0)))
 
 
 NETWORKS: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {

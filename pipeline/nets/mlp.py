@@ -34,19 +34,36 @@ class ResidualBlock(nn.Module):
 
 
 class ConditionalMLP(nn.Module):
-    """model(x, c): x of shape (B, *D) and a conditioning scalar c (B,) -> output shaped like x,
-    or (B, outputs, *D) when outputs > 1 (a learned mean and variance: Sohl-Dickstein's kernel)."""
+    """model(x, c, y=None): x of shape (B, *D), a conditioning scalar c (B,) and optional int64 label indices
+    y (B,) -> output shaped like x, or (B, outputs, *D) when outputs > 1 (a learned mean and variance:
+    Sohl-Dickstein's kernel).
 
-    def __init__(self, dim: int, hidden: int = 128, blocks: int = 3, emb_dim: int = 64, outputs: int = 1):
+    num_classes > 0 adds an embedding of num_classes + 1 rows (index 0 the null label of classifier-free
+    guidance, pipeline.guidance) to the time embedding after emb_mlp, as the U-Net does (Dhariwal & Nichol
+    2021, arXiv:2105.05233; Ho & Salimans 2022, arXiv:2207.12598). num_classes = 0 builds the unconditional
+    network with no extra parameter, and y=None runs the unconditional forward pass unchanged.
+    """
+
+    def __init__(self, dim: int, hidden: int = 128, blocks: int = 3, emb_dim: int = 64, outputs: int = 1,
+                 num_classes: int = 0):
         super().__init__()
-        self.emb_dim, self.outputs = emb_dim, outputs
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.emb_dim, self.outputs, self.num_classes = emb_dim, outputs, num_classes
         self.inp = nn.Linear(dim, hidden)
         self.emb_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.blocks = nn.ModuleList(ResidualBlock(hidden, emb_dim) for _ in range(blocks))
         self.out = nn.Linear(hidden, dim * outputs)
+        # Created last, so that every other layer draws the same initial weights as the unconditional
+        # network of the same seed (and num_classes = 0 draws nothing more).
+        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, y: Tensor | None = None) -> Tensor:
         emb = self.emb_mlp(sinusoidal_embedding(c, self.emb_dim).to(x.dtype))
+        if y is not None:
+            if self.label_emb is None:
+                raise ValueError("class labels y given to a ConditionalMLP built with num_classes=0")
+            emb = emb + self.label_emb(y)
         h = self.inp(x.flatten(1))
         for block in self.blocks:
             h = block(h, emb)

@@ -14,8 +14,9 @@ Departures from the official code, all harmless at the sizes DDPM used:
   and upsampling goes to the exact size of the skip tensor it is concatenated with, so sides that
   do not halve evenly work (28 -> 14 -> 7 -> 4 -> 7 -> 14 -> 28);
 - an optional class embedding (num_classes > 0) is added to the time embedding, as in Dhariwal &
-  Nichol 2021 (and the hook classifier-free guidance, Ho & Salimans 2022, needs); y=None gives the
-  unconditional network.
+  Nichol 2021 (arXiv:2105.05233), with num_classes + 1 rows: index 0 is the null label of classifier-free
+  guidance (Ho & Salimans 2022, arXiv:2207.12598; pipeline.guidance) and class k is index k + 1; y=None
+  gives the unconditional network, and num_classes = 0 adds no parameter.
 
 Every operation acts on one example at a time (GroupNorm, attention within an image, dropout; no batch
 norm), so the Jacobian of one example's output with respect to another's input is zero and per-example
@@ -133,8 +134,9 @@ class Upsample(nn.Module):
 
 class UNet(nn.Module):
     """model(x, c, y=None): images x (B, C, H, W), a conditioning scalar c (B,) (the process's time or
-    log sigma) and optional int64 class labels y (B,) -> output shaped like x, or (B, outputs, C, H, W)
-    when outputs > 1 (a learned mean and variance map: Sohl-Dickstein's kernel, as in ConditionalMLP).
+    log sigma) and optional int64 label indices y (B,) (0 the null label, class k at k + 1) -> output
+    shaped like x, or (B, outputs, C, H, W) when outputs > 1 (a learned mean and variance map:
+    Sohl-Dickstein's kernel, as in ConditionalMLP).
 
     Ho et al. 2020, appendix B. Levels i = 0..len(channel_mult)-1 run at widths channels *
     channel_mult[i] and sides that halve (rounding up) from level to level; attention follows every
@@ -147,6 +149,8 @@ class UNet(nn.Module):
         super().__init__()
         if len(shape) != 3:
             raise ValueError(f"shape must be [C, H, W], got {list(shape)}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         if channels % 2:
             raise ValueError(f"channels must be even (the sinusoidal embedding's width), got {channels}")
         in_ch, height, width = (int(s) for s in shape)
@@ -163,7 +167,6 @@ class UNet(nn.Module):
 
         # Time (and class) embedding: Dense(ch, 4ch) -> SiLU -> Dense(4ch, 4ch).
         self.temb = nn.Sequential(_init(nn.Linear(channels, emb_ch)), nn.SiLU(), _init(nn.Linear(emb_ch, emb_ch)))
-        self.label_emb = nn.Embedding(num_classes, emb_ch) if num_classes > 0 else None
 
         self.conv_in = _init(nn.Conv2d(in_ch, channels, 3, padding=1))
         # Downsampling path; skip_ch records the width of every tensor pushed for a skip connection.
@@ -206,6 +209,9 @@ class UNet(nn.Module):
 
         self.norm_out = _norm(ch)
         self.conv_out = _init(nn.Conv2d(ch, in_ch * outputs, 3, padding=1), scale=0.0)
+        # Class embedding (null label + classes), created last so that every other layer draws the same
+        # initial weights as the unconditional network of the same seed.
+        self.label_emb = nn.Embedding(num_classes + 1, emb_ch) if num_classes > 0 else None
 
     def forward(self, x: Tensor, c: Tensor, y: Tensor | None = None) -> Tensor:
         emb = self.temb(sinusoidal_embedding(c, self.channels).to(x.dtype))

@@ -84,11 +84,11 @@ def ode_sampler(
     record_positions(record, 2)  # refuse a bad `record` as the walker would
     drift = probability_flow_drift(process, score_fn)
     x = process.prior_sample(shape, generator, device)
-    nfe = 0
+    nfe, per_call = 0, getattr(score_fn, "evaluations", 1)  # as the walker counts (a guided score says 2)
 
     def rhs(t: float, y):
         nonlocal nfe
-        nfe += 1
+        nfe += per_call
         xt = torch.from_numpy(y).reshape(shape).to(device=x.device, dtype=x.dtype)
         with torch.no_grad():
             d = drift(xt, torch.full((shape[0],), t, dtype=x.dtype, device=x.device))

@@ -4,9 +4,10 @@ A step is `step(x, t_cur, t_next, fn, process, generator) -> x_next` with t_cur,
 taken from a float64 grid walked as zip(t[:-1], t[1:]) (DESIGN.md, "The core abstraction"); options are
 bound beforehand (functools.partial). Guidance wraps `fn`; inpainting or editing wraps `step`.
 
-The walker counts the network evaluations itself: nfe is the number of calls of `fn` (each call
-evaluates the whole batch once, so it is the number of evaluations per sample). Steps therefore return
-just the next state, and a step cannot misreport its cost.
+The walker counts the network evaluations itself: nfe is the number of network evaluations per sample,
+each call of `fn` adding `fn.evaluations` (default 1: one evaluation of the whole batch; a guided score
+that evaluates the network on a doubled batch, pipeline.guidance.guided_score, says 2). Steps therefore
+return just the next state, and a step cannot misreport its cost.
 """
 
 from __future__ import annotations
@@ -65,10 +66,11 @@ def walk(step: Step, x: Tensor, grid: Tensor | Sequence[float], fn: Callable, pr
     pairs = list(zip(times[:-1], times[1:]))
     keep = record_positions(record, len(times))
     nfe = 0
+    per_call = getattr(fn, "evaluations", 1)
 
     def counted(*args, **kwargs):
         nonlocal nfe
-        nfe += 1
+        nfe += per_call
         return fn(*args, **kwargs)
 
     trajectory: list[tuple[float, Tensor]] = []
