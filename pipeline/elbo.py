@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from pipeline.parameterization import KernelFn, kernel_from_score, make_kernel_fn, make_score_fn
+from pipeline.parameterization import KernelFn, bind_labels, kernel_from_score, make_kernel_fn, make_score_fn
 from pipeline.processes import Process, append_dims
 
 LOG_2PI = math.log(2 * math.pi)
@@ -174,10 +174,9 @@ class DiscreteELBO:
 
     def __call__(self, model: nn.Module, x: Tensor, cond: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> Tensor:
-        if cond is not None:
-            raise NotImplementedError("class-conditional networks are not wired in yet; pass cond=None")
         ts, ss = _steps(self.process)
         idx = torch.randint(len(ts), (x.shape[0],), generator=generator)
         t, s = ts[idx].to(x.device, x.dtype), ss[idx].to(x.device, x.dtype)
-        step = step_term(self.kernel_fn(model), self.process, x, t, s, generator, self.bin_width, self.low, self.high)
+        kernel_fn = self.kernel_fn(bind_labels(model, cond))
+        step = step_term(kernel_fn, self.process, x, t, s, generator, self.bin_width, self.low, self.high)
         return prior_term(self.process, x) + len(ts) * step

@@ -1,5 +1,9 @@
 """Training losses: small callables loss(model, x, cond=None, generator=None) -> per-example loss (B,).
 
+cond: the int64 label indices (B,) of a class-conditional network (pipeline.guidance: 0 the null label, after
+label dropout), given to the network as model(x, c, cond); None for an unconditional one. It draws no randomness,
+so a loss consumes the generator the same way with and without labels.
+
 Each loss draws one time per example (from process.sample_time, or importance-sampled), a noise
 z and x_t = process.perturb(x, t, z), asks the network for the score at (x_t, t) through
 pipeline.parameterization, and returns one number per example; x is (B, D) or (B, C, H, W).
@@ -24,7 +28,7 @@ from torch import Tensor, nn
 
 from pipeline import rng
 from pipeline.elbo import DiscreteELBO
-from pipeline.parameterization import PARAMETERIZATIONS, eps_from_score, make_score_fn
+from pipeline.parameterization import PARAMETERIZATIONS, bind_labels, eps_from_score, make_score_fn
 from pipeline.processes import Process, append_dims
 
 WEIGHTINGS = ("sigma2", "likelihood")
@@ -106,11 +110,9 @@ class _PerturbedLoss:
                 raise ValueError(f"t_sampling='importance' needs process.sample_time_importance, which "
                                  f"{type(process).__name__} does not have ({e}); use t_sampling='uniform'") from e
 
-    def _perturbed(self, x: Tensor, cond: Optional[Tensor], generator: Optional[torch.Generator]
+    def _perturbed(self, x: Tensor, generator: Optional[torch.Generator]
                    ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
         """(t (B,), z like x, x_t like x, time weight (B,) or None for uniform time)."""
-        if cond is not None:
-            raise NotImplementedError("class-conditional networks are not wired into make_score_fn yet; pass cond=None")
         p = self.process
         weight = None
         if self.t_sampling == "uniform":
@@ -159,8 +161,8 @@ class DenoisingScoreMatching(_PerturbedLoss):
 
     def __call__(self, model: nn.Module, x: Tensor, cond: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> Tensor:
-        t, z, x_t, weight = self._perturbed(x, cond, generator)
-        score = self._score(model, x_t, t)
+        t, z, x_t, weight = self._perturbed(x, generator)
+        score = self._score(bind_labels(model, cond), x_t, t)
         _, std = self.process.marginal(t)
         residual = append_dims(std, x.ndim).to(x.dtype) * score + z
         loss = 0.5 * _sq(residual)
@@ -186,8 +188,8 @@ class EpsilonMSE(_PerturbedLoss):
 
     def __call__(self, model: nn.Module, x: Tensor, cond: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> Tensor:
-        t, z, x_t, weight = self._perturbed(x, cond, generator)
-        eps_hat = eps_from_score(self._score(model, x_t, t), t, self.process)
+        t, z, x_t, weight = self._perturbed(x, generator)
+        eps_hat = eps_from_score(self._score(bind_labels(model, cond), x_t, t), t, self.process)
         err = (eps_hat - z).pow(2).flatten(1)
         return self._time_weighted(err.sum(1) if self.reduction == "sum" else err.mean(1), weight)
 
@@ -197,13 +199,13 @@ class _DivergenceLoss(_PerturbedLoss):
 
     def __call__(self, model: nn.Module, x: Tensor, cond: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> Tensor:
-        t, _, x_t, weight = self._perturbed(x, cond, generator)
+        t, _, x_t, weight = self._perturbed(x, generator)
         # create_graph so the divergence term trains the model; under no_grad (evaluation) the
         # double-backward graph is not built and the result is detached.
         train = torch.is_grad_enabled()
         with torch.enable_grad():
             x_t = x_t if x_t.requires_grad else x_t.requires_grad_()
-            score = self._score(model, x_t, t)
+            score = self._score(bind_labels(model, cond), x_t, t)
             loss = self._lambda(x, t) * self._objective(score, x_t, generator, train)
         return self._time_weighted(loss if train else loss.detach(), weight)
 
@@ -288,14 +290,12 @@ class HuangELBO(_PerturbedLoss):
 
     def __call__(self, model: nn.Module, x: Tensor, cond: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> Tensor:
-        if cond is not None:
-            raise NotImplementedError("class-conditional networks are not wired into make_score_fn yet; pass cond=None")
-        return self.of_score(make_score_fn(model, self.process, self.parameterization), x, generator)
+        return self.of_score(make_score_fn(bind_labels(model, cond), self.process, self.parameterization), x, generator)
 
     def of_score(self, score_fn, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """The same one-slice estimate for any score_fn(x, t) (a trained network or an exact score), (B,)."""
         p = self.process
-        t, _, y_t, weight = self._perturbed(x, None, generator)
+        t, _, y_t, weight = self._perturbed(x, generator)
         t_max = torch.full_like(t, p.t_max)
         y_max = p.perturb(x, t_max, rng.randn_like(x, generator))
         train = torch.is_grad_enabled()

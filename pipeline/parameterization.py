@@ -80,6 +80,15 @@ def make_score_fn(model: nn.Module, process: Process, parameterization: str) -> 
     return score_fn
 
 
+def bind_labels(model: Callable[..., Tensor], y: Tensor | None) -> Callable[..., Tensor]:
+    """model(x, c) that calls a class-conditional network as model(x, c, y), y (B,) int64 label indices of the
+    batch (pipeline.guidance: 0 the null label); the model itself when y is None. Losses bind their `cond` so
+    every score and kernel built from the model sees the labels."""
+    if y is None:
+        return model
+    return lambda x, c: model(x, c, y)
+
+
 def x0_from_score(x: Tensor, score: Tensor, t: Tensor, process: Process) -> Tensor:
     """Tweedie's denoiser E[x0 | x_t] = (x_t + std^2 score) / mean_coef (Efron 2011)."""
     m, s = process.marginal(t)

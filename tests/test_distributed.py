@@ -64,6 +64,13 @@ def test_shard_rows_evaluates_only_its_rows():
     torch.testing.assert_close(out[3:], net(x[3:], c[3:]))
 
 
+def test_shard_rows_gives_each_row_its_own_label():
+    net = ConditionalMLP(2, hidden=8, blocks=1, emb_dim=8, num_classes=3)
+    x, c, y = torch.randn(6, 2), torch.rand(6), torch.tensor([0, 1, 2, 3, 2, 1])
+    out = ShardRows(net, 1, 2)(x, c, y)
+    torch.testing.assert_close(out[3:], net(x[3:], c[3:], y[3:]))
+
+
 def test_exit_status_prefers_the_ranks_word():
     assert exit_status(0, {0: 0, 1: 0}, False) == 0
     assert exit_status(1, {0: 143, 1: 143}, True) == 143  # torchrun says 1 after a signal; the ranks say 143

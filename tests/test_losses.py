@@ -218,6 +218,35 @@ def test_loss_contract(name, proc, shape):
     assert all(g is not None for g in grads) and any(bool(g.abs().sum() > 0) for g in grads)
 
 
+def tiny_conditional_net(dim: int, parameterization: str = "score") -> nn.Module:
+    return build_network({"kind": "mlp", "dim": dim, "hidden": 16, "blocks": 1, "emb_dim": 8, "num_classes": 3,
+                          "parameterization": parameterization}, seed=0)
+
+
+CONDITIONAL_CASES = [(name, proc, "score") for name, proc in CONTRACT_PAIRS] + [("vlb", "ddpm", "kernel")]
+
+
+@pytest.mark.parametrize("shape", [(2,), (1, 8, 8)], ids=["B2", "B1x8x8"])
+@pytest.mark.parametrize("name, proc, parameterization", CONDITIONAL_CASES)
+def test_every_loss_takes_class_labels(name, proc, parameterization, shape):
+    """cond (label indices, 0 the null label) reaches the network, draws no randomness, and trains only the
+    embedding rows of the labels in the batch."""
+    p, dim = CONTRACT_PROCESSES[proc](), math.prod(shape)
+    net, loss = tiny_conditional_net(dim, parameterization), build_loss(name, p, parameterization)
+    x = torch.randn((6, *shape), generator=gen(0))
+    g_none, g_one, g_two = gen(3), gen(3), gen(3)
+    unlabelled = loss(net, x, generator=g_none)
+    ones = loss(net, x, cond=torch.ones(6, dtype=torch.long), generator=g_one)
+    twos = loss(net, x, cond=torch.full((6,), 2), generator=g_two)
+    assert ones.shape == (6,) and torch.isfinite(ones).all() and not torch.equal(ones, twos)
+    assert torch.equal(g_none.get_state(), g_one.get_state()) and torch.equal(g_one.get_state(), g_two.get_state())
+    assert torch.isfinite(unlabelled).all()
+    net.zero_grad()
+    ones.mean().backward()
+    grad = net.label_emb.weight.grad
+    assert grad[1].abs().sum() > 0 and grad[0].abs().sum() == 0 and grad[2].abs().sum() == 0
+
+
 def test_defaults_are_the_previous_dsm_and_no_grad_detaches():
     p, x, net = VPSDE(), torch.randn(8, 2, generator=gen(0)), tiny_net(2)
     old = DenoisingScoreMatching(p, "score")(net, x, generator=gen(1))
@@ -225,8 +254,6 @@ def test_defaults_are_the_previous_dsm_and_no_grad_detaches():
     assert torch.equal(old, new)
     with torch.no_grad():
         assert ImplicitScoreMatching(p, "score")(net, x, generator=gen(1)).grad_fn is None
-    with pytest.raises(NotImplementedError, match="cond"):
-        DenoisingScoreMatching(p, "score")(net, x, cond=torch.zeros(8), generator=gen(1))
 
 
 @pytest.mark.parametrize("call, match", [
