@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from pipeline import io
 from pipeline.distributed import Group, ShardRows
+from pipeline.guidance import drop_labels, label_index
 
 LossFn = Callable[..., Tensor]
 # (batch drawn from the data, generator) -> what the loss sees, e.g. pixels to model space with dequantisation
@@ -214,6 +215,8 @@ def train(
     eval_every: int = 0,
     should_stop: Optional[Callable[[], bool]] = None,
     group: Optional[Group] = None,
+    labels: Optional[Tensor] = None,
+    label_dropout: float = 0.0,
 ) -> TrainResult:
     """Train `model` on `data` (N, *D) with mini-batches drawn with replacement.
 
@@ -236,6 +239,11 @@ def train(
     ranks, and rank 0 alone writes the checkpoint, which holds the world size and every rank's global RNG and
     partial loss sum. `evaluator` and `on_log` are the caller's to give to rank 0 only. group=None (or N = 1) is the
     single-process loop, bit for bit.
+
+    `labels` (N,) 0-based classes of `data` train a class-conditional network (Ho & Salimans 2022, Algorithm 1):
+    after the batch transform, each example's label index (pipeline.guidance) is replaced by the null label with
+    probability `label_dropout` (one uniform draw per example from the training generator) and given to the loss
+    as `cond`. labels=None draws nothing more: the unconditional loop, bit for bit.
     """
     device = torch.device(device)
     sharded = group is not None and group.world_size > 1
@@ -313,10 +321,13 @@ def train(
             idx = torch.randint(len(data), (settings.batch_size,), generator=gen)
             batch = data[idx] if transform is None else transform(data[idx], gen)
             batch = to_device(batch, device, settings.channels_last)
+            conds = (None,) * settings.accumulate if labels is None else micro_batches(
+                drop_labels(label_index(labels[idx]), label_dropout, gen).to(device), settings.accumulate)
             opt.zero_grad(set_to_none=True)
-            for micro in micro_batches(batch, settings.accumulate):
+            for micro, cond in zip(micro_batches(batch, settings.accumulate), conds):
                 with autocast(device.type, settings.precision):
-                    per_example = loss_fn(net, micro, generator=gen)
+                    per_example = (loss_fn(net, micro, generator=gen) if cond is None
+                                   else loss_fn(net, micro, cond=cond, generator=gen))
                 if sharded:  # this rank's rows; the other rows are the zero outputs of ShardRows
                     per_example = per_example[group.rows(len(per_example))]
                 loss = per_example.float().mean()  # float32 whatever autocast computed it in

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.guidance import drop_labels, label_index
 from pipeline.losses import build_loss
 from pipeline.nets.mlp import ConditionalMLP
 from pipeline.nets.unet import UNet
@@ -356,3 +357,40 @@ def test_stage_refuses_compile_with_a_divergence_loss_and_uneven_auto_batches(tm
         err = capsys.readouterr().err
         assert all(w in err for w in words), err
     assert not (tmp_path / "models" / "raw.pt").exists() and not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def _conditional_mlp() -> ConditionalMLP:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return ConditionalMLP(2, hidden=16, blocks=1, emb_dim=8, num_classes=3)
+
+
+def test_labels_train_a_conditional_network_as_ho_and_salimans_algorithm_1(tmp_path):
+    """With labels, each step drops the batch's label indices to the null label (probability label_dropout, drawn
+    from the training generator after the batch) and gives them to the loss: the inline loop's bits exactly."""
+    s, p = _settings(ema_decay=0.5), 0.25
+    loss, data = build_loss("dsm", VPSDE(), "eps"), _points()
+    labels = torch.randint(3, (len(data),), generator=torch.Generator().manual_seed(5))
+    new = _run(tmp_path, s, net=_conditional_mlp(), data=data, loss=loss, labels=labels, label_dropout=p)
+
+    model, gen, null_share = _conditional_mlp(), torch.Generator().manual_seed(s.seed), []
+    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
+    for _ in range(s.steps):
+        idx = torch.randint(len(data), (s.batch_size,), generator=gen)
+        cond = drop_labels(label_index(labels[idx]), p, gen)
+        null_share.append(float((cond == 0).float().mean()))
+        step_loss = loss(model, data[idx], cond=cond, generator=gen).mean()
+        opt.zero_grad(set_to_none=True)
+        step_loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        opt.step()
+    assert _same_bits(new.model.state_dict(), model.state_dict())
+    assert 0 < sum(null_share) / len(null_share) < 0.5  # some labels were dropped, most were kept
+
+
+def test_label_dropout_one_trains_only_the_null_label(tmp_path):
+    out = _run(tmp_path, _settings(), net=_conditional_mlp(), labels=torch.zeros(256, dtype=torch.long),
+               label_dropout=1.0)
+    start = _conditional_mlp().label_emb.weight
+    rows = out.model.label_emb.weight.detach()
+    assert not torch.equal(rows[0], start[0]) and torch.equal(rows[1:], start[1:].detach())
