@@ -62,10 +62,14 @@ class GaussianMixture:
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """Draw n points, shape (n, D), float64."""
+        return self.sample_labelled(n, generator)[0]
+
+    def sample_labelled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """n points (n, D) float64 and the component each came from (n,) int64 (its class label)."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         chol = torch.linalg.cholesky(self.covs)
-        return self.means[k] + torch.einsum("nij,nj->ni", chol[k], z)
+        return self.means[k] + torch.einsum("nij,nj->ni", chol[k], z), k
 
     def _components(self, x: Tensor, mean_coef: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
         """Per-component log pi_k N(x; m mu_k, m^2 Sigma_k + s^2 I) (B, K) and Sigma_t^-1 (x - m mu_k) (B, K, D)."""

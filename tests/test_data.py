@@ -222,3 +222,50 @@ def test_file_too_few_rows(tmp_path):
 def test_file_without_path():
     with pytest.raises(DataError, match="data.path"):
         prepare_splits("file", n_train=1, n_test=0, n_reference=0, seed=0)
+
+
+# --------------------------------------------------------------------------- class labels of the 2-D sets
+
+
+@pytest.mark.parametrize("name, n_classes", [("moons", 2), ("8gaussians", 8), ("gmm", 2)])
+def test_labelled_sets_give_each_point_its_class(name, n_classes):
+    """moons: sklearn's moon; 8gaussians: the nearest centre (well separated); gmm: the drawing component, which
+    the points' responsibilities recover; the points keep the bits of the unlabelled draw."""
+    from pipeline.data.prepare import prepare_data
+    from pipeline.data.toy2d import TOY_CLASSES, toy_label_splits
+
+    gmm = _gmm() if name == "gmm" else None
+    labels, classes = toy_label_splits(name, seed=2, gmm=gmm, **COUNTS)
+    splits = _splits(name, 2)
+    assert len(classes) == n_classes and {k: len(v) for k, v in labels.items()} == COUNTS_BY_SPLIT
+    y, x = np.concatenate(list(labels.values())), np.concatenate(list(splits.values()))
+    assert y.dtype == np.int64 and set(np.unique(y)) == set(range(n_classes))
+    if name == "moons":
+        assert np.array_equal(y, sklearn.datasets.make_moons(100, random_state=2)[1])
+    elif name == "8gaussians":
+        h = 1 / np.sqrt(2)
+        centers = 4 * np.array([(1, 0), (-1, 0), (0, 1), (0, -1), (h, h), (h, -h), (-h, h), (-h, -h)]) / 1.414
+        nearest = np.argmin(((x[:, None] - centers[None]) ** 2).sum(-1), 1)
+        assert (nearest == y).mean() > 0.97 and classes == TOY_CLASSES["8gaussians"]
+    else:
+        import torch
+
+        resp = gmm.responsibilities(torch.from_numpy(x)).argmax(1).numpy()
+        assert (resp == y).mean() > 0.9
+    prepared = prepare_data(name, seed=2, gmm=gmm, **COUNTS)
+    assert prepared.record["num_classes"] == n_classes and prepared.record["classes"] == classes
+    assert all(np.array_equal(prepared.y[k], labels[k]) for k in labels)
+    assert all(prepared.x[k].tobytes() == splits[k].astype("float32").tobytes() for k in splits)
+
+
+@pytest.mark.parametrize("name", ["swissroll", "checkerboard"])
+def test_sets_without_classes_have_no_labels(name):
+    from pipeline.data.prepare import NO_LABEL, prepare_data
+    from pipeline.data.toy2d import toy_label_splits
+
+    assert toy_label_splits(name, seed=0, **COUNTS) is None
+    prepared = prepare_data(name, seed=0, **COUNTS)
+    assert prepared.record["num_classes"] == 0 and all((v == NO_LABEL).all() for v in prepared.y.values())
+
+
+COUNTS_BY_SPLIT = {"train": COUNTS["n_train"], "test": COUNTS["n_test"], "reference": COUNTS["n_reference"]}

@@ -15,14 +15,14 @@ import numpy as np
 
 from pipeline.data.images import (IMAGE_DATASETS, ImageData, default_split_sizes, load_image_data, load_uint8_file,
                                   split_image_data)
-from pipeline.data.toy2d import DataError, prepare_splits
+from pipeline.data.toy2d import DataError, prepare_splits, toy_label_splits
 from pipeline.defaults import POINT_SIZES
 
 if TYPE_CHECKING:
     from pipeline.gmm import GaussianMixture
 
 SPLITS = ("train", "test", "reference")
-NO_LABEL = -1  # the label of every point of a 2-D set: points carry no classes
+NO_LABEL = -1  # the label of every point of a 2-D set without classes (swissroll, checkerboard, file)
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,8 @@ def prepare_data(name: str, *, n_train, n_test, n_reference, seed: int, noise: f
                  gmm: "GaussianMixture | None" = None, path: Optional[str] = None, labels_path: Optional[str] = None,
                  download: bool = False, image_size: Optional[int] = None, channels=None) -> Prepared:
     """Load or draw data set `name` and split it; 'auto' sizes resolve per data set (pipeline.defaults and
-    pipeline.data.images.default_split_sizes). Points are float32 (N, D) with labels NO_LABEL."""
+    pipeline.data.images.default_split_sizes). Points are float32 (N, D); their labels are the classes of moons,
+    8gaussians and gmm (pipeline.data.toy2d.toy_label_splits), NO_LABEL for the sets without classes."""
     channels = None if channels == "auto" else channels
     if name in IMAGE_DATASETS:
         data = load_image_data(name, path=path, download=download, image_size=image_size, channels=channels,
@@ -77,6 +78,9 @@ def prepare_data(name: str, *, n_train, n_test, n_reference, seed: int, noise: f
     splits = prepare_splits(name, n_train=sizes["train"], n_test=sizes["test"], n_reference=sizes["reference"],
                             seed=seed, noise=noise, gmm=gmm, path=path)
     x = {k: splits[k].astype("float32") for k in SPLITS}
-    record = {"kind": "points", "name": name, "shape": list(x["train"].shape[1:]), "num_classes": 0, "classes": [],
-              **{f"n_{k}": int(len(x[k])) for k in SPLITS}}
-    return Prepared(x, {k: np.full(len(x[k]), NO_LABEL, dtype=np.int64) for k in SPLITS}, record)
+    labelled = toy_label_splits(name, n_train=sizes["train"], n_test=sizes["test"], n_reference=sizes["reference"],
+                                seed=seed, noise=noise, gmm=gmm)
+    y, classes = labelled if labelled is not None else ({k: np.full(len(x[k]), NO_LABEL) for k in SPLITS}, [])
+    record = {"kind": "points", "name": name, "shape": list(x["train"].shape[1:]), "num_classes": len(classes),
+              "classes": classes, **{f"n_{k}": int(len(x[k])) for k in SPLITS}}
+    return Prepared(x, {k: y[k].astype(np.int64) for k in SPLITS}, record)

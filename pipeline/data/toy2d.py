@@ -48,10 +48,15 @@ def swissroll(n: int, seed: int, noise: float = 0.0) -> np.ndarray:
 
 def moons(n: int, seed: int, noise: float = 0.0) -> np.ndarray:
     """(n, 2) two moons: sklearn make_moons, scalar-standardised to std 2 like the swiss roll."""
+    return moons_labelled(n, seed, noise)[0]
+
+
+def moons_labelled(n: int, seed: int, noise: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """moons and each point's moon (n,) int64: 0 the upper (outer) one, 1 the lower (sklearn's y)."""
     import sklearn.datasets
 
-    x, _ = sklearn.datasets.make_moons(n, noise=noise, random_state=seed)
-    return _scalar_standardize(x)
+    x, y = sklearn.datasets.make_moons(n, noise=noise, random_state=seed)
+    return _scalar_standardize(x), y.astype(np.int64)
 
 
 def checkerboard(n: int, seed: int) -> np.ndarray:
@@ -75,6 +80,15 @@ def eight_gaussians(n: int, seed: int) -> np.ndarray:
     is centre + 0.5·z, then everything is divided by 1.414 (FFJORD's literal constant),
     so the radius is ≈ 2.83 and the per-component std ≈ 0.354.
     """
+    return eight_gaussians_labelled(n, seed)[0]
+
+
+# The class names of the labelled 2-D sets, in label order (8gaussians: the compass point of each centre).
+TOY_CLASSES = {"moons": ["upper", "lower"], "8gaussians": ["E", "W", "N", "S", "NE", "SE", "NW", "SW"]}
+
+
+def eight_gaussians_labelled(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """8gaussians and each point's centre (n,) int64, in the order of TOY_CLASSES["8gaussians"]."""
     rng = np.random.default_rng(seed)
     h = 1.0 / math.sqrt(2.0)
     centers = 4.0 * np.array(
@@ -82,7 +96,7 @@ def eight_gaussians(n: int, seed: int) -> np.ndarray:
     )
     k = rng.integers(0, 8, size=n)
     z = rng.standard_normal((n, 2))
-    return (centers[k] + 0.5 * z) / 1.414
+    return (centers[k] + 0.5 * z) / 1.414, k.astype(np.int64)
 
 
 def sample_toy(
@@ -184,6 +198,27 @@ def load_file(path: str | os.PathLike) -> np.ndarray:
     if n_bad:
         raise _bad(path, f"{n_bad} entries are NaN or infinite")
     return np.ascontiguousarray(x)
+
+
+def toy_label_splits(name: str, *, n_train: int, n_test: int, n_reference: int, seed: int, noise: float = 0.0,
+                     gmm: GaussianMixture | None = None) -> tuple[dict[str, np.ndarray], list[str]] | None:
+    """The class labels of prepare_splits' points, split the same way, and the class names; None for the sets
+    without classes (swissroll, checkerboard, file). moons: its moon; 8gaussians: its centre; gmm: its component.
+
+    The sample is drawn again with the same seed (a few milliseconds for 2-D sets), so the points themselves keep
+    their bits whether or not anyone asks for labels."""
+    total = _check_counts(n_train, n_test, n_reference)
+    if name == "moons":
+        y, classes = moons_labelled(total, seed, noise)[1], TOY_CLASSES["moons"]
+    elif name == "8gaussians":
+        y, classes = eight_gaussians_labelled(total, seed)[1], TOY_CLASSES["8gaussians"]
+    elif name == "gmm" and gmm is not None:
+        y = gmm.sample_labelled(total, torch.Generator().manual_seed(seed))[1].numpy().astype(np.int64)
+        classes = [f"component {k}" for k in range(gmm.weights.shape[0])]
+    else:
+        return None
+    a, b = n_train, n_train + n_test
+    return {"train": y[:a], "test": y[a:b], "reference": y[b:total]}, classes
 
 
 def _check_counts(n_train: int, n_test: int, n_reference: int) -> int:
