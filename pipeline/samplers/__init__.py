@@ -1,28 +1,81 @@
 """Samplers: steps of the form step(x, t_cur, t_next, fn, process, generator) over a float64 grid,
 walked by the one walker pipeline.samplers.walk.walk (SciPy's adaptive RK45 excepted: it picks its own times).
 
-`draw` runs the sampler a method resolved to (pipeline.methods) with its options; every sampler
-returns a SampleResult (samples, nfe, the network evaluations per sample, and a recorded trajectory).
-The generator is a torch.Generator or per-sample SampleGenerators (pipeline.rng); with the latter,
-samples do not depend on the batch size, except with the PC Langevin corrector and RK45, which couple
-the batch (see their docstrings).
+`plan` resolves a sampler name and its options to the bound step and the grid it walks; `draw` walks that
+plan from a prior draw, and guidance or inpainting (pipeline.inpaint) wrap the same step, so there is one
+definition of every sampler. Every sampler returns a SampleResult (samples, nfe, the network evaluations per
+sample, and a recorded trajectory). The generator is a torch.Generator or per-sample SampleGenerators
+(pipeline.rng); with the latter, samples do not depend on the batch size, except with the PC Langevin corrector
+and RK45, which couple the batch (see their docstrings).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from functools import partial
+from typing import Any, Callable, Mapping, Optional
+
+from torch import Tensor
 
 from pipeline import rng
 from pipeline.processes import Process
-from pipeline.samplers.ddpm import ancestral_step, ddim_sampler, ddim_step, ddpm_sampler, kernel_sampler, kernel_step
-from pipeline.samplers.langevin import annealed_langevin, annealed_langevin_step
-from pipeline.samplers.ode import ode_sampler, ode_step
-from pipeline.samplers.pc import pc_sampler, pc_step
-from pipeline.samplers.walk import SampleResult, WalkResult, walk
+from pipeline.samplers.ddpm import (VARIANCES, ancestral_step, ddim_sampler, ddim_step, ddpm_sampler, kernel_sampler,
+                                    kernel_step)
+from pipeline.samplers.langevin import annealed_langevin, annealed_langevin_plan, annealed_langevin_step
+from pipeline.samplers.ode import ODE_METHODS, ode_sampler, ode_step
+from pipeline.samplers.pc import pc_plan, pc_sampler, pc_step
+from pipeline.samplers.walk import SampleResult, WalkResult, prior_walk, walk
 
-__all__ = ["SampleResult", "WalkResult", "walk", "draw", "ancestral_step", "ddim_step", "kernel_step", "pc_step",
-           "annealed_langevin_step", "ode_step", "ddpm_sampler", "ddim_sampler", "kernel_sampler", "pc_sampler",
-           "annealed_langevin", "ode_sampler"]
+Step = Callable[..., Tensor]  # step(x, t_cur, t_next, fn, process, generator) -> x_next (pipeline.samplers.walk)
+
+__all__ = ["SampleResult", "WalkResult", "walk", "draw", "plan", "GRID_SAMPLERS", "ancestral_step", "ddim_step",
+           "kernel_step", "pc_step", "annealed_langevin_step", "ode_step", "ddpm_sampler", "ddim_sampler",
+           "kernel_sampler", "pc_sampler", "annealed_langevin", "ode_sampler"]
+
+# The samplers that are a step walked over a grid ("ode" only with its fixed-step methods, FIXED_STEP_ODE).
+GRID_SAMPLERS = ("annealed_langevin", "ancestral", "ddim", "pc", "ode")
+FIXED_STEP_ODE = tuple(m for m in ODE_METHODS if m != "rk45")
+# The fixed-step ODE's number of steps when none is given (what ode_sampler's `steps` defaults to).
+ODE_DEFAULT_STEPS = 100
+
+
+def plan(sampler: str, model_kind: str, process: Process, steps: Optional[int],
+         options: Mapping[str, Any]) -> tuple[Step, Tensor, str]:
+    """(step, grid, desc): the bound step, the float64 grid it walks and a progress label, for every grid sampler.
+
+    Exactly what the samplers walk (annealed_langevin, ddpm_sampler, ddim_sampler, pc_sampler, ode_sampler with
+    euler / heun, kernel_sampler when model_kind == "kernel"), so `walk(step, x, grid, fn, ...)` from the same
+    prior draw gives the same bits. options: as for `draw`; only the chosen sampler's keys are read. The RK45 ODE
+    is refused: it chooses its own times and is no walk over a grid.
+    """
+    o = options
+    if model_kind == "kernel":
+        if sampler != "ancestral":
+            raise ValueError(f"a learned reverse kernel is sampled ancestrally, not with {sampler!r}")
+        return kernel_step, process.grid(), "learned kernel"
+    if sampler == "annealed_langevin":
+        step, grid = annealed_langevin_plan(process, o["step_size"], o["steps_per_scale"], o["denoise"])
+        return step, grid, "annealed Langevin"
+    if sampler == "ancestral":
+        if o["variance"] not in VARIANCES:
+            raise ValueError(f"unknown ancestral variance {o['variance']!r}; allowed: {', '.join(VARIANCES)}")
+        return partial(ancestral_step, variance=o["variance"]), process.grid(steps), "ancestral"
+    if sampler == "ddim":
+        if not 0.0 <= o["eta"] <= 1.0:
+            raise ValueError(f"DDIM eta must be in [0, 1], got {o['eta']}")
+        return partial(ddim_step, eta=o["eta"]), process.grid(steps), "DDIM"
+    if sampler == "pc":
+        step, grid = pc_plan(process, steps, o["predictor"], o["corrector"], o["snr"], o["corrector_steps"],
+                             o["lam"], o["denoise"])
+        return step, grid, "PC sampling"
+    if sampler == "ode":
+        method = o["ode_method"]
+        if method not in FIXED_STEP_ODE:
+            if method in ODE_METHODS:
+                raise ValueError(f"the {method} ODE solver picks its own times and is no walk over a grid; "
+                                 f"grid ODE methods: {', '.join(FIXED_STEP_ODE)}")
+            raise ValueError(f"unknown ODE method {method!r}; allowed: {', '.join(ODE_METHODS)}")
+        return partial(ode_step, method=method), process.grid(steps or ODE_DEFAULT_STEPS), f"ODE ({method})"
+    raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(GRID_SAMPLERS)}")
 
 
 def draw(sampler: str, model_kind: str, fn, process: Process, shape: tuple[int, ...], generator: rng.Generator,
@@ -34,25 +87,11 @@ def draw(sampler: str, model_kind: str, fn, process: Process, shape: tuple[int, 
     lam (pc), ode_method, rtol, atol (ode), step_size, steps_per_scale (annealed_langevin).
     record=k also returns k (t, x) states evenly spread over the walk, the prior draw and the result
     included (RK45: the start and the end only). device: where x lives (the generator's device if None).
+    Every sampler but RK45 is `plan`'s step walked from a prior draw.
     """
-    o = options
-    common = dict(device=device, record=record)
-    if model_kind == "kernel":
-        if sampler != "ancestral":
-            raise ValueError(f"a learned reverse kernel is sampled ancestrally, not with {sampler!r}")
-        return kernel_sampler(fn, process, shape, generator, progress=progress, **common)
-    if sampler == "annealed_langevin":
-        return annealed_langevin(fn, process, shape, o["step_size"], o["steps_per_scale"], generator,
-                                 denoise=o["denoise"], progress=progress, **common)
-    if sampler == "ancestral":
-        return ddpm_sampler(fn, process, shape, generator, steps, variance=o["variance"], progress=progress, **common)
-    if sampler == "ddim":
-        return ddim_sampler(fn, process, shape, generator, steps, eta=o["eta"], progress=progress, **common)
-    if sampler == "pc":
-        return pc_sampler(fn, process, shape, generator, steps, predictor=o["predictor"], corrector=o["corrector"],
-                          snr=o["snr"], corrector_steps=o["corrector_steps"], lam=o["lam"], denoise=o["denoise"],
-                          progress=progress, **common)
-    if sampler == "ode":
-        return ode_sampler(fn, process, shape, generator, method=o["ode_method"], steps=steps or 100,
-                           rtol=o["rtol"], atol=o["atol"], **common)
-    raise ValueError(f"unknown sampler {sampler!r}; allowed: annealed_langevin, ancestral, ddim, pc, ode")
+    if model_kind != "kernel" and sampler == "ode" and options["ode_method"] == "rk45":
+        return ode_sampler(fn, process, shape, generator, method="rk45", steps=steps or ODE_DEFAULT_STEPS,
+                           rtol=options["rtol"], atol=options["atol"], device=device, record=record)
+    step, grid, desc = plan(sampler, model_kind, process, steps, options)
+    return prior_walk(step, fn, process, shape, generator, grid, device=device, record=record, progress=progress,
+                      desc=desc)

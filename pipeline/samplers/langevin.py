@@ -22,7 +22,8 @@ from pipeline.parameterization import ScoreFn, x0_from_score
 from pipeline.processes import Process
 from pipeline.samplers.walk import SampleResult, prior_walk
 
-__all__ = ["SampleResult", "annealed_langevin", "annealed_langevin_step", "annealed_step_sizes", "langevin_step"]
+__all__ = ["SampleResult", "annealed_langevin", "annealed_langevin_plan", "annealed_langevin_step", "annealed_step_sizes",
+           "langevin_step"]
 
 
 def langevin_step(x: Tensor, t: Tensor, score_fn: ScoreFn, alpha: float, generator: rng.Generator) -> Tensor:
@@ -70,12 +71,19 @@ def annealed_langevin(
     whose grid ends near the data (std small). Samples are independent of each other (batch-size
     invariant with per-sample generators).
     """
+    step, walk_grid = annealed_langevin_plan(process, step_size, steps_per_scale, denoise)
+    return prior_walk(step, score_fn, process, shape, generator, walk_grid, device=device, record=record,
+                      progress=progress, desc="annealed Langevin")
+
+
+def annealed_langevin_plan(process: Process, step_size: float, steps_per_scale: int, denoise: bool = True):
+    """(step, grid) of annealed Langevin: the levels of process.grid() with the first repeated (the first step
+    stays at sigma_1: Langevin on the prior draw), step sizes from each level's std (Algorithm 1); what
+    annealed_langevin walks, and what guidance and inpainting wrap (pipeline.samplers.plan)."""
     grid = process.grid()
     _, stds = process.marginal(grid)
     levels = grid.tolist()
     alphas = dict(zip(levels, annealed_step_sizes(stds, step_size).tolist()))
     step = partial(annealed_langevin_step, alphas=alphas, steps_per_scale=steps_per_scale, denoise=denoise,
                    t_end=levels[-1])
-    walk_grid = [levels[0]] + levels  # the first step stays at sigma_1: Langevin on the prior draw
-    return prior_walk(step, score_fn, process, shape, generator, walk_grid, device=device, record=record,
-                      progress=progress, desc="annealed Langevin")
+    return step, torch.tensor([levels[0]] + levels, dtype=torch.float64)

@@ -145,6 +145,15 @@ def pc_sampler(score_fn: ScoreFn, process: Process, shape: tuple[int, ...], gene
     With the default corrector="langevin" the sampler is not batch-size invariant: the corrector's step
     size averages norms over the batch (see langevin_corrector); with "ald" or "none" it is.
     """
+    step, grid = pc_plan(process, steps, predictor, corrector, snr, corrector_steps, lam, denoise)
+    return prior_walk(step, score_fn, process, shape, generator, grid, device=device, record=record,
+                      progress=progress, desc="PC sampling")
+
+
+def pc_plan(process: Process, steps: Optional[int], predictor: str, corrector: str, snr: float,
+            corrector_steps: int, lam: float, denoise: bool):
+    """(step, grid) of the PC sampler: pc_step bound to its options over process.grid(steps), denoising at the
+    grid's last time; what pc_sampler walks, and what guidance and inpainting wrap (pipeline.samplers.plan)."""
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; allowed: {', '.join(PREDICTORS)}")
     if corrector not in CORRECTORS:
@@ -152,5 +161,4 @@ def pc_sampler(score_fn: ScoreFn, process: Process, shape: tuple[int, ...], gene
     grid = process.grid(steps)
     step = partial(pc_step, predictor=predictor, corrector=corrector, snr=snr, corrector_steps=corrector_steps,
                    lam=lam, denoise=denoise, t_end=float(grid[-1]))
-    return prior_walk(step, score_fn, process, shape, generator, grid, device=device, record=record,
-                      progress=progress, desc="PC sampling")
+    return step, grid
