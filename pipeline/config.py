@@ -174,6 +174,8 @@ class MethodParams(_Section):
     t_sampling: Literal["uniform", "importance"] = "uniform"
     schedule: Literal["linear", "cosine"] = "linear"
     num_steps: Union[Auto, int] = "auto"
+    conditional: bool = False
+    label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
 
     @field_validator("num_steps")
     @classmethod
@@ -254,6 +256,8 @@ class SampleParams(_Section):
     steps: Union[Auto, int] = "auto"
     denoise: bool = True
     clip_denoised: Union[Auto, bool] = "auto"
+    guidance: float = 0.0
+    classes: Union[Auto, list[int]] = "auto"
     variance: Literal["beta_tilde", "beta"] = "beta_tilde"
     eta: float = Field(0.0, ge=0.0, le=1.0)
     predictor: Literal["reverse_diffusion", "euler_maruyama", "ancestral"] = "reverse_diffusion"
@@ -349,6 +353,7 @@ class Config(_Section):
                 f"Gaussian mixture); got data.name: {d.name}. Train a model for {d.name}: method.name ncsnv2, ncsn, ddpm, sde or sohl_dickstein."
             )
         _check_data(d)
+        _check_conditional(self)
         if s.clip_denoised is True and d.kind == "points":
             raise ValueError(f"sample.clip_denoised clips x0_hat to the pixel range of images; data.name: {d.name} "
                              f"is a point set (leave sample.clip_denoised: auto or false)")
@@ -371,6 +376,29 @@ class Config(_Section):
                     raise ValueError(f"eval.fid_n ({e.fid_n}) must be <= {key} ({have}): FID compares eval.fid_n "
                                      f"images each side")
         return self
+
+
+# The 2-D sets with classes (pipeline.data.toy2d.toy_label_splits); every image set has labels.
+LABELLED_POINTS = ("moons", "8gaussians", "gmm")
+
+
+def _check_conditional(cfg: "Config") -> None:
+    """Class conditioning needs labels and a score model; guidance keys need a conditional model."""
+    d, m, s = cfg.data, cfg.method, cfg.sample
+    if not m.conditional:
+        for key, value, default in (("guidance", s.guidance, 0.0), ("classes", s.classes, "auto")):
+            if value != default:
+                raise ValueError(f"sample.{key} guides a class-conditional model; set method.conditional: true (and "
+                                 f"retrain) or leave sample.{key}: {default}")
+        return
+    if d.kind == "points" and d.name not in LABELLED_POINTS:
+        raise ValueError(f"method.conditional needs class labels; data.name: {d.name} has none (labelled 2-D sets: "
+                         f"{', '.join(LABELLED_POINTS)}; every image set)")
+    if m.name == "sohl_dickstein":
+        raise ValueError("method.conditional: Sohl-Dickstein's learned kernels have no score to guide; use "
+                         "method.name ddpm, sde, ncsnv2, ncsn (or exact_score on gmm)")
+    if s.classes != "auto" and (not s.classes or min(s.classes) < 0):
+        raise ValueError(f"sample.classes must be 'auto' or a non-empty list of 0-based classes, got {s.classes}")
 
 
 _IMAGE_ONLY = (("download", False), ("image_size", None), ("channels", "auto"), ("scaling", "auto"),

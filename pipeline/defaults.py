@@ -63,19 +63,22 @@ def lowest_resolution(shape: tuple[int, ...], channel_mult) -> int:
     return side
 
 
-def network_spec(model: Mapping[str, Any], data: Mapping[str, Any], parameterization: str) -> dict:
+def network_spec(model: Mapping[str, Any], data: Mapping[str, Any], parameterization: str,
+                 num_classes: int = 0) -> dict:
     """The network's spec (pipeline.nets.build_network) from model.* and the data record: 'auto' arch is the
     U-Net for images and the MLP for points; U-Net sizes 'auto' resolve by image size; attention 'auto' is at
     the lowest resolution (DDPM puts it at 16x16 of 32x32, one level above; at 8x8 and 28x28 the lowest
-    level is the cheap one)."""
+    level is the cheap one). num_classes > 0: a class-conditional network (method.conditional); the MLP's
+    spec names it only then, so unconditional model files keep their bytes."""
     shape = tuple(data["shape"])
     arch = model["arch"] if model["arch"] != "auto" else ("unet" if data["kind"] == "images" else "mlp")
     if arch == "mlp":
         dim = 1
         for s in shape:
             dim *= s
-        return {"kind": "mlp", "dim": dim, "hidden": model["hidden"], "blocks": model["blocks"],
+        spec = {"kind": "mlp", "dim": dim, "hidden": model["hidden"], "blocks": model["blocks"],
                 "emb_dim": model["emb_dim"], "parameterization": parameterization}
+        return {**spec, "num_classes": num_classes} if num_classes else spec
     if len(shape) != 3:
         raise ValueError(f"model.arch: unet needs images (C, H, W); the data has shape {list(shape)}")
     d = image_defaults(shape)
@@ -84,7 +87,7 @@ def network_spec(model: Mapping[str, Any], data: Mapping[str, Any], parameteriza
     return {"kind": "unet", "shape": list(shape), "channels": int(_pick(model["channels"], d.channels)),
             "channel_mult": mult, "num_res_blocks": int(_pick(model["num_res_blocks"], d.num_res_blocks)),
             "attn_resolutions": [int(a) for a in attn], "dropout": float(_pick(model["dropout"], d.dropout)),
-            "num_classes": 0, "parameterization": parameterization}
+            "num_classes": num_classes, "parameterization": parameterization}
 
 
 def train_settings(train: Mapping[str, Any], data: Mapping[str, Any]) -> dict:
@@ -117,6 +120,19 @@ def sample_sizes(sample_n: Any, batch_size: Any, eval_fid_n: Any, data: Mapping[
         return int(_pick(sample_n, POINT_SIZES)), int(_pick(batch_size, POINT_SIZES))
     d = image_defaults(tuple(data["shape"]))
     return int(_pick(sample_n, fid_n(eval_fid_n, data))), int(_pick(batch_size, d.sample_batch_size))
+
+
+def sample_classes(setting: Any, n: int, num_classes: int) -> "torch.Tensor":
+    """The 0-based class of each of n samples of a class-conditional model (sample.classes), (n,) int64: 'auto'
+    cycles through every class (sample i gets i mod K), a list is cycled the same way. Sample i's class depends
+    on i alone, so it does not change with sample.batch_size or sample.devices."""
+    import torch
+
+    chosen = list(range(num_classes)) if setting == "auto" else [int(c) for c in setting]
+    bad = [c for c in chosen if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"sample.classes {bad} are not classes of this data (0..{num_classes - 1})")
+    return torch.tensor(chosen, dtype=torch.int64)[torch.arange(n) % len(chosen)]
 
 
 # The samplers that step through Tweedie's x0_hat, where clipping it to the pixel range is the reference codes' habit.

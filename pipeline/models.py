@@ -13,6 +13,7 @@ from torch import nn
 
 from pipeline import io, nets
 from pipeline.gmm import GaussianMixture
+from pipeline.guidance import gmm_class_score_fn
 from pipeline.parameterization import KernelFn, ScoreFn, make_kernel_fn, make_score_fn
 from pipeline.processes import Process
 
@@ -50,12 +51,13 @@ def save_model(path: str | Path, spec: Mapping[str, Any], state_dict: Mapping[st
 def load_model(path: str | Path, process: Process, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> tuple[str, ScoreFn | KernelFn]:
     """("score", score_fn) or ("kernel", kernel_fn) of a model file: a trained network (its weights cast to
-    `dtype`: float64 for the likelihood's ODE, and moved to `device`) or the exact mixture score."""
+    `dtype`: float64 for the likelihood's ODE, and moved to `device`) or the exact mixture score. A score_fn takes
+    optional label indices, score_fn(x, t, y=None) (pipeline.guidance): the exact one scores component k at k + 1."""
     obj = io.load_torch(path)
     spec, state = obj["config"], obj["state_dict"]
     if spec["kind"] == "gmm_exact":
         mixture = GaussianMixture(*(state[k].to(device) for k in ("weights", "means", "covs")))
-        return "score", exact_score_fn(mixture, process)
+        return "score", gmm_class_score_fn(mixture, process)  # y=None: the mixture's score; y: a component's
     net = build_network(spec, seed=0)
     net.load_state_dict(state)
     net.to(device=device, dtype=dtype)

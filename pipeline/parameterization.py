@@ -109,6 +109,7 @@ def clip_denoised(score_fn: ScoreFn, process: Process, low: float, high: float) 
         x0 = x0_from_score(x, score_fn(x, t), t, process).clamp(low, high)
         return (_b(m, x) * x0 - x) / _b(std, x) ** 2
 
+    clipped.evaluations = getattr(score_fn, "evaluations", 1)  # the walker's nfe counts what the wrapped one costs
     return clipped
 
 

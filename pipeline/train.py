@@ -409,7 +409,8 @@ def image_batches(scaling: str, *, dequantize: bool = False, hflip: bool = False
 
 
 def held_out_evaluator(loss_fn: LossFn, loss_name: str, x: Tensor, *, transform: Optional[BatchTransform],
-                       device: torch.device | str, seed: int, scaling: Optional[str]) -> tuple[Evaluator, str]:
+                       device: torch.device | str, seed: int, scaling: Optional[str],
+                       labels: Optional[Tensor] = None) -> tuple[Evaluator, str]:
     """The held-out number tracked during training (train.eval_every) and its unit.
 
     The training loss on held-out examples x (N, *D), with the same noise at every evaluation (generator
@@ -418,6 +419,7 @@ def held_out_evaluator(loss_fn: LossFn, loss_name: str, x: Tensor, *, transform:
     on points, bits/dim on images (the discrete bound with its discretised decoder is already in bits of the
     pixels; Huang's bound is a density of dequantised data, so the offset of pipeline.pixels.bpd_offset is
     added), as sdeflow-light plots test bpd against iterations. Other losses report "loss/dim".
+    `labels` (N,): the examples' 0-based classes, given to a class-conditional network (no dropout).
     """
     import math
 
@@ -434,7 +436,11 @@ def held_out_evaluator(loss_fn: LossFn, loss_name: str, x: Tensor, *, transform:
         gen = torch.Generator().manual_seed(seed)
         batch = x if transform is None else transform(x, gen)
         # the divergence losses turn gradients on for their divergence only (pipeline.losses)
-        values = loss_fn(net, batch.to(device), generator=gen).detach().double().cpu() * scale + offset
+        if labels is None:
+            values = loss_fn(net, batch.to(device), generator=gen)
+        else:
+            values = loss_fn(net, batch.to(device), cond=label_index(labels).to(device), generator=gen)
+        values = values.detach().double().cpu() * scale + offset
         return {"value": float(values.mean()), "se": float(values.std() / math.sqrt(len(values)))}
 
     return evaluator, unit

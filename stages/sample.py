@@ -26,6 +26,8 @@ import torch
 from pipeline import defaults, io, models, pixels, plots
 from pipeline.config import Config
 from pipeline.distributed import Group
+from pipeline.data import DataError
+from pipeline.guidance import guided_score
 from pipeline.parameterization import clip_denoised
 from pipeline.rng import SampleGenerators
 from pipeline.samplers import draw
@@ -50,10 +52,9 @@ def sample_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> N
     model_kind, fn = models.load_model(MODEL, process, device=device)
     scaling = record.get("scaling")
     clip = defaults.clip_denoised(s.clip_denoised, sampler, model_kind, info)
-    if clip:
-        fn = clip_denoised(fn, process, *pixels.pixel_range(scaling))
     steps, options = sampler_options(cfg, process, record)
     n, batch_size = defaults.sample_sizes(s.n, s.batch_size, cfg.eval.fid_n, info)
+    classes = _classes(cfg, n, info)
     shape = tuple(info["shape"])
     chunks, nfe, trajectory = [], 0, []
     starts = range(0, n, batch_size)  # the batches of one process
@@ -63,7 +64,10 @@ def sample_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> N
         for start in starts:
             b = min(batch_size, n - start)
             gens = SampleGenerators(s.seed, range(start, start + b))
-            out = draw(sampler, model_kind, fn, process, (b, *shape), gens, steps, options,
+            batch_fn = fn if classes is None else guided_score(fn, classes[start:start + b].to(device), s.guidance)
+            if clip:  # outside the guidance: the guided x0_hat is the one clipped
+                batch_fn = clip_denoised(batch_fn, process, *pixels.pixel_range(scaling))
+            out = draw(sampler, model_kind, batch_fn, process, (b, *shape), gens, steps, options,
                        progress=group is None or group.is_main,
                        record=TRAJECTORY_FRAMES if start == 0 else None, device=device)
             if not torch.isfinite(out.x).all():
@@ -78,7 +82,7 @@ def sample_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> N
             return
     else:
         x = np.concatenate(chunks)
-    io.save_npz(SAMPLES, x=x)
+    io.save_npz(SAMPLES, x=x, **({} if classes is None else {"y": classes.numpy()}))
     io.write_json(SAMPLE_METRICS, {"nfe": nfe, "n": int(len(x))})
     title = f"{cfg.method.name}: {sampler}, nfe={nfe}"
     if info["kind"] == "images":
@@ -89,10 +93,21 @@ def sample_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> N
         plots.scatter_samples(SAMPLES_PLOT, x, np.load(TEST)[: len(x)], title)
         plots.point_trajectory(TRAJECTORY_PLOT, [(t, v.numpy()) for t, v in trajectory],
                                f"{title}: x at {len(trajectory)} times")
-    run.log_params({"sample": s.model_dump(mode="json"), "sampler": sampler, "clip_denoised": clip, "n": n, "batch_size": batch_size})
+    run.log_params({"sample": s.model_dump(mode="json"), "sampler": sampler, "clip_denoised": clip, "n": n,
+                    "batch_size": batch_size})
     run.log_metrics({"nfe": nfe})
     run.log_artifact(SAMPLES_PLOT)
     run.log_artifact(TRAJECTORY_PLOT)
+
+
+def _classes(cfg: Config, n: int, info: dict) -> Optional[torch.Tensor]:
+    """Each sample's 0-based class (n,) for a class-conditional model (sample.classes), else None."""
+    if not cfg.method.conditional:
+        return None
+    try:
+        return defaults.sample_classes(cfg.sample.classes, n, info["num_classes"])
+    except ValueError as err:
+        raise DataError(str(err)) from None
 
 
 def _gather(group: Group, chunks: list[np.ndarray], nfe: int, trajectory: list) -> tuple[Optional[np.ndarray], int, list]:

@@ -29,7 +29,7 @@ from pipeline.samplers import draw
 from pipeline.train import (NO_COMPILE_LOSSES, Preempted, TrainSettings, held_out_evaluator, image_batches,
                             train)
 from pipeline.tracking import StageRun
-from stages.common import (CHECKPOINTS, EMA_MODEL, EVAL_CSV, LOSS_CSV, NOISE_SCALES, RAW_MODEL, TEST, TRAIN,
+from stages.common import (CHECKPOINTS, EMA_MODEL, EVAL_CSV, LABELS, LOSS_CSV, NOISE_SCALES, RAW_MODEL, TEST, TRAIN,
                            TRAIN_METRICS, choose_device, data_record, main, plan_of, process_of, sampler_options)
 
 # Held-out examples the training-time evaluation averages over, and images in its sample grid (train.eval_every).
@@ -115,6 +115,17 @@ def _check_train(t: TrainParams, batch_size: int, loss: str, world_size: int = 1
                         f"and torch.compile cannot train through that double backward; set train.compile: false")
 
 
+def _training_labels(cfg: Config, info: dict) -> Optional[torch.Tensor]:
+    """The train split's 0-based classes (N,) for a class-conditional model (method.conditional), else None;
+    refuses, before any training, data whose prepared record has fewer than two classes."""
+    if not cfg.method.conditional:
+        return None
+    if info["num_classes"] < 2:
+        raise DataError(f"method.conditional needs at least two classes; data.name: {cfg.data.name} was prepared "
+                        f"with {info['num_classes']} (a folder needs class subfolders, a file data.labels_path)")
+    return torch.from_numpy(np.load(LABELS["train"]))
+
+
 def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> None:
     """The train stage's body; with a `group` (torchrun, N > 1) one rank of it, rank 0 writing and logging."""
     t = cfg.train
@@ -142,7 +153,9 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
     images = info["kind"] == "images"
     scaling = record.get("scaling")
     resolved = defaults.train_settings(t.model_dump(), info)
-    spec = defaults.network_spec(cfg.model.model_dump(), info, plan.parameterization)
+    labels = _training_labels(cfg, info)
+    spec = defaults.network_spec(cfg.model.model_dump(), info, plan.parameterization,
+                                 num_classes=info["num_classes"] if labels is not None else 0)
     decoder = pixels.discrete_decoder(scaling) if images else None
     options = loss_options(plan.loss, cfg.method.weighting, cfg.method.t_sampling, decoder)
     loss = build_loss(plan.loss, process, plan.parameterization, **options)
@@ -156,6 +169,9 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
              "data": hashlib.sha256(data.tobytes()).hexdigest(), "resolved": {**resolved, "steps": None},
              "augment": {"dequantize": cfg.data.dequantize, "hflip": cfg.data.hflip} if images else None,
              "train": fingerprinted_train(t)}
+    if labels is not None:  # only then, so unconditional checkpoints keep their fingerprint
+        setup["labels"] = {"sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest(),
+                           "label_dropout": cfg.method.label_dropout}
     device = choose_device(t.device)
     set_tf32(device, t.tf32)
     net = models.build_network(spec, seed=cfg.seed)
@@ -165,8 +181,10 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
     evaluator, unit = None, "none"
     if t.eval_every and main_rank:  # rank 0 alone evaluates, logs and writes the rows
         held_out = torch.from_numpy(np.load(TEST)[:EVAL_EXAMPLES])
+        held_out_labels = torch.from_numpy(np.load(LABELS["test"])[:EVAL_EXAMPLES]) if labels is not None else None
         held_out_eval, unit = held_out_evaluator(loss, plan.loss, held_out, transform=transform, device=device,
-                                                 seed=cfg.seed, scaling=scaling if images else None)
+                                                 seed=cfg.seed, scaling=scaling if images else None,
+                                                 labels=held_out_labels)
 
         def evaluator(step: int, ema_net: torch.nn.Module) -> dict:
             row = held_out_eval(step, ema_net)
@@ -179,7 +197,8 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
             result = train(net, loss, torch.from_numpy(data), settings, CHECKPOINTS, setup,
                            on_log=lambda step, loss: run.log_metric_buffered("train_loss", loss, step),
                            transform=transform, device=device, evaluator=evaluator, eval_every=t.eval_every,
-                           should_stop=should_stop, group=group, progress=main_rank)
+                           should_stop=should_stop, group=group, progress=main_rank, labels=labels,
+                           label_dropout=cfg.method.label_dropout)
     except Preempted as stop:
         if not main_rank:
             raise SystemExit(PREEMPTED_EXIT) from None

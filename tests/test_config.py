@@ -70,6 +70,15 @@ def test_yaml12_floats_as_dvc_writes_them(tmp_path):
     ({"train": {"device": "tpu"}}, ["train.device", "cuda"]),
     ({"data": {"labels_path": "y.npy"}}, ["data.labels_path", "file"]),
     ({"method": {"name": "ddpm"}, "sample": {"clip_denoised": True}}, ["sample.clip_denoised", "point set"]),
+    # class conditioning and guidance
+    ({"sample": {"guidance": 1.0}}, ["sample.guidance guides a class-conditional model", "method.conditional: true"]),
+    ({"sample": {"classes": [1]}}, ["sample.classes guides a class-conditional model"]),
+    ({"method": {"conditional": True}}, ["method.conditional needs class labels", "swissroll", "moons, 8gaussians"]),
+    ({"data": {"name": "digits"}, "method": {"name": "sohl_dickstein", "conditional": True}},
+     ["Sohl-Dickstein's learned kernels have no score to guide", "ddpm"]),
+    ({"method": {"label_dropout": 1.0}}, ["method.label_dropout", "less than 1"]),
+    ({"data": {"name": "moons"}, "method": {"conditional": True}, "sample": {"classes": []}},
+     ["sample.classes must be 'auto' or a non-empty list"]),
     ({"data": {"name": "digits"}, "method": {"name": "sohl_dickstein"}, "sample": {"clip_denoised": True}},
      ["sample.clip_denoised", "no x0_hat"]),
 ])

@@ -422,3 +422,60 @@ def test_dvc_queue_keeps_mlflow_artifacts_and_skips_training(dvc_repo, dvc_basel
     assert parent_uri.startswith((dvc_repo / "mlartifacts").resolve().as_uri())
     artifacts = Path(parent_uri.removeprefix("file://"))
     assert (artifacts / "report.md").is_file() and (artifacts / "figures" / "samples.png").is_file()
+
+
+# --------------------------------------------------------------------------- class-conditional models (issue 9)
+
+
+def test_exact_class_scores_sample_each_gmm_component(workdir, moment_errors):
+    """Oracle through the stages: exact_score + method.conditional on gmm, w = 0, classes cycled: the samples of
+    class k follow component k (moments within 5 standard errors) and samples.npz records each sample's class."""
+    from pipeline.gmm import GaussianMixture
+
+    params = _deep_merge(TINY, {"data": {"name": "gmm"}, "method": {"name": "exact_score", "conditional": True},
+                                "sample": {"n": 2000, "batch_size": 500}, "eval": {"n": 300}})
+    _write_params(Path("params.yaml"), params)
+    for name in ("prepare", "noise_scales", "train", "ema", "sample"):
+        assert _run(name) == 0, name
+    out = np.load("outputs/samples.npz")
+    x, y = torch.from_numpy(out["x"]).double(), out["y"]
+    assert y.tolist() == [i % 2 for i in range(2000)]
+    g = params["data"]["gmm"]
+    for k in (0, 1):
+        component = GaussianMixture.from_params([1.0], [g["means"][k]], [g["covs"][k]])
+        moments = moment_errors(component, x[y == k])
+        del moments["weights"]  # one component: its weight is 1 with no error
+        for key, (err, se) in moments.items():
+            assert float((err.abs() / se).max()) < 5, (k, key)
+
+
+@pytest.mark.parametrize("data, overrides, nfe", [
+    ("8gaussians", {"method": {"name": "ddpm", "num_steps": 20}, "sample": {"guidance": 2.0, "classes": [3, 5]}}, 40),
+    ("moons", {"method": {"name": "sde"}, "sample": {"steps": 10, "sampler": "ode", "ode_method": "euler"}}, 10),
+])
+def test_conditional_training_and_guidance_through_the_stages(workdir, data, overrides, nfe):
+    params = _deep_merge(TINY, _deep_merge({"data": {"name": data}, "method": {"conditional": True}}, overrides))
+    _write_params(Path("params.yaml"), params)
+    for name in STAGES:
+        assert _run(name) == 0, name
+    model = torch.load("models/model.pt", weights_only=True)
+    classes = 8 if data == "8gaussians" else 2
+    assert model["config"]["num_classes"] == classes and model["state_dict"]["label_emb.weight"].shape[0] == classes + 1
+    out = np.load("outputs/samples.npz")
+    want = overrides["sample"].get("classes", list(range(classes)))
+    assert out["y"].tolist() == [want[i % len(want)] for i in range(300)] and np.isfinite(out["x"]).all()
+    assert json.loads(Path("metrics/sample.json").read_text())["nfe"] == nfe  # guided: two evaluations a step
+
+
+def test_conditional_images_and_refusals(workdir, capsys):
+    params = _deep_merge(TINY, _deep_merge(TINY_IMAGES, {"method": {"name": "ddpm", "num_steps": 20,
+                                                                    "conditional": True},
+                                                         "sample": {"guidance": 1.0}}))
+    _write_params(Path("params.yaml"), params)
+    for name in ("prepare", "noise_scales", "train", "ema", "sample"):
+        assert _run(name) == 0, name
+    out = np.load("outputs/samples.npz")
+    assert out["x"].shape == (20, 1, 8, 8) and out["y"].tolist() == [i % 10 for i in range(20)]
+    _write_params(Path("params.yaml"), _deep_merge(params, {"sample": {"classes": [10]}}))
+    assert _run("sample") == 2
+    assert "sample.classes [10] are not classes of this data (0..9)" in capsys.readouterr().err
