@@ -22,6 +22,7 @@ from pipeline.config import Config, TrainParams
 from pipeline.data import DataError
 from pipeline.distributed import Group
 from pipeline.gmm import GaussianMixture
+from pipeline.guidance import guided_score
 from pipeline.losses import build_loss
 from pipeline.methods import loss_options
 from pipeline.rng import SampleGenerators, sample_seed
@@ -58,6 +59,9 @@ def _log_sample_grid(cfg: Config, run: StageRun, net: torch.nn.Module, process, 
                      device, step: int) -> None:
     """TRAIN_GRID samples of the network so far with the method's sampler, as a PNG on the stage's MLflow run."""
     kind, fn = models.network_fn(net, process, plan.parameterization)
+    if cfg.method.conditional:  # a conditional network is sampled with labels, as the sample stage does
+        fn = guided_score(fn, defaults.sample_classes(cfg.sample.classes, TRAIN_GRID, info["num_classes"]).to(device),
+                          cfg.sample.guidance)
     steps, options = sampler_options(cfg, process, record)
     out = draw(plan.sampler, kind, fn, process, (TRAIN_GRID, *info["shape"]), SampleGenerators(cfg.sample.seed,
                range(TRAIN_GRID)), steps, options, device=device)
