@@ -19,6 +19,22 @@ def sinusoidal_embedding(c: Tensor, dim: int, max_period: float = 10_000.0) -> T
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
+def add_label_embedding(emb: Tensor, label_emb: nn.Embedding | None, y: Tensor | None, network: str) -> Tensor:
+    """emb (B, E) plus the embedding of label indices y (B,) (pipeline.guidance: 0 the null label).
+
+    A class-conditional network called without labels (y=None: likelihoods, a plain sampler) is the
+    unconditional model, so it takes the null label, the one label dropout trained it with (Ho & Salimans 2022);
+    a network without an embedding (num_classes = 0) refuses labels and leaves emb as it is.
+    """
+    if label_emb is None:
+        if y is not None:
+            raise ValueError(f"class labels y given to a {network} built with num_classes=0")
+        return emb
+    if y is None:
+        y = torch.zeros(emb.shape[0], dtype=torch.long, device=emb.device)
+    return emb + label_emb(y)
+
+
 class ResidualBlock(nn.Module):
     """x + W2 silu(W1 silu(x) + E c): a pre-activation residual block with additive conditioning."""
 
@@ -41,7 +57,7 @@ class ConditionalMLP(nn.Module):
     num_classes > 0 adds an embedding of num_classes + 1 rows (index 0 the null label of classifier-free
     guidance, pipeline.guidance) to the time embedding after emb_mlp, as the U-Net does (Dhariwal & Nichol
     2021, arXiv:2105.05233; Ho & Salimans 2022, arXiv:2207.12598). num_classes = 0 builds the unconditional
-    network with no extra parameter, and y=None runs the unconditional forward pass unchanged.
+    network with no extra parameter; a conditional one called with y=None takes the null label.
     """
 
     def __init__(self, dim: int, hidden: int = 128, blocks: int = 3, emb_dim: int = 64, outputs: int = 1,
@@ -60,10 +76,7 @@ class ConditionalMLP(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, y: Tensor | None = None) -> Tensor:
         emb = self.emb_mlp(sinusoidal_embedding(c, self.emb_dim).to(x.dtype))
-        if y is not None:
-            if self.label_emb is None:
-                raise ValueError("class labels y given to a ConditionalMLP built with num_classes=0")
-            emb = emb + self.label_emb(y)
+        emb = add_label_embedding(emb, self.label_emb, y, "ConditionalMLP")
         h = self.inp(x.flatten(1))
         for block in self.blocks:
             h = block(h, emb)

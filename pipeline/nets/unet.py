@@ -16,7 +16,7 @@ Departures from the official code, all harmless at the sizes DDPM used:
 - an optional class embedding (num_classes > 0) is added to the time embedding, as in Dhariwal &
   Nichol 2021 (arXiv:2105.05233), with num_classes + 1 rows: index 0 is the null label of classifier-free
   guidance (Ho & Salimans 2022, arXiv:2207.12598; pipeline.guidance) and class k is index k + 1; y=None
-  gives the unconditional network, and num_classes = 0 adds no parameter.
+  takes the null label (the unconditional model), and num_classes = 0 adds no parameter.
 
 Every operation acts on one example at a time (GroupNorm, attention within an image, dropout; no batch
 norm), so the Jacobian of one example's output with respect to another's input is zero and per-example
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.nets.mlp import sinusoidal_embedding
+from pipeline.nets.mlp import add_label_embedding, sinusoidal_embedding
 
 SPEC_KEYS = ("shape", "channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout")
 
@@ -215,10 +215,7 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, y: Tensor | None = None) -> Tensor:
         emb = self.temb(sinusoidal_embedding(c, self.channels).to(x.dtype))
-        if y is not None:
-            if self.label_emb is None:
-                raise ValueError("class labels y given to a UNet built with num_classes=0")
-            emb = emb + self.label_emb(y)
+        emb = add_label_embedding(emb, self.label_emb, y, "UNet")
 
         hs = [self.conv_in(x)]
         for stage in self.down:
