@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -234,6 +232,7 @@ def test_library_refuses_uneven_shares():
 
 from stages.common import run_named  # noqa: E402
 from stages.train import PREEMPTED_EXIT  # noqa: E402
+from test_preempt import sigterm_after_first_checkpoint  # noqa: E402
 
 
 def _stage_env() -> dict:
@@ -286,11 +285,7 @@ def test_two_processes_sigterm_and_rerun_end_on_the_same_bytes(project, tmp_path
     proc = subprocess.Popen(stage, cwd=project, env=_stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     checkpoint = project / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    err = sigterm_after_first_checkpoint(proc, checkpoint)
     assert proc.returncode == PREEMPTED_EXIT, err
     ckpt = torch.load(checkpoint, weights_only=True)
     step = int(ckpt["step"])

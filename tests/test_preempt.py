@@ -117,6 +117,16 @@ def _env() -> dict:
 _STAGE = [sys.executable, "-m", "stages.train"]
 
 
+def sigterm_after_first_checkpoint(proc: subprocess.Popen, checkpoint: Path) -> str:
+    """Send SIGTERM to a running train stage once it has written `checkpoint` (or ended, or 2 minutes passed);
+    return its stderr after it exits."""
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    return proc.communicate(timeout=120)[1]
+
+
 def _start(cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(_STAGE, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -131,11 +141,7 @@ def test_sigterm_stops_the_stage_and_the_rerun_finishes_the_same_bytes(tmp_path,
     reference = _start(whole)
     proc = _start(cut)
     checkpoint = cut / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    err = sigterm_after_first_checkpoint(proc, checkpoint)
     assert proc.returncode == PREEMPTED_EXIT == 143, err
     step = int(torch.load(checkpoint, weights_only=True)["step"])
     assert 40 <= step < 600 and f"stopped at step {step} and wrote checkpoints/last.pt" in err
