@@ -232,7 +232,7 @@ def test_library_refuses_uneven_shares():
 
 from stages.common import run_named  # noqa: E402
 from stages.train import PREEMPTED_EXIT  # noqa: E402
-from test_preempt import sigterm_after_first_checkpoint  # noqa: E402
+from test_preempt import OUTPUTS, resume_and_compare, sigterm_after_first_checkpoint  # noqa: E402
 
 
 def _stage_env() -> dict:
@@ -270,7 +270,6 @@ def test_two_processes_sample_the_same_bytes(project):
 
 
 PREEMPT = {"train": {"steps": 600, "batch_size": 64, "checkpoint_every": 40, "log_every": 7, "devices": 2}}
-OUTPUTS = ("models/raw.pt", "models/ema.pt", "plots/train_loss.csv", "metrics/train.json")
 
 
 def test_two_processes_sigterm_and_rerun_end_on_the_same_bytes(project, tmp_path):
@@ -292,12 +291,7 @@ def test_two_processes_sigterm_and_rerun_end_on_the_same_bytes(project, tmp_path
     assert 40 <= step < 600 and ckpt["world_size"] == 2 and f"stopped at step {step}" in err, err
     assert not (project / "models" / "raw.pt").exists()
 
-    again = subprocess.run(stage, cwd=project, env=_stage_env(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and f"resumed from the checkpoint at step {step}" in again.stdout, again.stderr
-    _, err = reference.communicate(timeout=300)
-    assert reference.returncode == 0, err
-    for name in OUTPUTS:
-        assert (project / name).read_bytes() == (whole / name).read_bytes(), name
+    resume_and_compare(project, _stage_env(), step, reference, whole, OUTPUTS)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,18 @@ def sigterm_after_first_checkpoint(proc: subprocess.Popen, checkpoint: Path) -> 
     return proc.communicate(timeout=120)[1]
 
 
+def resume_and_compare(cwd: Path, env: dict, step: int, reference: subprocess.Popen, whole: Path,
+                       outputs) -> None:
+    """Re-run the stopped train stage in `cwd`: it resumes from the checkpoint at `step`, and its `outputs` are the
+    bytes of the uninterrupted `reference` run in `whole`."""
+    again = subprocess.run(_STAGE, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"resumed from the checkpoint at step {step}" in again.stdout, again.stderr
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err
+    for name in outputs:
+        assert (cwd / name).read_bytes() == (whole / name).read_bytes(), name
+
+
 def _start(cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(_STAGE, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -147,9 +159,4 @@ def test_sigterm_stops_the_stage_and_the_rerun_finishes_the_same_bytes(tmp_path,
     assert 40 <= step < 600 and f"stopped at step {step} and wrote checkpoints/last.pt" in err
     assert not (cut / "models" / "raw.pt").exists()  # nothing but the checkpoint
 
-    again = subprocess.run(_STAGE, cwd=cut, env=_env(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and f"resumed from the checkpoint at step {step}" in again.stdout, again.stderr
-    _, err = reference.communicate(timeout=300)
-    assert reference.returncode == 0, err
-    for name in OUTPUTS:
-        assert (cut / name).read_bytes() == (whole / name).read_bytes(), name
+    resume_and_compare(cut, _env(), step, reference, whole, OUTPUTS)
