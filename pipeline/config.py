@@ -246,6 +246,64 @@ class TrainParams(_Section):
         return v
 
 
+INPAINT_METHODS = ("replace", "langevin", "repaint", "mcg")
+TASKS = ("generate", "inpaint", "interpolate", "edit")
+
+
+class InpaintParams(_Section):
+    """sample.task: inpaint (pipeline.inpaint): the method(s), each run on the same items and shown side by side, the
+    mask, and the methods' options."""
+
+    method: Union[Literal["replace", "langevin", "repaint", "mcg"],
+                  list[Literal["replace", "langevin", "repaint", "mcg"]]] = "replace"
+    mask: Literal["auto", "box", "half", "random", "first"] = "auto"
+    keep: float = Field(0.5, gt=0.0, lt=1.0)
+    alpha: Union[Auto, float] = "auto"
+    jump: int = Field(10, ge=1)
+    resamples: int = Field(10, ge=1)
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods in order, each once."""
+        chosen = [self.method] if isinstance(self.method, str) else list(self.method)
+        return list(dict.fromkeys(chosen))
+
+    @field_validator("alpha")
+    @classmethod
+    def _non_negative(cls, v):
+        if v != "auto" and v < 0:
+            raise ValueError("must be 'auto' or >= 0")
+        return v
+
+
+class InterpolateParams(_Section):
+    """sample.task: interpolate (pipeline.interpolate): `pairs` rows of `frames` samples between samples 2j and
+    2j + 1 of the plain run, by the noise-interpolation `scheme`."""
+
+    scheme: Literal["auto", "ncsnv2", "slerp"] = "auto"
+    pairs: int = Field(8, ge=1)
+    frames: int = Field(10, ge=2)
+
+
+class EditParams(_Section):
+    """sample.task: edit (SDEdit, pipeline.edit): the fractions t0 of the sampling walk each test item is noised
+    to and denoised from."""
+
+    t0: Union[float, list[float]] = Field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
+
+    @property
+    def times(self) -> list[float]:
+        return [self.t0] if isinstance(self.t0, float) else list(self.t0)
+
+    @field_validator("t0")
+    @classmethod
+    def _fractions(cls, v):
+        values = [v] if isinstance(v, float) else v
+        if not values or any(not 0.0 < t <= 1.0 for t in values):
+            raise ValueError("must be a fraction in (0, 1] of the sampling walk, or a non-empty list of them")
+        return v
+
+
 class SampleParams(_Section):
     """The sampler and its options (each option is read only by the samplers named in its comment)."""
 
@@ -269,6 +327,10 @@ class SampleParams(_Section):
     rtol: float = Field(1e-5, gt=0.0)
     atol: float = Field(1e-5, gt=0.0)
     devices: int = Field(1, ge=1)
+    task: Literal["generate", "inpaint", "interpolate", "edit"] = "generate"
+    inpaint: InpaintParams = Field(default_factory=InpaintParams)
+    interpolate: InterpolateParams = Field(default_factory=InterpolateParams)
+    edit: EditParams = Field(default_factory=EditParams)
 
     @field_validator("steps", "n", "batch_size")
     @classmethod
@@ -354,6 +416,7 @@ class Config(_Section):
             )
         _check_data(d)
         _check_conditional(self)
+        _check_task(self, p.sampler)
         if s.clip_denoised is True and d.kind == "points":
             raise ValueError(f"sample.clip_denoised clips x0_hat to the pixel range of images; data.name: {d.name} "
                              f"is a point set (leave sample.clip_denoised: auto or false)")
@@ -399,6 +462,38 @@ def _check_conditional(cfg: "Config") -> None:
                          "method.name ddpm, sde, ncsnv2, ncsn (or exact_score on gmm)")
     if s.classes != "auto" and (not s.classes or min(s.classes) < 0):
         raise ValueError(f"sample.classes must be 'auto' or a non-empty list of 0-based classes, got {s.classes}")
+
+
+def _check_task(cfg: "Config", sampler: str) -> None:
+    """sample.task and its keys: each task's keys only with it, masks that fit the data, samplers a task can wrap."""
+    d, s = cfg.data, cfg.sample
+    defaults = SampleParams()
+    for task in ("inpaint", "interpolate", "edit"):
+        if s.task != task and getattr(s, task) != getattr(defaults, task):
+            raise ValueError(f"sample.{task}.* applies to sample.task: {task}; this run's task is {s.task} (set "
+                             f"sample.task: {task} or leave sample.{task} at its defaults)")
+    if s.task == "generate":
+        return
+    if s.guidance != 0.0 or s.classes != "auto":
+        raise ValueError(f"sample.guidance and sample.classes steer sample.task: generate; sample.task: {s.task} uses "
+                         "a conditional model's null label (its unconditional model)")
+    if s.devices > 1:
+        raise ValueError(f"sample.devices: {s.devices} shards sample.task: generate only; run sample.task: {s.task} "
+                         "in one process")
+    if s.task in ("inpaint", "edit") and s.sampler == "ode" and s.ode_method == "rk45":
+        raise ValueError(f"sample.task: {s.task} wraps a step over a fixed grid, and the rk45 ODE solver picks its own "
+                         "times: set sample.ode_method: euler or heun")
+    if s.task != "inpaint":
+        return
+    p = s.inpaint
+    mask = p.mask
+    if d.kind == "points" and mask in ("box", "half"):
+        raise ValueError(f"sample.inpaint.mask: {mask} is for images; data.name: {d.name} is points (first or random)")
+    if d.kind == "images" and mask == "first":
+        raise ValueError("sample.inpaint.mask: first keeps coordinate 0 of points; images take box, half or random")
+    if "langevin" in p.methods and sampler != "annealed_langevin":
+        raise ValueError("sample.inpaint.method langevin is Song & Ermon's Algorithm 2 around the annealed_langevin "
+                         f"sampler (NCSN's noise scales), not {sampler}; use replace, repaint or mcg")
 
 
 _IMAGE_ONLY = (("download", False), ("image_size", None), ("channels", "auto"), ("scaling", "auto"),

@@ -154,3 +154,21 @@ def scaling_for(process_kind: str, scaling: str) -> str:
     if scaling != "auto":
         return scaling
     return "zero_one" if process_kind in ("noise_scales", "ve") else "minus_one_one"
+
+
+def inpaint_mask(setting: str, data: Mapping[str, Any]) -> str:
+    """sample.inpaint.mask resolved: 'auto' is the centre box for images (the issue's benchmark mask) and 'first'
+    (coordinate 0 known) for points."""
+    if setting != "auto":
+        return setting
+    return "box" if data["kind"] == "images" else "first"
+
+
+# MCG's step alpha (pipeline.inpaint.mcg) on 'auto': points the value the 2-D mixture oracle shows unbiased
+# (tests/test_inpaint.py, 500 PC steps); images the value measured best on digits (benchmarks/inpaint.py).
+MCG_ALPHA = {"points": 0.01, "images": 0.1}
+
+
+def mcg_alpha(setting: Any, data: Mapping[str, Any]) -> float:
+    """sample.inpaint.alpha resolved per data kind (MCG_ALPHA)."""
+    return float(_pick(setting, MCG_ALPHA[data["kind"]]))

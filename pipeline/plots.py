@@ -211,3 +211,98 @@ def nearest_points(path: str | Path, samples: np.ndarray, neighbours: np.ndarray
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     _save(fig, path)
+
+
+# --------------------------------------------------------------------------- controllable generation (sample.task)
+
+
+def image_columns(path: str | Path, columns: Sequence[tuple[str, np.ndarray]], title: str = "") -> None:
+    """Side by side: column j is a labelled stack of uint8 images (K, C, H, W), row i the same item in every column
+    (inpainting: original, input, each method; editing: input, each t0; interpolation: one frame a column)."""
+    k = len(columns[0][1])
+    if any(len(images) != k for _, images in columns):
+        raise ValueError("every column needs the same number of images")
+    stacked = np.stack([images for _, images in columns], axis=1).reshape(-1, *columns[0][1].shape[1:])
+    mosaic = _tile(stacked, nrow=len(columns))
+    fig, ax = plt.subplots(figsize=(1.0 * len(columns) + 0.8, 1.0 * k + 0.9))
+    _show(ax, mosaic)
+    step = mosaic.shape[1] / len(columns)
+    ax.set_xticks([step * (j + 0.5) for j in range(len(columns))], [name for name, _ in columns], fontsize=7,
+                  rotation=30, ha="right")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def point_panels(path: str | Path, panels: Sequence[tuple[str, np.ndarray]], data: np.ndarray, title: str = "") -> None:
+    """One panel per labelled point set (N, D) over the held-out cloud `data` (first two coordinates), shared limits."""
+    (x0, x1), (y0, y1) = _limits(data, *[p for _, p in panels])
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.2), squeeze=False)
+    for ax, (name, pts) in zip(axes[0], panels):
+        ax.scatter(data[:, 0], data[:, 1], s=1, alpha=0.15, color="grey")
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, color="tab:orange")
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def point_paths(path: str | Path, paths: np.ndarray, data: np.ndarray, title: str = "") -> None:
+    """Interpolation paths (P, K, D) of points, each a line from its first (circle) to its last frame (square), over
+    the held-out cloud `data` (first two coordinates)."""
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.scatter(data[:, 0], data[:, 1], s=1, alpha=0.15, color="grey")
+    for p in paths:
+        line, = ax.plot(p[:, 0], p[:, 1], "-", marker=".", markersize=4, linewidth=1)
+        ax.plot(p[0, 0], p[0, 1], "o", color=line.get_color())
+        ax.plot(p[-1, 0], p[-1, 1], "s", color=line.get_color())
+    ax.set_aspect("equal")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def metric_curves(path: str | Path, x: Sequence[float], curves: Mapping[str, Sequence[float]], xlabel: str,
+                  title: str = "") -> None:
+    """One panel per named curve y(x) (e.g. the distance from the input and the FID against SDEdit's t0)."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.2), squeeze=False)
+    for ax, (name, y) in zip(axes[0], curves.items()):
+        ax.plot(x, y, "o-")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(name)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def pit_histograms(path: str | Path, pits: Mapping[str, np.ndarray], ks: Mapping[str, float], title: str = "",
+                   bins: int = 20) -> None:
+    """Histograms of probability-integral transforms F(x_u | x_K) in [0, 1], one panel per method: flat (the dashed
+    line) for an exact conditional sampler; `ks` is each one's Kolmogorov-Smirnov statistic."""
+    fig, axes = plt.subplots(1, len(pits), figsize=(3.0 * len(pits), 2.8), squeeze=False)
+    for ax, (name, u) in zip(axes[0], pits.items()):
+        ax.hist(u, bins=bins, range=(0, 1), density=True, alpha=0.7)
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.set_title(f"{name}: KS {ks[name]:.3f}", fontsize=8)
+        ax.set_xlabel("F(x_u | x_K)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def guidance_tradeoff(path: str | Path, weights: Sequence[float], fids: Sequence[float], accuracies: Sequence[float],
+                      title: str = "", fid_name: str = "FID") -> None:
+    """FID against the classifier's accuracy on guided samples, one point per guidance weight w (labelled)."""
+    fig, ax = plt.subplots(figsize=(4.8, 3.8))
+    ax.plot(accuracies, fids, "o-")
+    for w, a, f in zip(weights, accuracies, fids):
+        ax.annotate(f"w={w:g}", (a, f), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("cond_accuracy (classifier on guided samples)")
+    ax.set_ylabel(fid_name)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)

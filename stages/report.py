@@ -18,6 +18,20 @@ def _rows(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+# The sample and evaluate figures of sample.task other than generate, with their report titles.
+TASK_FIGURES = {
+    "inpaint": [("Inpainting side by side: the original, the input (grey: generated), each method", SAMPLES_PLOT),
+                ("Inpainting trajectory (the first method)", TRAJECTORY_PLOT),
+                ("Each inpainting method's metric", EVAL_PLOT)],
+    "interpolate": [("Interpolation: each row from one sample to another", SAMPLES_PLOT),
+                    ("Sampling trajectory of the interpolation", TRAJECTORY_PLOT),
+                    ("How evenly the frames move", EVAL_PLOT)],
+    "edit": [("SDEdit side by side: the input, then its edit from each t0", SAMPLES_PLOT),
+             ("Editing trajectory from the largest t0", TRAJECTORY_PLOT),
+             ("Distance from the input (and FID) against t0", EVAL_PLOT)],
+}
+
+
 def report_stage(cfg: Config, run: StageRun) -> None:
     REPORT_FIGURES.mkdir(parents=True, exist_ok=True)
     info = data_record()
@@ -33,11 +47,12 @@ def report_stage(cfg: Config, run: StageRun) -> None:
         plots.loss_curve(REPORT_FIGURES / "held_out.png", [int(r["step"]) for r in held_out],
                          [float(r["value"]) for r in held_out], f"held-out {held_out[0]['unit']} during training")
         figures.append((f"Held-out {held_out[0]['unit']} during training", "figures/held_out.png"))
-    shown = [("Noise schedule", NOISE_PLOT),
-             ("Samples" if images else "Samples against held-out data", SAMPLES_PLOT),
-             ("Sampling trajectory", TRAJECTORY_PLOT),
-             ("Classes of the samples" if images else "Densities", EVAL_PLOT),
-             ("Nearest training examples of a few samples (memorisation check)", NEIGHBOURS_PLOT)]
+    shown = [("Noise schedule", NOISE_PLOT), *TASK_FIGURES.get(cfg.sample.task, [
+              ("Samples" if images else "Samples against held-out data", SAMPLES_PLOT),
+              ("Sampling trajectory", TRAJECTORY_PLOT),
+              ("Classes of the samples" if images else "Densities", EVAL_PLOT)]),
+             ("Nearest training examples of a few outputs (memorisation check)" if cfg.sample.task != "generate"
+              else "Nearest training examples of a few samples (memorisation check)", NEIGHBOURS_PLOT)]
     for title, src in shown:
         with io.atomic_path(REPORT_FIGURES / src.name) as tmp:
             shutil.copyfile(src, tmp)

@@ -18,7 +18,8 @@ points may differ in their last bits; uint8 image pixels almost never do).
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -27,8 +28,12 @@ from pipeline import defaults, io, models, pixels, plots
 from pipeline.config import Config
 from pipeline.distributed import Group
 from pipeline.data import DataError
+from pipeline.edit import sdedit
 from pipeline.guidance import guided_score
+from pipeline.inpaint import inpaint, make_mask
+from pipeline.interpolate import auto_scheme, interpolate
 from pipeline.parameterization import clip_denoised
+from pipeline.processes import Process
 from pipeline.rng import SampleGenerators
 from pipeline.samplers import draw
 from pipeline.tracking import StageRun
@@ -38,24 +43,69 @@ from stages.common import (MODEL, NOISE_SCALES, SAMPLE_METRICS, SAMPLES, SAMPLES
 # Grid points of the first batch kept for the trajectory figure ("x at 8 times").
 TRAJECTORY_FRAMES = 8
 GRID_IMAGES = 64
+# Items shown side by side in the figures of inpainting and editing.
+SIDE_BY_SIDE = 8
 
 
-def sample_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> None:
-    """The sample stage's body; with a `group` (torchrun, N > 1) one rank's shard of it, rank 0 gathering and
-    writing."""
-    s = cfg.sample
+@dataclass
+class Loaded:
+    """What every task of the stage starts from: the data record, the process, the model and the sampler's options."""
+
+    info: dict
+    process: Process
+    sampler: str
+    device: torch.device
+    model_kind: str
+    fn: Callable
+    scaling: Optional[str]
+    clip: bool
+    steps: Optional[int]
+    options: dict
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.info["shape"])
+
+    def score(self, fn: Callable) -> Callable:
+        """fn, its x0_hat clipped to the pixel range where sample.clip_denoised says so (outside any guidance: the
+        guided x0_hat is the one clipped)."""
+        return clip_denoised(fn, self.process, *pixels.pixel_range(self.scaling)) if self.clip else fn
+
+    def to_model(self, data: np.ndarray) -> torch.Tensor:
+        """Held-out items (uint8 pixels or float points) in model space on the device."""
+        x = pixels.to_model(torch.from_numpy(data), self.scaling) if self.scaling else torch.from_numpy(data).float()
+        return x.to(self.device)
+
+    def to_output(self, x: torch.Tensor) -> np.ndarray:
+        """Model-space samples as stored: uint8 pixels for images, float32 points."""
+        return (pixels.to_pixels(x, self.scaling) if self.scaling else x.float()).cpu().numpy()
+
+
+def load(cfg: Config) -> Loaded:
     info = data_record()
     record = io.read_json(NOISE_SCALES)
     process = process_of(record)
     sampler = plan_of(cfg).sampler
     device = choose_device(cfg.train.device)
     model_kind, fn = models.load_model(MODEL, process, device=device)
-    scaling = record.get("scaling")
-    clip = defaults.clip_denoised(s.clip_denoised, sampler, model_kind, info)
+    clip = defaults.clip_denoised(cfg.sample.clip_denoised, sampler, model_kind, info)
     steps, options = sampler_options(cfg, process, record)
-    n, batch_size = defaults.sample_sizes(s.n, s.batch_size, cfg.eval.fid_n, info)
-    classes = _classes(cfg, n, info)
-    shape = tuple(info["shape"])
+    return Loaded(info, process, sampler, device, model_kind, fn, record.get("scaling"), clip, steps, options)
+
+
+def sample_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> None:
+    """The sample stage's body; with a `group` (torchrun, N > 1) one rank's shard of it, rank 0 gathering and
+    writing. sample.task other than generate: inpaint, interpolate or edit (one process)."""
+    m = load(cfg)
+    if cfg.sample.task != "generate":
+        try:
+            TASKS[cfg.sample.task](cfg, run, m)
+        except ValueError as err:  # the library's refusal of a combination, before any work
+            raise DataError(str(err)) from None
+        return
+    s = cfg.sample
+    n, batch_size = defaults.sample_sizes(s.n, s.batch_size, cfg.eval.fid_n, m.info)
+    classes = _classes(cfg, n, m.info)
     chunks, nfe, trajectory = [], 0, []
     starts = range(0, n, batch_size)  # the batches of one process
     if group is not None:  # this rank's run of them
@@ -64,16 +114,13 @@ def sample_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> N
         for start in starts:
             b = min(batch_size, n - start)
             gens = SampleGenerators(s.seed, range(start, start + b))
-            batch_fn = fn if classes is None else guided_score(fn, classes[start:start + b].to(device), s.guidance)
-            if clip:  # outside the guidance: the guided x0_hat is the one clipped
-                batch_fn = clip_denoised(batch_fn, process, *pixels.pixel_range(scaling))
-            out = draw(sampler, model_kind, batch_fn, process, (b, *shape), gens, steps, options,
-                       progress=group is None or group.is_main,
-                       record=TRAJECTORY_FRAMES if start == 0 else None, device=device)
-            if not torch.isfinite(out.x).all():
-                raise FloatingPointError("sampling diverged: non-finite samples (try a smaller noise.step_size or "
-                                         "more sample.steps)")
-            chunks.append((pixels.to_pixels(out.x, scaling) if scaling else out.x.float()).cpu().numpy())
+            batch_fn = m.fn if classes is None else guided_score(m.fn, classes[start:start + b].to(m.device),
+                                                                 s.guidance)
+            out = draw(m.sampler, m.model_kind, m.score(batch_fn), m.process, (b, *m.shape), gens, m.steps,
+                       m.options, progress=group is None or group.is_main,
+                       record=TRAJECTORY_FRAMES if start == 0 else None, device=m.device)
+            _check_finite(out.x)
+            chunks.append(m.to_output(out.x))
             trajectory = trajectory or [(t, x[:TRAJECTORY_FRAMES].cpu()) for t, x in out.trajectory]
             nfe = max(nfe, out.nfe)
     if group is not None:
@@ -84,20 +131,161 @@ def sample_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> N
         x = np.concatenate(chunks)
     io.save_npz(SAMPLES, x=x, **({} if classes is None else {"y": classes.numpy()}))
     io.write_json(SAMPLE_METRICS, {"nfe": nfe, "n": int(len(x))})
-    title = f"{cfg.method.name}: {sampler}, nfe={nfe}"
-    if info["kind"] == "images":
+    title = f"{cfg.method.name}: {m.sampler}, nfe={nfe}"
+    if m.info["kind"] == "images":
         plots.image_grid(SAMPLES_PLOT, x[:GRID_IMAGES], title)
-        frames = [(t, pixels.to_pixels(v, scaling).numpy()) for t, v in trajectory]
-        plots.image_trajectory(TRAJECTORY_PLOT, frames, f"{title}: x at {len(frames)} times")
     else:
         plots.scatter_samples(SAMPLES_PLOT, x, np.load(TEST)[: len(x)], title)
+    _trajectory_plot(m, trajectory, title)
+    _log(cfg, run, m, {"n": n, "batch_size": batch_size}, nfe)
+
+
+def _check_finite(x: torch.Tensor) -> None:
+    if not torch.isfinite(x).all():
+        raise FloatingPointError("sampling diverged: non-finite samples (try a smaller noise.step_size or "
+                                 "more sample.steps)")
+
+
+def _trajectory_plot(m: Loaded, trajectory: list, title: str) -> None:
+    if m.info["kind"] == "images":
+        frames = [(t, pixels.to_pixels(v, m.scaling).numpy()) for t, v in trajectory]
+        plots.image_trajectory(TRAJECTORY_PLOT, frames, f"{title}: x at {len(frames)} times")
+    else:
         plots.point_trajectory(TRAJECTORY_PLOT, [(t, v.numpy()) for t, v in trajectory],
                                f"{title}: x at {len(trajectory)} times")
-    run.log_params({"sample": s.model_dump(mode="json"), "sampler": sampler, "clip_denoised": clip, "n": n,
-                    "batch_size": batch_size})
+
+
+def _log(cfg: Config, run: StageRun, m: Loaded, resolved: dict, nfe: int) -> None:
+    run.log_params({"sample": cfg.sample.model_dump(mode="json"), "sampler": m.sampler, "clip_denoised": m.clip,
+                    **resolved})
     run.log_metrics({"nfe": nfe})
     run.log_artifact(SAMPLES_PLOT)
     run.log_artifact(TRAJECTORY_PLOT)
+
+
+def _held_out(n: int) -> np.ndarray:
+    """The first n held-out test items, the known values of inpainting and the inputs of editing."""
+    test = np.load(TEST)
+    if len(test) < n:
+        raise DataError(f"sample.n ({n}) is more than the {len(test)} held-out test items; lower sample.n")
+    return test[:n]
+
+
+def _batched(n: int, batch_size: int, seed: int, body: Callable) -> tuple[np.ndarray, int, list]:
+    """body(rows, generators, record) over the batches of n items (per-sample generators, as generate draws), the
+    outputs concatenated, the largest nfe and the first batch's recorded trajectory."""
+    chunks, nfe, trajectory = [], 0, []
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            rows = slice(start, min(start + batch_size, n))
+            out = body(rows, SampleGenerators(seed, range(rows.start, rows.stop)),
+                       TRAJECTORY_FRAMES if start == 0 else None)
+            _check_finite(out.x)
+            chunks.append(out.x)
+            trajectory = trajectory or [(t, x[:TRAJECTORY_FRAMES].cpu()) for t, x in out.trajectory]
+            nfe = max(nfe, out.nfe)
+    return torch.cat(chunks), nfe, trajectory
+
+
+def inpaint_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
+    """sample.task: inpaint: the first sample.n test items with the mask's hidden part generated, by every method of
+    sample.inpaint.method on the same items and noise seeds. samples.npz: x (M, n, *D), methods (M,), x_known and
+    mask (n, *D), 1 where known."""
+    s, p = cfg.sample, cfg.sample.inpaint
+    n, batch_size = defaults.sample_sizes(s.n, s.batch_size, cfg.eval.fid_n, m.info)
+    known = _held_out(n)
+    x_known = m.to_model(known)
+    kind = defaults.inpaint_mask(p.mask, m.info)
+    # one draw for all n items (a random mask's row i does not depend on the batching)
+    mask = make_mask(kind, (n, *m.shape), torch.Generator().manual_seed(s.seed), p.keep, device=m.device,
+                     dtype=x_known.dtype)
+    results, nfes, trajectory = [], {}, []
+    for method in p.methods:
+        options = {"repaint": {"jump": p.jump, "resamples": p.resamples},
+                   "mcg": {"alpha": defaults.mcg_alpha(p.alpha, m.info)}}.get(method, {})
+        x, nfes[method], traj = _batched(n, batch_size, s.seed, lambda rows, gens, record: inpaint(
+            m.sampler, m.model_kind, m.score(m.fn), m.process, x_known[rows], mask[rows], gens, m.steps, m.options,
+            method, progress=True, record=record, **options))
+        results.append(m.to_output(x))
+        trajectory = trajectory or traj
+    x = np.stack(results)
+    mask_out = mask.to(torch.uint8).cpu().numpy()
+    io.save_npz(SAMPLES, x=x, methods=np.array(p.methods), x_known=known, mask=mask_out)
+    nfe = max(nfes.values())
+    io.write_json(SAMPLE_METRICS, {"nfe": nfe, "n": n, "task": "inpaint", "mask": kind,
+                                   **{f"nfe_{k}": v for k, v in nfes.items()}})
+    title = f"{cfg.method.name}: {m.sampler}, {kind} mask, inpainting"
+    if m.info["kind"] == "images":
+        shown = slice(0, SIDE_BY_SIDE)
+        hidden = np.where(mask_out[shown] != 0, known[shown], 128).astype(np.uint8)  # mid-grey where generated
+        plots.image_columns(SAMPLES_PLOT, [("original", known[shown]), ("input", hidden)]
+                            + [(name, xm[shown]) for name, xm in zip(p.methods, x)], title)
+    else:
+        plots.point_panels(SAMPLES_PLOT, [(f"{name} (nfe {nfes[name]})", xm) for name, xm in zip(p.methods, x)],
+                           known, f"{title}: completions (orange) over the held-out items (grey)")
+    _trajectory_plot(m, trajectory, f"{title} ({p.methods[0]})")
+    _log(cfg, run, m, {"n": n, "batch_size": batch_size, "mask": kind}, nfe)
+
+
+def interpolate_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
+    """sample.task: interpolate: sample.interpolate.pairs rows of `frames` samples, row j running from sample 2j to
+    sample 2j + 1 of the plain run (same sample.seed). samples.npz: x (P, K, *D), alpha (K,), scheme."""
+    s, p = cfg.sample, cfg.sample.interpolate
+    scheme = auto_scheme(m.sampler, m.options) if p.scheme == "auto" else p.scheme
+    with torch.no_grad():
+        out = interpolate(m.sampler, m.model_kind, m.score(m.fn), m.process, m.shape, s.seed, range(p.pairs),
+                          p.frames, scheme, m.steps, m.options, progress=True, record=TRAJECTORY_FRAMES,
+                          device=m.device)
+    _check_finite(out.x)
+    x = m.to_output(out.x).reshape(p.pairs, p.frames, *m.shape)
+    alpha = np.linspace(0.0, 1.0, p.frames)
+    io.save_npz(SAMPLES, x=x, alpha=alpha, scheme=np.array(scheme))
+    io.write_json(SAMPLE_METRICS, {"nfe": out.nfe, "n": int(p.pairs * p.frames), "task": "interpolate",
+                                   "scheme": scheme})
+    title = f"{cfg.method.name}: {m.sampler}, {scheme} interpolation"
+    if m.info["kind"] == "images":
+        plots.image_columns(SAMPLES_PLOT, [(f"{a:.2f}", x[:, k]) for k, a in enumerate(alpha)],
+                            f"{title}: each row from sample 2j to 2j + 1")
+    else:
+        plots.point_paths(SAMPLES_PLOT, x, np.load(TEST), f"{title}: {p.pairs} paths of {p.frames} frames")
+    _trajectory_plot(m, [(t, v) for t, v in out.trajectory], title)
+    _log(cfg, run, m, {"n": p.pairs * p.frames, "scheme": scheme}, out.nfe)
+
+
+def edit_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
+    """sample.task: edit (SDEdit): the first sample.n test items noised to each t0 of sample.edit.t0 and denoised.
+    samples.npz: x (T, n, *D), t0 (T,), x_known (n, *D) the inputs."""
+    s = cfg.sample
+    times = s.edit.times
+    n, batch_size = defaults.sample_sizes(s.n, s.batch_size, cfg.eval.fid_n, m.info)
+    inputs = _held_out(n)
+    x_in = m.to_model(inputs)
+    results, nfes, trajectory = [], {}, []
+    for t0 in times:
+        x, nfes[t0], traj = _batched(n, batch_size, s.seed, lambda rows, gens, record: sdedit(
+            m.sampler, m.model_kind, m.score(m.fn), m.process, x_in[rows], t0, gens, m.steps, m.options,
+            progress=True, record=record))
+        results.append(m.to_output(x))
+        trajectory = traj if t0 == max(times) else trajectory
+    x = np.stack(results)
+    io.save_npz(SAMPLES, x=x, t0=np.array(times, dtype=np.float64), x_known=inputs)
+    nfe = max(nfes.values())
+    io.write_json(SAMPLE_METRICS, {"nfe": nfe, "n": n, "task": "edit",
+                                   **{f"nfe_t0_{t0:g}": v for t0, v in nfes.items()}})
+    title = f"{cfg.method.name}: {m.sampler}, SDEdit"
+    if m.info["kind"] == "images":
+        shown = slice(0, SIDE_BY_SIDE)
+        plots.image_columns(SAMPLES_PLOT, [("input", inputs[shown])]
+                            + [(f"t0 = {t0:g}", xt[shown]) for t0, xt in zip(times, x)], title)
+    else:
+        plots.point_panels(SAMPLES_PLOT, [(f"t0 = {t0:g}", xt) for t0, xt in zip(times, x)], inputs,
+                           f"{title}: edits (orange) of the held-out items (grey)")
+    _trajectory_plot(m, trajectory, f"{title} from t0 = {max(times):g}")
+    _log(cfg, run, m, {"n": n, "batch_size": batch_size}, nfe)
+
+
+TASKS: dict[str, Callable[[Config, StageRun, Loaded], None]] = {
+    "inpaint": inpaint_stage, "interpolate": interpolate_stage, "edit": edit_stage}
 
 
 def _classes(cfg: Config, n: int, info: dict) -> Optional[torch.Tensor]:

@@ -204,6 +204,23 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
         return float(fid_from_feats(a, b))
 
 
+def fid_by_svd(a: np.ndarray, b: np.ndarray) -> float:
+    """The same FID as `fid_from_features`, exactly, through the singular values of the centred cross product.
+
+    With A, B the centred features (N, D), (M, D), Σa Σb = Aᵀ A Bᵀ B / ((N-1)(M-1)) has the nonzero eigenvalues of
+    (A Bᵀ)(A Bᵀ)ᵀ / ((N-1)(M-1)), so Tr((Σa Σb)^½) is the sum of the singular values of A Bᵀ over sqrt((N-1)(M-1)).
+    Cost O(N M D) instead of a D x D sqrtm: for small classes (per-class FID of a few hundred samples against
+    2,048-D features) milliseconds instead of ~20 s, and free of sqrtm's inaccuracy on singular covariances.
+    """
+    a, b = _check_pair(a, b)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"FID needs at least 2 features each side, got {len(a)} and {len(b)}")
+    ca, cb = a - a.mean(0), b - b.mean(0)
+    cross = np.linalg.svd(ca @ cb.T, compute_uv=False).sum() / np.sqrt((len(a) - 1) * (len(b) - 1))
+    trace_a, trace_b = (ca ** 2).sum() / (len(a) - 1), (cb ** 2).sum() / (len(b) - 1)
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + trace_a + trace_b - 2.0 * cross)
+
+
 def frechet_distance(a_feats: np.ndarray, b_feats: np.ndarray) -> float:
     """Fréchet distance of Gaussians fitted to any two feature sets (N, D), (M, D).
 

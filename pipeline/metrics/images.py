@@ -25,22 +25,36 @@ def reference_metrics(test_feats: np.ndarray, reference_feats: np.ndarray, seed:
             "kid_floor": kid_from_features(reference_feats, test_feats, seed)}
 
 
+def sample_features(samples: np.ndarray, n: int, classifier: nn.Module, *, device="cpu",
+                    progress: bool = False) -> dict[str, np.ndarray]:
+    """The first n uint8 samples (N, C, H, W) seen by the metrics: Inception features (n, 2048), the domain
+    classifier's features (n, F) and its predicted classes (n,)."""
+    if len(samples) < n:
+        raise ValueError(f"FID compares {n} images each side but there are only {len(samples)} samples; "
+                         f"re-run sample with sample.n >= eval.fid_n")
+    return {"inception": inception_features(samples[:n], device=device, progress=progress),
+            "domain": classifier_features(classifier, samples[:n], device=device),
+            "predicted": predict(classifier, samples[:n], device=device)}
+
+
+def feature_metrics(features: Mapping[str, np.ndarray], fid_reference: Mapping[str, np.ndarray],
+                    domain_reference: Mapping[str, np.ndarray], *, num_classes: int, seed: int = 0,
+                    against: str = "test") -> dict[str, float | list[float]]:
+    """fid, kid, fid_domain of sample_features against the `against` split's features ("test", or "reference" for
+    samples made from test items: inpainting, editing), and the samples' class histogram."""
+    return {"fid": fid_from_features(features["inception"], fid_reference[against]),
+            "kid": kid_from_features(features["inception"], fid_reference[against], seed),
+            "fid_domain": frechet_distance(features["domain"], domain_reference[against]),
+            "class_histogram": class_histogram(features["predicted"], num_classes)}
+
+
 def sample_metrics(samples: np.ndarray, fid_reference: Mapping[str, np.ndarray], classifier: nn.Module,
                    domain_reference: Mapping[str, np.ndarray], *, num_classes: int, device="cpu", seed: int = 0,
                    progress: bool = False) -> dict[str, float | list[float]]:
     """fid, kid, fid_domain of uint8 samples (N, C, H, W) against the test features, and the samples' class
     histogram; N must equal the number of reference features (equal N, DESIGN.md)."""
-    n = len(fid_reference["test"])
-    if len(samples) < n:
-        raise ValueError(f"FID compares {n} images each side but there are only {len(samples)} samples; "
-                         f"re-run sample with sample.n >= eval.fid_n")
-    feats = inception_features(samples[:n], device=device, progress=progress)
-    domain = classifier_features(classifier, samples[:n], device=device)
-    pred = predict(classifier, samples[:n], device=device)
-    return {"fid": fid_from_features(feats, fid_reference["test"]),
-            "kid": kid_from_features(feats, fid_reference["test"], seed),
-            "fid_domain": frechet_distance(domain, domain_reference["test"]),
-            "class_histogram": class_histogram(pred, num_classes)}
+    features = sample_features(samples, len(fid_reference["test"]), classifier, device=device, progress=progress)
+    return feature_metrics(features, fid_reference, domain_reference, num_classes=num_classes, seed=seed)
 
 
 def nearest_training(samples: np.ndarray, train: np.ndarray, k: int = 8, block: int = 4096) -> np.ndarray:
