@@ -51,7 +51,9 @@ STUDIES: dict[str, list[tuple[str, dict, dict[str, dict]]]] = {
     ],
     "inpaint-digits": [
         ("ddpm", {"data": DIGITS_500, "method": {"name": "ddpm"}},
-         {"ancestral-1000": {"task": "inpaint", "inpaint": {"method": METHODS_ALL}}}),
+         {"ancestral-1000": {"task": "inpaint", "inpaint": {"method": METHODS_ALL}},
+          **{f"ancestral-1000 alpha={a:g}": {"task": "inpaint", "inpaint": {"method": ["mcg"], "alpha": a}}
+             for a in (0.02, 0.5)}}),
         ("ncsnv2", {"data": DIGITS_500, "method": {"name": "ncsnv2"}},
          {"annealed_langevin": {"task": "inpaint", "inpaint": {"method": ["langevin", "replace"]}}}),
     ],
