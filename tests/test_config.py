@@ -81,6 +81,21 @@ def test_yaml12_floats_as_dvc_writes_them(tmp_path):
      ["sample.classes must be 'auto' or a non-empty list"]),
     ({"data": {"name": "digits"}, "method": {"name": "sohl_dickstein"}, "sample": {"clip_denoised": True}},
      ["sample.clip_denoised", "no x0_hat"]),
+    # sample.task and its keys
+    ({"sample": {"inpaint": {"method": "repaint"}}}, ["sample.inpaint.* applies to sample.task: inpaint"]),
+    ({"sample": {"edit": {"t0": 0.5}}}, ["sample.edit.* applies to sample.task: edit", "generate"]),
+    ({"sample": {"task": "edit", "edit": {"t0": [0.5, 1.5]}}}, ["sample.edit.t0", "fraction in (0, 1]"]),
+    ({"sample": {"task": "interpolate", "interpolate": {"frames": 1}}}, ["sample.interpolate.frames"]),
+    ({"sample": {"task": "inpaint", "inpaint": {"mask": "box"}}}, ["mask: box is for images", "first or random"]),
+    ({"data": {"name": "digits"}, "sample": {"task": "inpaint", "inpaint": {"mask": "first"}}},
+     ["mask: first keeps coordinate 0 of points", "box, half or random"]),
+    ({"method": {"name": "ddpm"}, "sample": {"task": "inpaint", "inpaint": {"method": ["replace", "langevin"]}}},
+     ["langevin is Song & Ermon's Algorithm 2", "not ancestral", "replace, repaint or mcg"]),
+    ({"sample": {"task": "inpaint", "inpaint": {"method": "mcg", "alpha": -1.0}}}, ["sample.inpaint.alpha", ">= 0"]),
+    ({"data": {"name": "moons"}, "method": {"conditional": True}, "sample": {"task": "edit", "guidance": 1.0}},
+     ["sample.guidance and sample.classes steer sample.task: generate", "null label"]),
+    ({"sample": {"task": "interpolate", "devices": 2}}, ["sample.devices: 2 shards sample.task: generate only"]),
+    ({"method": {"name": "sde"}, "sample": {"task": "edit", "sampler": "ode"}}, ["rk45", "euler or heun"]),
 ])
 def test_bad_input_names_the_key_and_what_is_allowed(raw, words):
     with pytest.raises(ConfigError) as info:

@@ -429,24 +429,34 @@ def test_dvc_queue_keeps_mlflow_artifacts_and_skips_training(dvc_repo, dvc_basel
 
 def test_exact_class_scores_sample_each_gmm_component(workdir, moment_errors):
     """Oracle through the stages: exact_score + method.conditional on gmm, w = 0, classes cycled: the samples of
-    class k follow component k (moments within 5 standard errors) and samples.npz records each sample's class."""
+    class k follow component k (moments within 5 standard errors), samples.npz records each sample's class, and
+    cond_accuracy is the Bayes accuracy of the mixture on exact component draws (within 4 standard errors)."""
     from pipeline.gmm import GaussianMixture
+    from pipeline.metrics.conditional import mixture_class_predictions
 
     params = _deep_merge(TINY, {"data": {"name": "gmm"}, "method": {"name": "exact_score", "conditional": True},
                                 "sample": {"n": 2000, "batch_size": 500}, "eval": {"n": 300}})
     _write_params(Path("params.yaml"), params)
-    for name in ("prepare", "noise_scales", "train", "ema", "sample"):
+    for name in ("prepare", "noise_scales", "train", "ema", "sample", "evaluate"):
         assert _run(name) == 0, name
     out = np.load("outputs/samples.npz")
     x, y = torch.from_numpy(out["x"]).double(), out["y"]
     assert y.tolist() == [i % 2 for i in range(2000)]
     g = params["data"]["gmm"]
+    mixture = GaussianMixture.from_params(g["weights"], g["means"], g["covs"])
+    bayes = []  # the Bayes classifier's accuracy on each component's own draws (Monte Carlo, 100,000 each)
     for k in (0, 1):
         component = GaussianMixture.from_params([1.0], [g["means"][k]], [g["covs"][k]])
         moments = moment_errors(component, x[y == k])
         del moments["weights"]  # one component: its weight is 1 with no error
         for key, (err, se) in moments.items():
             assert float((err.abs() / se).max()) < 5, (k, key)
+        draws = component.sample(100_000, torch.Generator().manual_seed(k)).numpy()
+        bayes.append(float((mixture_class_predictions(mixture, draws) == k).mean()))
+    # cond_accuracy (evaluate: the Bayes classifier of the true mixture on the guided samples) is the mean of the two
+    expected = sum(bayes) / 2
+    accuracy = json.loads(Path("metrics/evaluate.json").read_text())["cond_accuracy"]
+    assert abs(accuracy - expected) < 4 * (expected * (1 - expected) / 2000) ** 0.5, (accuracy, expected)
 
 
 @pytest.mark.parametrize("data, overrides, nfe", [
@@ -476,6 +486,18 @@ def test_conditional_images_and_refusals(workdir, capsys):
         assert _run(name) == 0, name
     out = np.load("outputs/samples.npz")
     assert out["x"].shape == (20, 1, 8, 8) and out["y"].tolist() == [i % 10 for i in range(20)]
+    for name in ("fid_reference", "classifier", "evaluate"):
+        assert _run(name) == 0, name
+    metrics = json.loads(Path("metrics/evaluate.json").read_text())
+    from pipeline.metrics.domain import load_classifier, predict
+
+    predicted = predict(load_classifier("models/classifier.pt"), out["x"])
+    assert metrics["cond_accuracy"] == pytest.approx(float((predicted == out["y"]).mean()))
+    test_y = np.load("data/test_labels.npy")
+    # per class: min(2 samples, the class's test images among the 20) each side, None below 2
+    want = [None if min(2, int((test_y == k).sum())) < 2 else pytest.approx(metrics["fid_per_class"][str(k)])
+            for k in range(10)]
+    assert list(metrics["fid_per_class"].values()) == want
     _write_params(Path("params.yaml"), _deep_merge(params, {"sample": {"classes": [10]}}))
     assert _run("sample") == 2
     assert "sample.classes [10] are not classes of this data (0..9)" in capsys.readouterr().err
