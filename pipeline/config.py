@@ -483,6 +483,10 @@ def _check_task(cfg: "Config", sampler: str) -> None:
     if s.task in ("inpaint", "edit") and s.sampler == "ode" and s.ode_method == "rk45":
         raise ValueError(f"sample.task: {s.task} wraps a step over a fixed grid, and the rk45 ODE solver picks its own "
                          "times: set sample.ode_method: euler or heun")
+    n_test = d.n_test if d.n_test != "auto" else (POINT_SIZES if d.kind == "points" else None)
+    if s.task in ("inpaint", "edit") and s.n != "auto" and n_test is not None and s.n > n_test:
+        raise ValueError(f"sample.n ({s.n}) must be <= data.n_test ({n_test}): sample.task: {s.task} works on the "
+                         "first sample.n held-out test items")
     if s.task != "inpaint":
         return
     p = s.inpaint
@@ -534,7 +538,10 @@ def _check_point_sizes(cfg: "Config") -> None:
     d, e = cfg.data, cfg.eval
     size = lambda v: POINT_SIZES if v == "auto" else v  # noqa: E731
     n = size(e.n)
-    for key, have in (("sample.n", cfg.sample.n), ("data.n_test", d.n_test), ("data.n_reference", d.n_reference)):
+    compared = [("data.n_test", d.n_test), ("data.n_reference", d.n_reference)]
+    if cfg.sample.task == "generate":  # the other tasks' outputs are not compared with eval.n points
+        compared.insert(0, ("sample.n", cfg.sample.n))
+    for key, have in compared:
         if n > size(have):
             raise ValueError(f"eval.n ({n}) must be <= {key} ({size(have)}): metrics compare eval.n points each side")
     if e.cloud_size > n:

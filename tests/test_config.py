@@ -94,6 +94,7 @@ def test_yaml12_floats_as_dvc_writes_them(tmp_path):
     ({"sample": {"task": "inpaint", "inpaint": {"method": "mcg", "alpha": -1.0}}}, ["sample.inpaint.alpha", ">= 0"]),
     ({"data": {"name": "moons"}, "method": {"conditional": True}, "sample": {"task": "edit", "guidance": 1.0}},
      ["sample.guidance and sample.classes steer sample.task: generate", "null label"]),
+    ({"sample": {"task": "edit", "n": 20_000}}, ["sample.n (20000) must be <= data.n_test (10000)", "held-out"]),
     ({"sample": {"task": "interpolate", "devices": 2}}, ["sample.devices: 2 shards sample.task: generate only"]),
     ({"method": {"name": "sde"}, "sample": {"task": "edit", "sampler": "ode"}}, ["rk45", "euler or heun"]),
 ])
