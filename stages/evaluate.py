@@ -18,6 +18,7 @@ from pipeline.config import Config
 from pipeline.defaults import POINT_SIZES
 from pipeline.gmm import GaussianMixture, likelihood_gaps, mixture_metrics
 from pipeline.likelihood import model_likelihoods
+from pipeline.edit import rms_distance
 from pipeline.inpaint import gmm_conditional_cdf
 from pipeline.metrics import pointcloud_metrics
 from pipeline.metrics.conditional import (cond_accuracy, mixture_class_predictions, per_class_fid,
@@ -180,9 +181,9 @@ def _ks_critical(n: int, level: float = 0.05) -> float:
 
 
 def _rms(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
-    """Per-row root-mean-square difference of a and b (N, ...) over everything but the first axis, divided by scale."""
-    diff = (a.astype(np.float64) - b.astype(np.float64)) / scale
-    return np.sqrt((diff ** 2).reshape(len(diff), -1).mean(1))
+    """pipeline.edit.rms_distance of the stored outputs a, b (N, ...), in units of `scale` (255: pixels in [0, 1])."""
+    as_float = lambda v: torch.from_numpy(v.astype(np.float64) / scale)  # noqa: E731
+    return rms_distance(as_float(a), as_float(b)).numpy()
 
 
 def _edit_metrics(cfg: Config, samples: dict, info: dict, device: str) -> dict:
