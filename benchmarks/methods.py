@@ -78,8 +78,9 @@ def run_variants(name: str, base: dict, variants: dict[str, dict], first: list[s
         stages = first if i == 0 else ["sample", "evaluate"]
         seconds = _run_stages(stages)
         metrics = json.loads(Path("metrics/evaluate.json").read_text())
-        nfe = json.loads(Path("metrics/sample.json").read_text())["nfe"]
-        rows.append({"model": name, "sampler": variant, "nfe": nfe, **metrics,
+        sample = json.loads(Path("metrics/sample.json").read_text())
+        nfes = {k: v for k, v in sample.items() if k.startswith("nfe")}  # nfe, and per method or t0 of a task
+        rows.append({"model": name, "sampler": variant, **nfes, **metrics,
                      "train_s": seconds.get("train"), "sample_s": seconds["sample"], "evaluate_s": seconds["evaluate"]})
         print(json.dumps(rows[-1]), flush=True)
     return rows
