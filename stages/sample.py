@@ -1,8 +1,5 @@
 """sample: draw samples from the final model with the method's sampler; writes samples.npz and the figures.
 
-sample.task other than generate steers the same sampler instead (inpaint_stage, interpolate_stage, edit_stage:
-pipeline.inpaint, pipeline.interpolate, pipeline.edit), on the held-out test items where it needs inputs.
-
 Sample i draws all its noise from its own generator seeded from (sample.seed, i) (pipeline.rng), so
 the samples do not depend on sample.batch_size. Images are stored as the uint8 pixels a PNG holds.
 
