@@ -165,7 +165,8 @@ def inpaint_mask(setting: str, data: Mapping[str, Any]) -> str:
 
 
 # MCG's step alpha (pipeline.inpaint.mcg) on 'auto': points the value the 2-D mixture oracle shows unbiased
-# (tests/test_inpaint.py, 500 PC steps); images the value measured best on digits (benchmarks/inpaint.py).
+# (tests/test_inpaint.py, 500 PC steps; 0.1 is biased there); images 0.1, a step on the scale of the pixel range
+# per grid step, not tuned (benchmarks/controllable.py measures it on digits; the MCG code's 0.5 is for 256 x 256).
 MCG_ALPHA = {"points": 0.01, "images": 0.1}
 
 
