@@ -43,10 +43,10 @@ class GMMParams(_Section):
 
     @model_validator(mode="after")
     def _valid_mixture(self) -> "GMMParams":
-        from pipeline.gmm import GaussianMixture
+        from pipeline.mixture import mixture_arrays
 
         try:
-            GaussianMixture.from_params(self.weights, self.means, self.covs)
+            mixture_arrays(self.weights, self.means, self.covs)
         except (ValueError, RuntimeError) as err:
             raise ValueError(f"invalid mixture: {err}") from None
         return self
@@ -389,40 +389,20 @@ class Config(_Section):
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
         d, e, m, s = self.data, self.eval, self.method, self.sample
-        from pipeline.methods import num_steps_for, plan
+        from pipeline import methods
 
-        p = plan(m.name, m.sde, m.loss, m.weighting, m.parameterization, m.t_sampling, self.model.scale_by_sigma,
-                 s.sampler, e.likelihood)
-        chain = num_steps_for(m.name, m.num_steps)
-        if chain is None and m.num_steps != "auto":
-            raise ValueError(f"method.num_steps sets the chain length of ddpm and sohl_dickstein; leave it 'auto' "
-                             f"for method.name: {m.name} (sample.steps sets the sampling grid)")
-        if chain is None and m.schedule != "linear":
-            raise ValueError(f"method.schedule sets the betas of ddpm and sohl_dickstein; leave it 'linear' for "
-                             f"method.name: {m.name}")
-        if s.steps != "auto":
-            if p.process == "noise_scales":
-                raise ValueError(f"sample.steps: NCSN's noise scales fix the grid (noise.num_scales levels); leave "
-                                 f"sample.steps: auto for method.name: {m.name}")
-            if m.name == "sohl_dickstein":
-                raise ValueError("sample.steps: Sohl-Dickstein's learned kernels exist only for the chain's own steps; "
-                                 "leave sample.steps: auto (method.num_steps sets the chain)")
-            if chain is not None and s.steps > chain:
-                raise ValueError(f"sample.steps ({s.steps}) must be <= the chain's method.num_steps ({chain})")
-        if self.method.name == "exact_score" and d.name != "gmm":
-            raise ValueError(
-                f"method.name: exact_score needs data.name: gmm (the analytic score is known only for a "
-                f"Gaussian mixture); got data.name: {d.name}. Train a model for {d.name}: method.name ncsnv2, ncsn, ddpm, sde or sohl_dickstein."
-            )
+        p = methods.plan(m.name, m.sde, m.loss, m.weighting, m.parameterization, m.t_sampling,
+                         self.model.scale_by_sigma, s.sampler, e.likelihood)
+        chain = methods.check_chain(m.name, m.num_steps, m.schedule)
+        methods.check_sample_steps(m.name, p.process, s.steps, chain)
+        methods.check_data(m.name, d.name)
         _check_data(d)
         _check_conditional(self)
         _check_task(self, p.sampler)
         if s.clip_denoised is True and d.kind == "points":
             raise ValueError(f"sample.clip_denoised clips x0_hat to the pixel range of images; data.name: {d.name} "
                              f"is a point set (leave sample.clip_denoised: auto or false)")
-        if s.clip_denoised is True and m.name == "sohl_dickstein":
-            raise ValueError("sample.clip_denoised: Sohl-Dickstein's learned kernels predict no x0_hat to clip; "
-                             "leave sample.clip_denoised: auto or false")
+        methods.check_clip_denoised(m.name, s.clip_denoised)
         if d.kind == "points":
             _check_point_sizes(self)
         if d.kind == "points" and self.model.arch == "unet":
@@ -447,6 +427,8 @@ LABELLED_POINTS = ("moons", "8gaussians", "gmm")
 
 def _check_conditional(cfg: "Config") -> None:
     """Class conditioning needs labels and a score model; guidance keys need a conditional model."""
+    from pipeline.methods import check_conditional
+
     d, m, s = cfg.data, cfg.method, cfg.sample
     if not m.conditional:
         for key, value, default in (("guidance", s.guidance, 0.0), ("classes", s.classes, "auto")):
@@ -457,15 +439,15 @@ def _check_conditional(cfg: "Config") -> None:
     if d.kind == "points" and d.name not in LABELLED_POINTS:
         raise ValueError(f"method.conditional needs class labels; data.name: {d.name} has none (labelled 2-D sets: "
                          f"{', '.join(LABELLED_POINTS)}; every image set)")
-    if m.name == "sohl_dickstein":
-        raise ValueError("method.conditional: Sohl-Dickstein's learned kernels have no score to guide; use "
-                         "method.name ddpm, sde, ncsnv2, ncsn (or exact_score on gmm)")
+    check_conditional(m.name)
     if s.classes != "auto" and (not s.classes or min(s.classes) < 0):
         raise ValueError(f"sample.classes must be 'auto' or a non-empty list of 0-based classes, got {s.classes}")
 
 
 def _check_task(cfg: "Config", sampler: str) -> None:
     """sample.task and its keys: each task's keys only with it, masks that fit the data, samplers a task can wrap."""
+    from pipeline.methods import check_inpaint_methods, check_task_sampler
+
     d, s = cfg.data, cfg.sample
     defaults = SampleParams()
     for task in ("inpaint", "interpolate", "edit"):
@@ -480,9 +462,7 @@ def _check_task(cfg: "Config", sampler: str) -> None:
     if s.devices > 1:
         raise ValueError(f"sample.devices: {s.devices} shards sample.task: generate only; run sample.task: {s.task} "
                          "in one process")
-    if s.task in ("inpaint", "edit") and s.sampler == "ode" and s.ode_method == "rk45":
-        raise ValueError(f"sample.task: {s.task} wraps a step over a fixed grid, and the rk45 ODE solver picks its own "
-                         "times: set sample.ode_method: euler or heun")
+    check_task_sampler(s.task, s.sampler, s.ode_method)
     n_test = d.n_test if d.n_test != "auto" else (POINT_SIZES if d.kind == "points" else None)
     if s.task in ("inpaint", "edit") and s.n != "auto" and n_test is not None and s.n > n_test:
         raise ValueError(f"sample.n ({s.n}) must be <= data.n_test ({n_test}): sample.task: {s.task} works on the "
@@ -495,13 +475,20 @@ def _check_task(cfg: "Config", sampler: str) -> None:
         raise ValueError(f"sample.inpaint.mask: {mask} is for images; data.name: {d.name} is points (first or random)")
     if d.kind == "images" and mask == "first":
         raise ValueError("sample.inpaint.mask: first keeps coordinate 0 of points; images take box, half or random")
-    if "langevin" in p.methods and sampler != "annealed_langevin":
-        raise ValueError("sample.inpaint.method langevin is Song & Ermon's Algorithm 2 around the annealed_langevin "
-                         f"sampler (NCSN's noise scales), not {sampler}; use replace, repaint or mcg")
+    check_inpaint_methods(p.methods, sampler)
 
 
 _IMAGE_ONLY = (("download", False), ("image_size", None), ("channels", "auto"), ("scaling", "auto"),
                ("dequantize", False), ("hflip", False))
+
+
+def _is(path: Path, kind: str) -> bool:
+    """Whether `path` is an existing file ('file') or directory ('dir'); False for a path the OS cannot even look
+    up (a name too long, a NUL byte) rather than an OSError."""
+    try:
+        return path.is_file() if kind == "file" else path.is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def _check_data(d: DataParams) -> None:
@@ -520,12 +507,12 @@ def _check_data(d: DataParams) -> None:
         p = Path(d.path)
         if p.suffix.lower() not in (".npy", ".csv"):
             raise ValueError(f"data.path must end in .npy or .csv, got {d.path!r}")
-        if not p.is_file():
+        if not _is(p, "file"):
             raise ValueError(f"data.path {d.path!r} does not exist or is not a file")
-        if d.labels_path is not None and not Path(d.labels_path).is_file():
+        if d.labels_path is not None and not _is(Path(d.labels_path), "file"):
             raise ValueError(f"data.labels_path {d.labels_path!r} does not exist or is not a file")
     if d.name == "folder":
-        if d.path is None or not Path(d.path).is_dir():
+        if d.path is None or not _is(Path(d.path), "dir"):
             raise ValueError(f"data.name: folder needs data.path to name a directory of images (class subfolders "
                              f"optional), got {d.path!r}")
     if d.name in ("mnist", "cifar10") and d.path is None and not d.download:
@@ -551,20 +538,71 @@ def _check_point_sizes(cfg: "Config") -> None:
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML reads YAML 1.1, where `1e-3` is a string; accept YAML 1.2 floats as `dvc exp run -S` writes them."""
+    """PyYAML reads YAML 1.1, where `1e-3` is a string; accept YAML 1.2 floats as `dvc exp run -S` writes them.
+
+    A key written twice in one mapping is refused, as DVC's own reader (ruamel.yaml) does: PyYAML would keep
+    the last value silently, so the stages would run on another value than the one DVC records."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: list[tuple[type, Any]] = []  # by type too: `1:` and `true:` are different keys (1 == True)
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges; its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if (type(key), key) in seen:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        f"found duplicate key {key!r}", key_node.start_mark)
+            seen.append((type(key), key))
+        return super().construct_mapping(node, deep=deep)
 
 
+# Digits are required before or after the point: "." or "-" alone stay strings (PyYAML's float() of them fails).
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
     list("-+0123456789."),
 )
 
 
+def _refuse_unreadable(construct: Any) -> Any:
+    """PyYAML's scalar constructor, raising a YAMLError (not ValueError, KeyError...) on a scalar it cannot read,
+    e.g. an explicitly tagged `!!float abc` or `!!bool maybe`."""
+
+    def constructor(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+        try:
+            return construct(loader, node)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read {node.value!r} as {node.tag}",
+                                                    node.start_mark) from None
+    return constructor
+
+
+for _tag, _construct in (("int", yaml.SafeLoader.construct_yaml_int), ("float", yaml.SafeLoader.construct_yaml_float),
+                         ("bool", yaml.SafeLoader.construct_yaml_bool),
+                         ("timestamp", yaml.SafeLoader.construct_yaml_timestamp)):
+    _Yaml12Loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _refuse_unreadable(_construct))
+
+# Union members show up in pydantic's locations ("int", "literal['auto']"); they are not keys.
+_UNION_MEMBER = re.compile(r"^(int|float|str|bool|list\[.*\]|literal\[.*\]|function-.*)$")
+
+
+def _key_name(key: Any) -> str:
+    """A key the user wrote, as the message shows it: plain, or repr where plain text would hide it (empty,
+    spaces around it, a newline, not a string)."""
+    plain = isinstance(key, str) and key and key == key.strip() and key.isprintable()
+    return key if plain else repr(key)
+
+
 def _location(err: dict[str, Any]) -> str:
-    # Union members show up in the location ("int", "literal['auto']"); drop them.
-    parts = [str(p) for p in err["loc"]]
-    return ".".join(p for p in parts if not re.match(r"^(int|float|str|bool|list\[.*\]|literal\[.*\]|function-.*)$", p))
+    """The dotted key of a pydantic error. The last part of an unknown or non-string key is the user's own (kept
+    even when it reads like a union member; a non-string key by its value, not pydantic's str of it)."""
+    parts = list(err["loc"])
+    own = err["type"] in ("extra_forbidden", "invalid_key") and bool(parts)
+    if own:
+        last = err["input"] if err["type"] == "invalid_key" else parts[-1]
+        parts = parts[:-1]
+    path = [str(p) for p in parts if not _UNION_MEMBER.match(str(p))]
+    return ".".join(path + [_key_name(last)] if own else path)
 
 
 def _section_model(loc: tuple) -> type[BaseModel]:
@@ -611,10 +649,22 @@ def load(path: str | Path = "params.yaml") -> Config:
     if not path.is_file():
         raise ConfigError(f"params file {str(path)!r} not found")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Yaml12Loader)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid YAML: not UTF-8 text ({err})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read: {err.strerror or err}") from None
+    try:
+        raw = yaml.load(text, Loader=_Yaml12Loader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return validate(raw if raw is not None else {})
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{path}: not valid params: collections nested too deeply") from None
+    if raw is None:  # an empty file (or only comments) would silently run on the built-in defaults
+        raise ConfigError(f"{path}: is empty; params must be a mapping of sections (seed, data, noise, ...)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: params must be a mapping of sections, got {type(raw).__name__}")
+    return validate(raw)
 
 
 def to_dict(cfg: BaseModel) -> dict[str, Any]:

@@ -87,8 +87,7 @@ def _check_decoder(bin_width: Optional[float], low: Optional[float], high: Optio
 
 def check_has_elbo(process: Process) -> None:
     """Refuse a process whose grid does not end at clean data: its chain has no decoder, so no bound on log p(x0)."""
-    grid = process.grid() if not process.continuous else None
-    if grid is None or float(process.marginal(grid[-1:])[1][0]) != 0.0:
+    if not process.has_discrete_elbo:
         raise ValueError(f"a discrete ELBO needs a discrete chain that ends at clean data (DDPM, Sohl-Dickstein); "
                          f"{type(process).__name__} has none. Continuous SDEs have Huang et al.'s ELBO (method.loss: elbo with method.name: sde)")
 

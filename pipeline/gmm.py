@@ -14,23 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-
-def _as_cov(c: Sequence, dim: int) -> Tensor:
-    """A covariance from a length-D diagonal or a DxD matrix, checked symmetric positive definite."""
-    t = torch.as_tensor(c, dtype=torch.float64)
-    if t.ndim == 1:
-        if t.shape[0] != dim:
-            raise ValueError(f"a diagonal covariance needs {dim} entries, got {t.shape[0]}")
-        if (t <= 0).any():
-            raise ValueError(f"diagonal covariance entries must be > 0, got {t.tolist()}")
-        return torch.diag(t)
-    if t.shape != (dim, dim):
-        raise ValueError(f"a covariance must be a list of {dim} numbers or a {dim}x{dim} matrix, got shape {tuple(t.shape)}")
-    if not torch.allclose(t, t.T):
-        raise ValueError("a covariance matrix must be symmetric")
-    if torch.linalg.eigvalsh(t).min() <= 0:
-        raise ValueError("a covariance matrix must be positive definite")
-    return t
+from pipeline.mixture import mixture_arrays
 
 
 @dataclass(frozen=True)
@@ -43,17 +27,9 @@ class GaussianMixture:
 
     @classmethod
     def from_params(cls, weights: Sequence[float], means: Sequence[Sequence[float]], covs: Sequence) -> "GaussianMixture":
-        """Build and validate a mixture; each cov is a length-D diagonal or a DxD matrix."""
-        w = torch.as_tensor(weights, dtype=torch.float64)
-        mu = torch.as_tensor(means, dtype=torch.float64)
-        if w.ndim != 1 or mu.ndim != 2 or mu.shape[0] != w.shape[0]:
-            raise ValueError(f"need K weights and K means of equal dimension, got {len(weights)} weights and means of shape {tuple(mu.shape)}")
-        if len(covs) != w.shape[0]:
-            raise ValueError(f"need one covariance per component ({w.shape[0]}), got {len(covs)}")
-        if (w <= 0).any() or abs(float(w.sum()) - 1.0) > 1e-6:
-            raise ValueError(f"weights must be > 0 and sum to 1, got {w.tolist()}")
-        cov = torch.stack([_as_cov(c, mu.shape[1]) for c in covs])
-        return cls(w / w.sum(), mu, cov)
+        """Build and validate a mixture (pipeline.mixture); each cov is a length-D diagonal or a DxD matrix."""
+        w, mu, cov = mixture_arrays(weights, means, covs)
+        return cls(torch.from_numpy(w), torch.from_numpy(mu), torch.from_numpy(cov))
 
     @property
     def dim(self) -> int:

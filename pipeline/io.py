@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
-import torch
 
+# The process's umask, read once (reading it means setting it).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 # A fixed zip timestamp: numpy's savez stamps the current time, which breaks byte equality.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -33,6 +35,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes it 0600; the output gets what open() would give it
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -97,11 +100,41 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
     Saved through a buffer: torch.save names the archive's root folder after the file, and the
     temporary file's random name would make the bytes differ from run to run.
     """
+    import torch  # here, not at the top: stages that write no model (report, ema) never import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     write_bytes(path, buf.getvalue())
 
 
 def load_torch(path: str | os.PathLike) -> Any:
-    """torch.load with weights_only=True: nothing but tensors and plain containers."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """torch.load with weights_only=True: nothing but tensors and plain containers. A file that pickles anything
+    else (an object a full unpickler would run code for) is refused with a DataError naming it, which every stage
+    turns into a message and exit status 2 rather than a traceback."""
+    import pickle
+
+    import torch
+
+    from pipeline.errors import DataError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message is a page of advice to load it unsafely; keep only what it found, e.g. "Unsupported
+        # global: GLOBAL mymodule.MyClass was not an allowed global by default."
+        found = [ln.split("WeightsUnpickler error:", 1)[1].split(" Please use")[0].strip()
+                 for ln in str(err).splitlines() if "WeightsUnpickler error:" in ln]
+        raise DataError(f"{path} is not a weights-only model file: it holds more than tensors and plain containers"
+                        + (f" ({found[0]})" if found else "")) from None
+
+
+def check_torch_archive(path: str | os.PathLike) -> None:
+    """Refuse (ValueError) a file that is not a torch.save zip archive with its data.pkl, without importing torch;
+    load_torch's weights-only unpickler still judges what the pickle holds when the model is used."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is not a model file written by torch.save ({err})") from None
+    if not any(n.endswith("/data.pkl") for n in names):
+        raise ValueError(f"{path} is a zip file but not a torch.save archive (no data.pkl)")

@@ -190,12 +190,7 @@ def model_likelihoods(model_kind: str, fn: Callable, process: Process, x: Tensor
             values = negative_elbo(kernel, process, x_elbo, generator, **decoder)
         out.update(elbo_nll=float(values.mean()) / dim, elbo_nll_se=float(values.std()) / math.sqrt(n) / dim)
     elif elbo == "huang":
-        samplings = ["uniform"]
-        try:
-            process.sample_time_importance(1, torch.Generator().manual_seed(0))
-            samplings.append("importance")
-        except NotImplementedError:
-            pass
+        samplings = ["uniform", "importance"] if process.has_importance_sampling else ["uniform"]
         for sampling in samplings:
             estimator = HuangELBO(process, "score", t_sampling=sampling)
             with torch.no_grad():  # of_score turns gradients on for its divergence only

@@ -96,19 +96,14 @@ class _PerturbedLoss:
         self.process, self.parameterization = process, parameterization
         self.weighting, self.t_sampling = weighting, t_sampling
         # Fail at construction, not at the first training step, when the process lacks what is asked.
-        t_probe = torch.full((1,), float(process.t_max))
-        if weighting == "likelihood":
-            try:
-                process.sde(torch.zeros(1, 1), t_probe)
-            except NotImplementedError as e:
-                raise ValueError(f"weighting='likelihood' needs the diffusion g(t) of process.sde, which "
-                                 f"{type(process).__name__} does not have ({e}); use weighting='sigma2'") from e
-        if t_sampling == "importance":
-            try:
-                process.sample_time_importance(1, torch.Generator().manual_seed(0))
-            except NotImplementedError as e:
-                raise ValueError(f"t_sampling='importance' needs process.sample_time_importance, which "
-                                 f"{type(process).__name__} does not have ({e}); use t_sampling='uniform'") from e
+        if weighting == "likelihood" and not process.has_sde:
+            raise ValueError(f"weighting='likelihood' needs the diffusion g(t) of process.sde, which "
+                             f"{type(process).__name__} does not have ({process.why_not('has_sde')}); "
+                             f"use weighting='sigma2'")
+        if t_sampling == "importance" and not process.has_importance_sampling:
+            raise ValueError(f"t_sampling='importance' needs process.sample_time_importance, which "
+                             f"{type(process).__name__} does not have ({process.why_not('has_importance_sampling')}); "
+                             f"use t_sampling='uniform'")
 
     def _perturbed(self, x: Tensor, generator: Optional[torch.Generator]
                    ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
@@ -281,11 +276,9 @@ class HuangELBO(_PerturbedLoss):
                  exact_max_dim: int = 16):
         _count("exact_max_dim", exact_max_dim, 0)
         super().__init__(process, parameterization, "sigma2", t_sampling)
-        try:
-            process.sde(torch.zeros(1, 1), torch.full((1,), float(process.t_max)))
-        except NotImplementedError as e:
+        if not process.has_sde:
             raise ValueError(f"the Huang ELBO needs a continuous process with an SDE; {type(process).__name__} "
-                             f"has none ({e})") from e
+                             f"has none ({process.why_not('has_sde')})")
         self.exact_max_dim = exact_max_dim
 
     def __call__(self, model: nn.Module, x: Tensor, cond: Optional[Tensor] = None,

@@ -3,15 +3,18 @@
 `plan(...)` resolves every 'auto' of method.* and sample.sampler and refuses a combination that
 is not defined, with a message that says what works; params validation calls it, so a bad
 `dvc exp run -S` fails before any stage runs. `build_process` turns the resolved kind into a
-Process (pipeline.processes), the only place that knows each method's defaults.
+Process (pipeline.processes), the only place that knows each method's defaults. The `check_*`
+functions are the other method rules params validation asks (pipeline.config), each a ValueError
+that says what works; `noise_defaults` and `needs_noise_scales` are what the noise_scales stage asks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from pipeline.processes import SCHEDULES, DiscreteVP, NoiseScaleProcess, OUProcess, Process, SubVPSDE, VESDE, VPSDE
+if TYPE_CHECKING:  # the rules run when params load, in every stage: torch (processes) only where a process is built
+    from pipeline.processes import Process
 
 METHODS = ("ncsnv2", "ncsn", "exact_score", "ddpm", "sde", "sohl_dickstein")
 SDES = ("vp", "ve", "subvp", "ou")
@@ -162,6 +165,8 @@ def build_process(kind: str, *, sigmas: Sequence[float], num_steps: Optional[int
     """The process of a plan. `sigmas`: NCSN's noise scales from the noise_scales stage; VE takes its
     sigma_max (technique 1, as Song et al. 2021 do) and sigma_min from them. VP and sub-VP use
     beta 0.1 -> 20 with eps 1e-3, VE eps 1e-5 (Song et al. 2021, appendix C)."""
+    from pipeline.processes import SCHEDULES, VESDE, VPSDE, DiscreteVP, NoiseScaleProcess, OUProcess, SubVPSDE
+
     if kind == "noise_scales":
         return NoiseScaleProcess(sigmas)
     if kind == "discrete_vp":
@@ -195,3 +200,79 @@ def sampling_steps(process: Process, steps: int | str) -> Optional[int]:
     if steps != "auto":
         return int(steps)
     return DEFAULT_SDE_STEPS if process.continuous else None
+
+
+def needs_noise_scales(kind: str) -> bool:
+    """Whether the noise_scales stage chooses NCSN's scales for a process kind: NCSN's own, and VE's sigma range."""
+    return kind in ("noise_scales", "ve")
+
+
+def noise_defaults(name: str) -> str:
+    """Whose values noise.* 'auto' takes for method.name `name` (pipeline.noise.choose_noise_scales): 'ncsn' (the
+    hand-set constants), 'exact_score' (NCSNv2's sigmas with a converged walk), else 'ncsnv2' (its techniques)."""
+    return name if name in ("ncsn", "exact_score") else "ncsnv2"
+
+
+# --------------------------------------------------------------------------- rules params validation asks
+
+
+def check_chain(name: str, num_steps: int | str, schedule: str) -> Optional[int]:
+    """The chain length (num_steps_for); refuses method.num_steps or method.schedule for a method without a chain."""
+    chain = num_steps_for(name, num_steps)
+    if chain is None and num_steps != "auto":
+        raise ValueError(f"method.num_steps sets the chain length of ddpm and sohl_dickstein; leave it 'auto' "
+                         f"for method.name: {name} (sample.steps sets the sampling grid)")
+    if chain is None and schedule != "linear":
+        raise ValueError(f"method.schedule sets the betas of ddpm and sohl_dickstein; leave it 'linear' for "
+                         f"method.name: {name}")
+    return chain
+
+
+def check_sample_steps(name: str, kind: str, steps: int | str, chain: Optional[int]) -> None:
+    """sample.steps against the method: NCSN's scales and Sohl-Dickstein's kernels fix the grid, a chain bounds it."""
+    if steps == "auto":
+        return
+    if kind == "noise_scales":
+        raise ValueError(f"sample.steps: NCSN's noise scales fix the grid (noise.num_scales levels); leave "
+                         f"sample.steps: auto for method.name: {name}")
+    if name == "sohl_dickstein":
+        raise ValueError("sample.steps: Sohl-Dickstein's learned kernels exist only for the chain's own steps; "
+                         "leave sample.steps: auto (method.num_steps sets the chain)")
+    if chain is not None and steps > chain:
+        raise ValueError(f"sample.steps ({steps}) must be <= the chain's method.num_steps ({chain})")
+
+
+def check_data(name: str, data: str) -> None:
+    """The data a method needs: exact_score knows the analytic score of a Gaussian mixture only."""
+    if name == "exact_score" and data != "gmm":
+        raise ValueError(f"method.name: exact_score needs data.name: gmm (the analytic score is known only for a "
+                         f"Gaussian mixture); got data.name: {data}. Train a model for {data}: method.name ncsnv2, "
+                         f"ncsn, ddpm, sde or sohl_dickstein.")
+
+
+def check_conditional(name: str) -> None:
+    """A class-conditional model (method.conditional) needs a score to guide; Sohl-Dickstein's kernels have none."""
+    if name == "sohl_dickstein":
+        raise ValueError("method.conditional: Sohl-Dickstein's learned kernels have no score to guide; use "
+                         "method.name ddpm, sde, ncsnv2, ncsn (or exact_score on gmm)")
+
+
+def check_clip_denoised(name: str, clip_denoised: bool | str) -> None:
+    """sample.clip_denoised: true needs an x0_hat to clip; Sohl-Dickstein's kernels predict none."""
+    if clip_denoised is True and name == "sohl_dickstein":
+        raise ValueError("sample.clip_denoised: Sohl-Dickstein's learned kernels predict no x0_hat to clip; "
+                         "leave sample.clip_denoised: auto or false")
+
+
+def check_task_sampler(task: str, sampler: str, ode_method: str) -> None:
+    """inpaint and edit wrap a step over a fixed grid, which SciPy's RK45 (sample.ode_method: rk45) does not walk."""
+    if task in ("inpaint", "edit") and sampler == "ode" and ode_method == "rk45":
+        raise ValueError(f"sample.task: {task} wraps a step over a fixed grid, and the rk45 ODE solver picks its own "
+                         "times: set sample.ode_method: euler or heun")
+
+
+def check_inpaint_methods(methods: Sequence[str], sampler: str) -> None:
+    """Inpainting methods against the resolved sampler: Song & Ermon's langevin wraps annealed Langevin only."""
+    if "langevin" in methods and sampler != "annealed_langevin":
+        raise ValueError("sample.inpaint.method langevin is Song & Ermon's Algorithm 2 around the annealed_langevin "
+                         f"sampler (NCSN's noise scales), not {sampler}; use replace, repaint or mcg")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 from scipy import optimize, spatial, stats
+
+from pipeline.methods import noise_defaults
 
 # NCSN (Song & Ermon 2019, arXiv:1907.05600, section 5): hand-set for data in [0, 1].
 NCSN_SIGMA_MAX, NCSN_NUM_SCALES, NCSN_STEP_SIZE, NCSN_STEPS_PER_SCALE = 1.0, 10, 2e-5, 100
@@ -186,7 +188,7 @@ class NoiseScales:
 
 def choose_noise_scales(
     train: np.ndarray,
-    method: Literal["ncsn", "ncsnv2", "exact_score"],
+    method: str,
     sigma_max: Union[str, float],
     sigma_min: float,
     num_scales: Union[str, int],
@@ -198,11 +200,13 @@ def choose_noise_scales(
 ) -> NoiseScales:
     """Resolve every 'auto' value: NCSN's hand-set constants for `ncsn`, NCSNv2 techniques otherwise.
 
-    `exact_score` takes sigma_1 and L like ncsnv2 but a converged T and eps (see EXACT_SCORE_*).
+    `exact_score` takes sigma_1 and L like ncsnv2 but a converged T and eps (see EXACT_SCORE_*); which
+    method takes which is pipeline.methods.noise_defaults.
     """
     how: dict[str, str] = {"sigma_min": "set in params (noise.sigma_min)"}
     dim = int(np.prod(train.shape[1:]))
-    hand_set = method == "ncsn"
+    defaults = noise_defaults(method)
+    hand_set = defaults == "ncsn"
 
     if sigma_max != "auto":
         s_max, how["sigma_max"] = float(sigma_max), "set in params (noise.sigma_max)"
@@ -234,7 +238,7 @@ def choose_noise_scales(
         t_steps, how["steps_per_scale"] = int(steps_per_scale), "set in params (noise.steps_per_scale)"
     elif hand_set:
         t_steps, how["steps_per_scale"] = NCSN_STEPS_PER_SCALE, "NCSN hand-set value (T = 100)"
-    elif method == "exact_score":
+    elif defaults == "exact_score":
         t_steps = EXACT_SCORE_STEPS_PER_SCALE
         how["steps_per_scale"] = f"exact_score: T = {t_steps}, enough to converge with the true score (see pipeline/noise.py)"
     else:
@@ -245,7 +249,7 @@ def choose_noise_scales(
         eps, how["step_size"] = float(step_size), "set in params (noise.step_size)"
     elif hand_set:
         eps, how["step_size"] = NCSN_STEP_SIZE, "NCSN hand-set value (eps = 2e-5)"
-    elif method == "exact_score":
+    elif defaults == "exact_score":
         eps = EXACT_SCORE_STEP_RATIO * sigma_min**2
         how["step_size"] = (f"exact_score: eps = {EXACT_SCORE_STEP_RATIO} sigma_L^2, so alpha_i = sigma_i^2 / 2 "
                             f"(technique 4 leaves the data's spread unmixed; see pipeline/noise.py)")

@@ -32,12 +32,42 @@ def _std_normal_logp(z: Tensor, scale: float) -> Tensor:
 class Process(ABC):
     """A forward process: marginals, SDE, prior, training-time distribution and sampling grid.
 
-    Subclasses set `t_min` (the data end: eps for continuous processes) and `t_max` (T).
+    Subclasses set `t_min` (the data end: eps for continuous processes) and `t_max` (T), and override the
+    capability properties below (as class attributes) where they differ from the defaults; callers ask these,
+    never probe a method. A method a process lacks raises NotImplementedError with `why_not`'s reason.
     """
 
     t_min: float
     t_max: float
-    continuous: bool = True
+
+    @property
+    def continuous(self) -> bool:
+        """Whether time is continuous on [t_min, t_max], so `grid` needs a number of steps; False: its own grid."""
+        return True
+
+    @property
+    def has_sde(self) -> bool:
+        """Whether `sde` gives the forward SDE's drift and diffusion g(t) (likelihood weighting, Huang's ELBO)."""
+        return True
+
+    @property
+    def has_importance_sampling(self) -> bool:
+        """Whether `sample_time_importance` draws times from an importance density (Huang et al. 2021, sec. 5)."""
+        return False
+
+    @property
+    def has_discrete_elbo(self) -> bool:
+        """Whether the grid is a discrete chain that ends at clean data (std 0), so pipeline.elbo's bound exists."""
+        return False
+
+    def why_not(self, capability: str) -> str:
+        """Why the method behind the has_* property `capability` (one that is False) raises NotImplementedError."""
+        if capability == "has_importance_sampling":
+            return f"importance sampling of t is derived for the VP SDE only, not {type(self).__name__}"
+        if capability == "has_sde":
+            return f"{type(self).__name__} has no SDE"
+        raise ValueError(f"{capability!r} is no capability with a method that raises NotImplementedError; "
+                         f"allowed: has_sde, has_importance_sampling")
 
     @abstractmethod
     def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,8 +114,8 @@ class Process(ABC):
         return torch.linspace(self.t_max, self.t_min, steps + 1, dtype=torch.float64)
 
     def sample_time_importance(self, batch: int, generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
-        """Times from an importance density q(t) and their weights 1/q(t), each (B,)."""
-        raise NotImplementedError(f"importance sampling of t is derived for the VP SDE only, not {type(self).__name__}")
+        """Times from an importance density q(t) and their weights 1/q(t), each (B,); see has_importance_sampling."""
+        raise NotImplementedError(self.why_not("has_importance_sampling"))
 
     def perturb(self, x0: Tensor, t: Tensor, z: Tensor) -> Tensor:
         """x_t = mean_coef(t) x0 + std(t) z."""
@@ -148,6 +178,7 @@ class VPSDE(_LinearBeta):
     """Variance preserving SDE dx = -1/2 beta(t) x dt + sqrt(beta(t)) dW, beta linear (eq. (11), (32))."""
 
     kind = "vp"
+    has_importance_sampling = True
 
     def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
         m = torch.exp(-0.5 * self.int_beta(t))
@@ -255,7 +286,7 @@ class NoiseScaleProcess(Process):
 
     x_sigma = x0 + sigma z (Song & Ermon 2019, arXiv:1907.05600, eq. (5)); as an SDE,
     dx = sqrt(d sigma^2 / d sigma) dW = sqrt(2 sigma) dW, the VE SDE of Song et al. 2021
-    parameterised by sigma itself. The prior is N(0, sigma_1^2 I).
+    parameterised by sigma itself. The prior is N(0, sigma_1^2 I). Its grid ends at sigma_L > 0: no ELBO.
     """
 
     continuous = False
@@ -320,10 +351,12 @@ class DiscreteVP(Process):
 
     Time is the step index i in {0, ..., N-1} as a float (DDPM's t = i + 1); i = -1 is the
     clean data (mean_coef 1, std 0), the end of every sampling grid. Ho et al. 2020, eq. (4):
-    x_i = sqrt(alpha_bar_i) x0 + sqrt(1 - alpha_bar_i) z.
+    x_i = sqrt(alpha_bar_i) x0 + sqrt(1 - alpha_bar_i) z. A chain without an SDE.
     """
 
     continuous = False
+    has_sde = False
+    has_discrete_elbo = True
 
     def __init__(self, betas: Tensor):
         self.betas = torch.as_tensor(betas, dtype=torch.float64)
@@ -351,8 +384,13 @@ class DiscreteVP(Process):
         return torch.sqrt(ab), torch.sqrt(1 - ab)
 
     def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError("DDPM's forward process is a discrete chain without an SDE; "
-                                  "use the ddpm or ddim samplers, or method.name: sde with method.sde: vp")
+        raise NotImplementedError(self.why_not("has_sde"))
+
+    def why_not(self, capability: str) -> str:
+        if capability == "has_sde":
+            return ("DDPM's forward process is a discrete chain without an SDE; "
+                    "use the ddpm or ddim samplers, or method.name: sde with method.sde: vp")
+        return super().why_not(capability)
 
     def conditioning(self, t: Tensor) -> Tensor:
         return t.to(torch.get_default_dtype())
@@ -376,13 +414,16 @@ class DiscreteVP(Process):
 SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
 
 
+# Every process by the `kind` of its spec(): the registry process_from_spec rebuilds from.
+PROCESSES: dict[str, type[Process]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "ou": OUProcess,
+                                       "noise_scales": NoiseScaleProcess, "discrete_vp": DiscreteVP}
+
+
 def process_from_spec(spec: dict) -> Process:
     """Rebuild a process from its `spec()` (the record the noise_scales stage writes)."""
     kind, args = spec["kind"], {k: v for k, v in spec.items() if k != "kind"}
-    builders = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "ou": OUProcess,
-                "noise_scales": NoiseScaleProcess, "discrete_vp": DiscreteVP}
-    if kind not in builders:
-        raise ValueError(f"unknown process kind {kind!r}; allowed: {', '.join(builders)}")
+    if kind not in PROCESSES:
+        raise ValueError(f"unknown process kind {kind!r}; allowed: {', '.join(PROCESSES)}")
     if kind == "discrete_vp":
         return DiscreteVP(torch.tensor(args["betas"], dtype=torch.float64))
-    return builders[kind](**args)
+    return PROCESSES[kind](**args)

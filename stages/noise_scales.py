@@ -14,7 +14,7 @@ import torch
 from pipeline import io, plots
 from pipeline.config import Config
 from pipeline.defaults import scaling_for
-from pipeline.methods import build_process, num_steps_for
+from pipeline.methods import build_process, needs_noise_scales, num_steps_for
 from pipeline.pixels import to_model
 from pipeline.noise import choose_noise_scales
 from pipeline.samplers.langevin import annealed_step_sizes
@@ -32,7 +32,7 @@ def noise_scales(cfg: Config, run: StageRun) -> None:
     scaling = scaling_for(kind, cfg.data.scaling) if images else None
     record: dict = {}
     sigmas: list[float] = []
-    if kind in ("noise_scales", "ve"):  # NCSN's scales, and VE's sigma_max (technique 1) and sigma_min
+    if needs_noise_scales(kind):  # NCSN's scales, and VE's sigma_max (technique 1) and sigma_min
         train = np.load(TRAIN)
         if images:  # technique 1 measures distances where the model works
             train = to_model(torch.from_numpy(train), scaling).numpy()

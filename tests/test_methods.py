@@ -123,3 +123,42 @@ def test_loss_options_and_sampling_steps():
         build_loss(pl.loss, process, pl.parameterization, **loss_options(pl.loss, "sigma2", "uniform"))
     assert sampling_steps(VPSDE(), "auto") == 1000 and sampling_steps(VPSDE(), 50) == 50
     assert sampling_steps(DiscreteVP(torch.full((10,), 0.1)), "auto") is None
+
+
+def test_method_rules_as_plain_functions():
+    """The rules params validation asks (pipeline.config) refuse and accept without a Config."""
+    from pipeline import methods
+
+    assert methods.check_chain("ddpm", "auto", "cosine") == 1000
+    assert methods.check_chain("sde", "auto", "linear") is None
+    for call, words in [
+        (lambda: methods.check_chain("sde", 100, "linear"), "leave it 'auto'"),
+        (lambda: methods.check_chain("ncsnv2", "auto", "cosine"), "leave it 'linear'"),
+        (lambda: methods.check_sample_steps("ncsnv2", "noise_scales", 10, None), "fix the grid"),
+        (lambda: methods.check_sample_steps("sohl_dickstein", "discrete_vp", 10, 40), "chain's own steps"),
+        (lambda: methods.check_sample_steps("ddpm", "discrete_vp", 200, 100), "must be <= the chain's"),
+        (lambda: methods.check_data("exact_score", "moons"), "needs data.name: gmm"),
+        (lambda: methods.check_conditional("sohl_dickstein"), "no score to guide"),
+        (lambda: methods.check_clip_denoised("sohl_dickstein", True), "no x0_hat to clip"),
+        (lambda: methods.check_task_sampler("edit", "ode", "rk45"), "sample.ode_method: euler or heun"),
+        (lambda: methods.check_inpaint_methods(["replace", "langevin"], "pc"), "not pc"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            call()
+    methods.check_sample_steps("ddpm", "discrete_vp", 100, 100)
+    methods.check_sample_steps("ncsnv2", "noise_scales", "auto", None)
+    methods.check_data("exact_score", "gmm")
+    methods.check_conditional("ddpm")
+    methods.check_clip_denoised("sohl_dickstein", "auto")
+    methods.check_task_sampler("generate", "ode", "rk45")
+    methods.check_task_sampler("inpaint", "ode", "heun")
+    methods.check_inpaint_methods(["langevin"], "annealed_langevin")
+
+
+def test_noise_scale_rules():
+    from pipeline.methods import needs_noise_scales, noise_defaults
+
+    assert [noise_defaults(n) for n in ("ncsn", "ncsnv2", "exact_score", "sde")] == [
+        "ncsn", "ncsnv2", "exact_score", "ncsnv2"]
+    assert [k for k in ("noise_scales", "ve", "vp", "subvp", "ou", "discrete_vp") if needs_noise_scales(k)] == [
+        "noise_scales", "ve"]

@@ -1,6 +1,7 @@
 """Forward processes: closed-form marginals (REFERENCES.md, "Continuous SDEs"), the moment ODEs
 that tie marginals to the SDE, a Monte Carlo run of each SDE, DDPM betas against the VP
-marginal, transitions, importance-sampled time, and the shape contract on (B, 2) and (B, 1, 8, 8).
+marginal, transitions, importance-sampled time, the shape contract on (B, 2) and (B, 1, 8, 8),
+and the capability properties (has_sde, ...) against what each registered process's methods do.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from pipeline.processes import (
+    PROCESSES,
     DiscreteVP,
     NoiseScaleProcess,
     OUProcess,
@@ -264,3 +266,67 @@ def test_prior_sample_is_drawn_where_the_generator_lives():
     assert p.prior_sample((3, 2), torch.Generator().manual_seed(0), dtype=F64).dtype == F64
     with pytest.raises(ValueError, match="out of range"):
         DiscreteVP(linear_betas(10)).marginal(torch.tensor([10.0]))
+
+
+# --------------------------------------------------------------------------- capabilities
+
+# One instance of every registered process (pipeline.processes.PROCESSES), by kind.
+REGISTERED = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(), "ou": OUProcess(),
+              "noise_scales": NoiseScaleProcess([5.0, 1.0, 0.2, 0.05]), "discrete_vp": DiscreteVP(linear_betas(20))}
+CAPABILITIES = ("continuous", "has_sde", "has_importance_sampling", "has_discrete_elbo")
+
+
+def test_every_registered_process_has_its_capabilities_checked():
+    assert set(REGISTERED) == set(PROCESSES)
+    assert all(type(REGISTERED[kind]) is cls for kind, cls in PROCESSES.items())
+    with pytest.raises(ValueError, match="allowed: has_sde, has_importance_sampling"):
+        VPSDE().why_not("continuous")
+
+
+@pytest.mark.parametrize("kind", list(PROCESSES))
+def test_capabilities_say_what_the_methods_do(kind):
+    """Each capability property is a bool, True exactly when the method behind it works; where it is False the
+    method raises NotImplementedError with why_not's reason (has_sde, has_importance_sampling) or is refused."""
+    from pipeline.elbo import negative_elbo
+    from pipeline.parameterization import kernel_from_score
+
+    p = REGISTERED[kind]
+    assert all(isinstance(getattr(p, c), bool) for c in CAPABILITIES)
+    gen = torch.Generator().manual_seed(0)
+    t = p.sample_time(4, gen).to(F64)
+    x = torch.randn(4, 2, generator=gen, dtype=F64)
+
+    if p.has_sde:
+        drift, g = p.sde(x, t)
+        assert drift.shape == x.shape and g.shape == (4,) and torch.isfinite(g).all()
+    else:
+        with pytest.raises(NotImplementedError) as err:
+            p.sde(x, t)
+        assert str(err.value) == p.why_not("has_sde")
+
+    if p.has_importance_sampling:
+        t_q, w = p.sample_time_importance(4, gen)
+        assert t_q.shape == w.shape == (4,) and (w > 0).all()
+    else:
+        with pytest.raises(NotImplementedError) as err:
+            p.sample_time_importance(4, gen)
+        assert str(err.value) == p.why_not("has_importance_sampling")
+
+    # continuous: the grid needs a number of steps; otherwise the process has its own grid, and trains on it
+    if p.continuous:
+        with pytest.raises(ValueError, match="needs a number of steps"):
+            p.grid()
+        assert len(p.grid(10)) == 11
+    else:
+        grid = p.grid()
+        assert bool(torch.isin(p.sample_time(64, gen), grid.to(torch.get_default_dtype())).all())
+
+    # has_discrete_elbo: a discrete grid that ends at clean data, where the bound runs
+    ends_clean = not p.continuous and float(p.marginal(p.grid()[-1:])[1][0]) == 0.0
+    assert p.has_discrete_elbo == ends_clean
+    kernel = kernel_from_score(lambda x_t, t_: -x_t, p, "beta")
+    if p.has_discrete_elbo:
+        assert torch.isfinite(negative_elbo(kernel, p, x, gen)).all()
+    else:
+        with pytest.raises(ValueError, match="discrete chain that ends at clean data"):
+            negative_elbo(kernel, p, x, gen)

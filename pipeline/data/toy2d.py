@@ -17,16 +17,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from pipeline.errors import DataError  # noqa: F401  (re-exported: pipeline.data.DataError)
+
 if TYPE_CHECKING:  # only for annotations: the mixture is built by the caller
     from pipeline.gmm import GaussianMixture
 
 DATASETS = ("swissroll", "moons", "checkerboard", "8gaussians", "gmm", "file")
 GENERATIVE = DATASETS[:-1]
 FILE_EXTENSIONS = (".npy", ".csv")
-
-
-class DataError(ValueError):
-    """Invalid data configuration or data file; the message names the params key."""
 
 
 def _scalar_standardize(x: np.ndarray, scale: float = 2.0) -> np.ndarray:
