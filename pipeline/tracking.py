@@ -28,6 +28,8 @@ PARENT_TAG = "mlflow.parentRunId"
 # MLflow's log_batch limits (mlflow.utils.validation).
 _PARAMS_PER_BATCH, _METRICS_PER_BATCH, _PARAM_VALUE_MAX = 100, 1000, 6000
 _FLUSH_EVERY, _FLUSH_SECONDS = 50, 5.0
+# Deferred records of the stages (pipeline.spool) and the lock around parent runs, under the repo root.
+SPOOL_DIR, LOCK_FILE = ".mlflow-spool", "lock"
 _EXPS_DIR = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 # MLflow's defaults (7 retries, backoff 2, 120 s timeout) turn a server that dies mid-run into
 # minutes of blocking. MLflow reads these variables at request time and has no per-client
@@ -142,8 +144,9 @@ class Tracker:
     """An MlflowClient on one experiment that warns once and goes quiet on any failure."""
 
     def __init__(self, uri: str, experiment: str = DEFAULT_EXPERIMENT,
-                 artifact_location: str | None = None):
+                 artifact_location: str | None = None, lock: str | os.PathLike | None = None):
         self.uri, self.enabled, self.experiment_id, self._client = uri, True, None, None
+        self._lock = lock  # a file locked around finding-or-creating a parent (deferred replays race for it)
         self._http = uri.startswith(("http://", "https://"))
         self._parents: dict[str, str] = {}  # pipeline_key -> parent run id
         # A down server is found in ~2 s here instead of minutes of MLflow retries.
@@ -184,30 +187,32 @@ class Tracker:
             self._disable(f"{type(e).__name__}: {e}")
             return None
 
-    def parent_run(self, key: str, tags: Mapping[str, str]) -> str | None:
-        """The id of the parent run tagged `pipeline_key=key`, created if missing."""
+    def parent_run(self, key: str, tags: Mapping[str, str], name: str | None = None,
+                   start_time: int | None = None) -> str | None:
+        """The id of the parent run tagged `pipeline_key=key`, created if missing (named `name`, else `key`)."""
         if not self.enabled or self._client is None:
             return None
         if key not in self._parents:
-            run_id = self._call(self._find_or_create_parent, key, dict(tags))
+            with file_lock(self._lock):
+                run_id = self._call(self._find_or_create_parent, key, dict(tags), name or key, start_time)
             if run_id is None:
                 return None
             self._parents[key] = run_id
         return self._parents[key]
 
-    def _find_or_create_parent(self, key: str, tags: dict[str, str]) -> str:
+    def _find_or_create_parent(self, key: str, tags: dict[str, str], name: str, start_time: int | None) -> str:
         found = self._client.search_runs([self.experiment_id], f"tags.pipeline_key = '{key}'",
                                          order_by=["attributes.start_time ASC"])
         for run in found:
             if PARENT_TAG not in run.data.tags:  # children carry pipeline_key too
                 return run.info.run_id
         run = self._client.create_run(self.experiment_id, tags={**tags, "pipeline_key": key},
-                                      run_name=key)
+                                      run_name=name, start_time=start_time)
         return run.info.run_id
 
-    def stage(self, name: str, parent_key: str, tags: Mapping[str, str]) -> StageRun:
+    def stage(self, name: str, parent_key: str, tags: Mapping[str, str], parent_name: str | None = None) -> StageRun:
         """A context manager for the child run of stage `name` under the parent `parent_key`."""
-        return StageRun(self, name, parent_key, tags)
+        return StageRun(self, name, parent_key, tags, parent_name)
 
     def log_params(self, run_id: str | None, params: Mapping) -> None:
         """Log flattened params in batches of MLflow's size limits, values truncated to fit."""
@@ -252,42 +257,53 @@ class Tracker:
         """Upload the contents of `directory`."""
         self.log_artifact(run_id, directory, artifact_path)
 
-    def set_status(self, run_id: str | None, status: str) -> None:
-        """Mark a run RUNNING, or end it as FINISHED / FAILED."""
-        if run_id is not None and self.enabled:
-            fn = self._client.update_run if status == "RUNNING" else self._client.set_terminated
-            self._call(fn, run_id, status=status)
+    def set_status(self, run_id: str | None, status: str, end_time: int | None = None) -> None:
+        """Mark a run RUNNING, or end it as FINISHED / FAILED (at `end_time` ms, default now)."""
+        if run_id is None or not self.enabled:
+            return
+        if status == "RUNNING":
+            self._call(self._client.update_run, run_id, status=status)
+        else:
+            self._call(self._client.set_terminated, run_id, status=status, end_time=end_time)
 
 
 class StageRun:
     """The child run of one stage; every method is a no-op while tracking is disabled."""
 
-    def __init__(self, tracker: Tracker, name: str, parent_key: str, tags: Mapping[str, str]):
-        self.tracker, self.name, self.parent_key = tracker, name, parent_key
+    def __init__(self, tracker: Tracker, name: str, parent_key: str, tags: Mapping[str, str],
+                 parent_name: str | None = None, start_time: int | None = None):
+        self.tracker, self.name, self.parent_key, self.parent_name = tracker, name, parent_key, parent_name
         self.parent_tags = {**tags, "pipeline_key": parent_key}
+        self.start_time = start_time  # ms since the epoch; None: now (a replay passes the stage's own)
         self.run_id: str | None = None
         self.parent_run_id: str | None = None
         self._buffer: list[tuple[str, Any, int, int]] = []
         self._last_flush = time.monotonic()
 
     def __enter__(self) -> StageRun:
+        return self.open()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self.close("FINISHED" if exc_type is None else "FAILED")
+        return False
+
+    def open(self) -> StageRun:
+        """Find or create the parent run, mark it RUNNING and create this stage's child run under it."""
         t = self.tracker
-        self.parent_run_id = t.parent_run(self.parent_key, self.parent_tags)
+        self.parent_run_id = t.parent_run(self.parent_key, self.parent_tags, self.parent_name, self.start_time)
         if self.parent_run_id is not None:
             t.set_status(self.parent_run_id, "RUNNING")
-            run = t._call(t._client.create_run, t.experiment_id, run_name=self.name,
-                          tags={**self.parent_tags, "dvc_stage": self.name,
-                                PARENT_TAG: self.parent_run_id})
+            run = t._call(t._client.create_run, t.experiment_id, run_name=self.name, start_time=self.start_time,
+                          tags={**self.parent_tags, "dvc_stage": self.name, PARENT_TAG: self.parent_run_id})
             self.run_id = run.info.run_id if run is not None else None
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    def close(self, status: str, end_time: int | None = None) -> None:
+        """Send buffered points and end the child run, and the parent with it, as FINISHED or FAILED."""
         self.flush()
-        status = "FINISHED" if exc_type is None else "FAILED"
-        self.tracker.set_status(self.run_id, status)
+        self.tracker.set_status(self.run_id, status, end_time)
         # The parent shows the state of the latest stage, so a finished pipeline is FINISHED.
-        self.tracker.set_status(self.parent_run_id, status)
-        return False
+        self.tracker.set_status(self.parent_run_id, status, end_time)
 
     def log_params(self, params: Mapping) -> None:
         """Log flattened params to this stage's run."""
@@ -329,13 +345,41 @@ class StageRun:
             self.tracker.log_artifact(self.parent_run_id, path, artifact_path)
 
 
-def open_tracker(root: Path, env: Mapping[str, str], experiment: str | None = None) -> Tracker:
-    """A Tracker on MLFLOW_TRACKING_URI, else the embedded sqlite store under `root`."""
+def store_of(root: Path, env: Mapping[str, str], experiment: str | None = None) -> dict[str, str | None]:
+    """{uri, experiment, artifact_location} of the store: MLFLOW_TRACKING_URI, else the embedded sqlite one under
+    `root`; the experiment: `experiment` (tracking.experiment), else MLFLOW_EXPERIMENT_NAME, else the default."""
     root = Path(root).resolve()
     uri = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
     # A server keeps its own artifact store; local stores get an absolute location so runs
     # from DVC's temp copies land in the real repo.
     remote = uri.startswith(("http://", "https://", "databricks"))
-    location = None if remote else (root / "mlartifacts").as_uri()
-    name = experiment or env.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-    return Tracker(uri, name, location)
+    return {"uri": uri, "experiment": experiment or env.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT,
+            "artifact_location": None if remote else (root / "mlartifacts").as_uri()}
+
+
+def spool_dir(root: Path) -> Path:
+    """Where stages leave their deferred tracking records (pipeline.spool) and the parent-run lock."""
+    return Path(root).resolve() / SPOOL_DIR
+
+
+def open_tracker(root: Path, env: Mapping[str, str], experiment: str | None = None) -> Tracker:
+    """A Tracker on MLFLOW_TRACKING_URI, else the embedded sqlite store under `root`."""
+    store = store_of(root, env, experiment)
+    return Tracker(store["uri"], store["experiment"], store["artifact_location"], lock=spool_dir(root) / LOCK_FILE)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike | None) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created with its folder) inside the block; no lock for None."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

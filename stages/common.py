@@ -23,13 +23,18 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Optional, Sequence
 
-import torch
+from typing import TYPE_CHECKING
 
-from pipeline import config, distributed, io
-from pipeline.data import DataError
-from pipeline.methods import Plan, plan, sampling_steps
-from pipeline.processes import Process, process_from_spec
-from pipeline.tracking import StageRun, open_tracker, pipeline_key, resolve_root, run_tags
+from pipeline import config, io
+from pipeline.errors import DataError
+from pipeline.tracking import StageRun, open_tracker, pipeline_key, resolve_root, run_tags, spool_dir, store_of
+
+if TYPE_CHECKING:  # torch and what imports it load only in the stages that use them: report and ema start in < 2 s
+    import torch
+
+    from pipeline import distributed
+    from pipeline.methods import Plan
+    from pipeline.processes import Process
 
 # The files dvc.yaml declares, relative to the repository root.
 TRAIN, TEST, REFERENCE = Path("data/train.npy"), Path("data/test.npy"), Path("data/reference.npy")
@@ -55,6 +60,8 @@ StageBody = Callable[[config.Config, StageRun], None]
 
 def plan_of(cfg: config.Config) -> Plan:
     """The method's resolved process, loss, parameterization and sampler (validated when params loaded)."""
+    from pipeline.methods import plan
+
     m = cfg.method
     return plan(m.name, m.sde, m.loss, m.weighting, m.parameterization, m.t_sampling, cfg.model.scale_by_sigma,
                 cfg.sample.sampler, cfg.eval.likelihood)
@@ -139,6 +146,8 @@ GPU_LOCKS = GpuLocks()
 
 def cuda_count() -> int:
     """How many CUDA devices torch sees (0 without CUDA)."""
+    import torch
+
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
@@ -146,6 +155,10 @@ def choose_device(setting: str) -> torch.device:
     """train.device resolved: 'auto' is CUDA when there is one, else the CPU; 'cuda' without CUDA is refused.
 
     The GPU: LOCAL_RANK's under torchrun; a free one (locked) on a node with several; the only one otherwise."""
+    import torch
+
+    from pipeline import distributed
+
     if setting == "cuda" and not torch.cuda.is_available():
         raise DataError("train.device: cuda, but torch sees no CUDA device here (use auto or cpu)")
     if setting == "cpu" or not torch.cuda.is_available():
@@ -163,11 +176,15 @@ def choose_device(setting: str) -> torch.device:
 
 def process_of(record: dict) -> Process:
     """The forward process the noise_scales stage chose, rebuilt from outputs/noise_scales.json."""
+    from pipeline.processes import process_from_spec
+
     return process_from_spec(record["process"])
 
 
 def sampler_options(cfg: config.Config, process: Process, record: dict) -> tuple[Optional[int], dict]:
     """(grid steps, options) of the method's sampler from sample.* and the noise_scales record."""
+    from pipeline.methods import sampling_steps
+
     s = cfg.sample
     options = s.model_dump(include={"denoise", "variance", "eta", "predictor", "corrector", "snr", "corrector_steps",
                                     "lam", "ode_method", "rtol", "atol"})
@@ -198,7 +215,7 @@ def run_stage(name: str, body: StageBody, argv: Optional[Sequence[str]] = None) 
     except config.ConfigError as err:
         print(f"{name}: {err}", file=sys.stderr)
         return 2
-    world = distributed.world_from_env(os.environ)
+    world = _world()
     if world is not None and world.size > 1:
         if name not in DEVICES_KEYS:
             print(f"{name}: runs in one process; only {' and '.join(DEVICES_KEYS)} run under torchrun "
@@ -216,12 +233,52 @@ def run_stage(name: str, body: StageBody, argv: Optional[Sequence[str]] = None) 
     return _tracked(name, cfg, lambda run: body(cfg, run))
 
 
+def _world() -> Optional[distributed.World]:
+    """The torchrun world of this process, or None; pipeline.distributed (torch) is imported only under torchrun."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return None
+    from pipeline import distributed
+
+    return distributed.world_from_env(os.environ)
+
+
+# The stages that log a live curve to MLflow while they work; the others record their calls and a detached
+# process replays them after the stage ends (pipeline.spool), which keeps mlflow's import off their critical path.
+LIVE_STAGES = ("train",)
+# SCORE_PIPELINE_TRACKING=sync: every stage logs to MLflow itself, before it exits (tests, debugging).
+TRACKING_ENV = "SCORE_PIPELINE_TRACKING"
+# Records older than this that no replay took are reported by the next stage.
+STALE_SECONDS = 120
+
+
+def parent_run_name(cfg: config.Config, key: str, env: dict) -> str:
+    """The MLflow name of the pipeline's parent run: method, data and the DVC experiment (else `workspace`)."""
+    m = cfg.method
+    sde = m.sde if m.sde != "auto" else "vp" if m.name == "sde" else None  # sde's auto is vp (params.yaml)
+    method = f"{m.name}-{sde}" if sde and m.name in ("sde", "exact_score") else m.name
+    sampler = "" if cfg.sample.sampler == "auto" else f" {cfg.sample.sampler}"
+    return f"{method}{sampler} · {cfg.data.name} · {env.get('DVC_EXP_NAME') or 'workspace ' + key}"
+
+
 def _tracked(name: str, cfg: config.Config, call: Callable[[Any], None]) -> int:
     """call(run) inside the stage's MLflow child run; 2 on DataError (bad input), printed."""
     root = resolve_root(os.environ, Path.cwd())
-    tracker = open_tracker(root, os.environ, experiment=cfg.tracking.experiment)
+    key, tags = pipeline_key(root, os.environ), run_tags(root, os.environ)
+    parent_name = parent_run_name(cfg, key, os.environ)
+    if name in LIVE_STAGES or os.environ.get(TRACKING_ENV) == "sync":
+        tracker = open_tracker(root, os.environ, experiment=cfg.tracking.experiment)
+        run = tracker.stage(name, key, tags, parent_name)
+    else:
+        from pipeline.spool import Recorder, stale
+
+        spool = spool_dir(root)
+        waiting = stale(spool, STALE_SECONDS)
+        if waiting:
+            print(f"{name}: {waiting} MLflow record(s) of earlier stages wait in {spool} (see replay.log there); "
+                  f"a replay after this stage tries again", file=sys.stderr)
+        run = Recorder(spool, store_of(root, os.environ, cfg.tracking.experiment), name, key, tags, parent_name)
     try:
-        with tracker.stage(name, pipeline_key(root, os.environ), run_tags(root, os.environ)) as run:
+        with run:
             call(run)
     except DataError as err:
         print(f"{name}: {err}", file=sys.stderr)
@@ -256,6 +313,8 @@ def relaunch(name: str, params: str, n: int, setting: str) -> int:
     the step to stop at and exit 143, which this process returns (torchrun itself would say 1). On a node with
     several GPUs the N GPUs are locked here (GpuLocks) and made the child's CUDA_VISIBLE_DEVICES, so two queued
     multi-process stages do not both take GPUs 0..N-1."""
+    from pipeline import distributed
+
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])  # `-m stages.<name>` from any working directory (tests)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -304,7 +363,10 @@ def run_rank(name: str, body: StageBody, cfg: config.Config, world: distributed.
     """One rank of a stage under torchrun: join the process group (NCCL on this rank's GPU, gloo on the CPU, plus a
     gloo group for host-side values), run the body with it (rank 0 inside the MLflow stage run, the others
     silent), report the exit status to the launching stage, leave the group."""
+    import torch
     import torch.distributed as dist
+
+    from pipeline import distributed
 
     status = 1
     try:

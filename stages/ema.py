@@ -6,13 +6,17 @@ import shutil
 
 from pipeline import io
 from pipeline.config import Config
+from pipeline.errors import DataError
 from pipeline.tracking import StageRun
 from stages.common import EMA_MODEL, MODEL, RAW_MODEL, main
 
 
 def ema_stage(cfg: Config, run: StageRun) -> None:
     source = EMA_MODEL if cfg.train.ema else RAW_MODEL
-    io.load_torch(source)  # refuse a file that is not a weights-only model file
+    try:  # refuse what is not a model file; the structure only, so that this stage never imports torch
+        io.check_torch_archive(source)
+    except ValueError as err:
+        raise DataError(f"train.ema: {'EMA' if cfg.train.ema else 'raw'} weights: {err}") from None
     with io.atomic_path(MODEL) as tmp:
         shutil.copyfile(source, tmp)
     run.log_params({"train.ema": cfg.train.ema, "source": str(source)})

@@ -11,6 +11,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+# Stages run in-process log to MLflow before they return (the default defers it to a detached replayer per stage,
+# pipeline.spool: hundreds of those would cost minutes of imports here). The `dvc repro` tests take the default path.
+os.environ.setdefault("SCORE_PIPELINE_TRACKING", "sync")
+
 import pytest  # noqa: E402
 
 

@@ -19,6 +19,8 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+from pipeline.spool import drain
+from pipeline.tracking import spool_dir
 from stages.common import STAGE_BODIES, run_named
 
 STAGES = tuple(STAGE_BODIES)
@@ -283,7 +285,8 @@ def test_malformed_data_file_refused_and_nothing_overwritten(workdir, capsys, co
 
 
 def _dvc_env(tmp: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
+    # The stages' default tracking: recorded, then replayed by a detached process (pipeline.spool; conftest sets sync).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "SCORE_PIPELINE_TRACKING"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(tmp)
     return env
@@ -357,6 +360,7 @@ def test_dvc_exp_run_sample_key_reruns_only_sample_evaluate_report(dvc_repo, dvc
     shown = _sh(dvc + ["exp", "show", "--json"], dvc_repo, env)
     assert "seed1" in shown and "cd_floor" in shown
     # The experiment's MLflow parent run is tagged with its DVC experiment name.
+    assert drain(spool_dir(dvc_repo)) == 0
     db = sqlite3.connect(dvc_repo / "mlflow.db")
     tagged = db.execute("select count(*) from tags where key = 'dvc_exp_name' and value = 'seed1'").fetchone()[0]
     assert tagged >= 1
@@ -414,11 +418,14 @@ def test_dvc_queue_keeps_mlflow_artifacts_and_skips_training(dvc_repo, dvc_basel
             break
         time.sleep(3)
     assert "Success" in line, _sh(dvc + ["queue", "logs", "queued2"], dvc_repo, env)
+    # DVC has deleted the temp copy by now: the replayed artifacts come from the records' own copies.
+    assert drain(spool_dir(dvc_repo)) == 0
     db = sqlite3.connect(dvc_repo / "mlflow.db")
     runs = db.execute("select r.run_uuid, r.name, r.artifact_uri from runs r join tags t on t.run_uuid = r.run_uuid "
                       "where t.key = 'dvc_exp_name' and t.value = 'queued2'").fetchall()
-    assert {name for _, name, _ in runs} == {"queued2", "sample", "evaluate", "report"}  # no retraining
-    parent_uri = next(uri for _, name, uri in runs if name == "queued2")
+    parent = "ncsnv2 · swissroll · queued2"  # method, data set, experiment (stages.common.parent_run_name)
+    assert {name for _, name, _ in runs} == {parent, "sample", "evaluate", "report"}  # no retraining
+    parent_uri = next(uri for _, name, uri in runs if name == parent)
     assert parent_uri.startswith((dvc_repo / "mlartifacts").resolve().as_uri())
     artifacts = Path(parent_uri.removeprefix("file://"))
     assert (artifacts / "report.md").is_file() and (artifacts / "figures" / "samples.png").is_file()

@@ -1,0 +1,126 @@
+"""Deferred tracking (pipeline.spool): what a stage records is what MLflow holds after the replay, in the order the
+stages ended, with their own times; a failing store keeps the records; the short stages import neither torch nor
+mlflow (their fixed cost, README "Tracking")."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from pipeline.spool import Recorder, drain, pending, stale
+from pipeline.tracking import PARENT_TAG, TrackingWarning, spool_dir, store_of
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _record(root: Path, stage: str, key: str, status_error: bool = False) -> Recorder:
+    rec = Recorder(spool_dir(root), store_of(root, {}), stage, key, {"git_commit": "abc"},
+                   parent_name=f"ddpm · swissroll · {key}", launch=False)
+    try:
+        with rec:
+            yield_ops(rec, root, stage)
+            if status_error:
+                raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    return rec
+
+
+def yield_ops(rec: Recorder, root: Path, stage: str) -> None:
+    rec.log_params({"sample": {"steps": 50, "dims": [2, 3]}, "odd=key": True})
+    rec.log_metrics({"nfe": 51, "nested": {"m": 0.5}, "nan": float("nan")})
+    for step in range(3):
+        rec.log_metric_buffered("loss", 1.0 / (step + 1), step)
+    figure = root / f"{stage}.txt"
+    figure.write_text(stage)
+    rec.log_artifact(figure)
+    figures = root / f"{stage}_figs"
+    figures.mkdir(exist_ok=True)
+    (figures / "a.txt").write_text("a")
+    rec.log_to_parent(params={"method": {"name": "ddpm"}}, metrics={"cd": 0.08, "cd_floor": 0.078},
+                      artifacts=[figure])
+    rec.log_to_parent(artifacts=[figures], artifact_path="figures")
+    # The stage's folder may be gone before the replay (DVC's temp experiments): the record holds copies.
+    figure.unlink()
+    (figures / "a.txt").unlink()
+    figures.rmdir()
+
+
+def test_a_replayed_record_is_what_the_stage_logged(tmp_path):
+    first = _record(tmp_path, "evaluate", "exp-1")
+    second = _record(tmp_path, "report", "exp-1", status_error=True)
+    assert len(pending(spool_dir(tmp_path))) == 2
+    assert drain(spool_dir(tmp_path)) == 0
+    assert pending(spool_dir(tmp_path)) == [] and not any(spool_dir(tmp_path).glob("*-evaluate"))
+
+    store = store_of(tmp_path, {})
+    client = _client(store["uri"])
+    exp = client.get_experiment_by_name(store["experiment"])
+    runs = client.search_runs([exp.experiment_id], "tags.pipeline_key = 'exp-1'")
+    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+    children = {r.info.run_name: r for r in runs if PARENT_TAG in r.data.tags}
+    assert len(parents) == 1 and set(children) == {"evaluate", "report"}
+    parent = parents[0]
+    assert parent.info.run_name == "ddpm · swissroll · exp-1"
+    assert parent.info.status == "FAILED"  # the latest stage to end decides, as when logging live
+    assert parent.info.start_time == first.start
+    for rec, status in ((first, "FINISHED"), (second, "FAILED")):
+        run = children[rec.name]
+        saved = rec.start
+        assert run.info.status == status and run.info.start_time == saved and run.info.end_time >= saved
+        assert run.data.tags[PARENT_TAG] == parent.info.run_id and run.data.tags["dvc_stage"] == rec.name
+        assert run.data.params == {"sample.steps": "50", "sample.dims": "[2, 3]", "odd_key": "True"}
+        assert run.data.metrics == {"nfe": 51.0, "nested.m": 0.5, "loss": 1 / 3}
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [1.0, 0.5, 1 / 3]
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == [f"{rec.name}.txt"]
+    assert parent.data.params == {"method.name": "ddpm"}
+    assert parent.data.metrics == {"cd": 0.08, "cd_floor": 0.078}
+    art = tmp_path / "mlartifacts" / parent.info.run_id / "artifacts"
+    assert (art / "report.txt").read_text() == "report" and (art / "figures" / "a.txt").is_file()  # a folder: its contents
+
+
+def test_a_failing_store_keeps_its_records_for_the_next_replay(tmp_path):
+    rec = Recorder(spool_dir(tmp_path), {"uri": "bogus-scheme://nowhere", "experiment": "x",
+                                         "artifact_location": None}, "report", "k", {}, launch=False)
+    with rec:
+        rec.log_metrics({"cd": 1.0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert drain(spool_dir(tmp_path)) == 1
+    assert [w.category for w in caught] == [TrackingWarning]
+    assert len(pending(spool_dir(tmp_path))) == 1
+    assert stale(spool_dir(tmp_path), 0) == 1 and stale(spool_dir(tmp_path), 3600) == 0
+    record = json.loads(pending(spool_dir(tmp_path))[0].read_text())
+    assert record["stage"] == "report" and record["ops"][0]["entries"][0][:2] == ["cd", 1.0]
+
+
+def test_the_spool_command_drains_and_says_what_is_left(tmp_path):
+    with Recorder(spool_dir(tmp_path), store_of(tmp_path, {}), "ema", "k2", {}, launch=False) as rec:
+        rec.log_params({"train": {"ema": True}})
+    out = subprocess.run([sys.executable, "-m", "pipeline.spool", str(spool_dir(tmp_path))], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert pending(spool_dir(tmp_path)) == []
+    bad = subprocess.run([sys.executable, "-m", "pipeline.spool"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+@pytest.mark.parametrize("stage", ["report", "ema"])
+def test_short_stages_import_neither_torch_nor_mlflow(stage):
+    """The fixed cost of a short stage (README: report ≤ 2 s): importing it and loading params.yaml must not pull
+    in torch (~2 s here) or mlflow (~1.8 s, deferred to the replay)."""
+    code = (f"import sys; import stages.{stage}; from pipeline import config; config.load('params.yaml'); "
+            "print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
