@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.methods import _fmt, _merge, run_variants
+from benchmarks.methods import _fmt, _merge, run_variants, track_in_repo
 from stages.common import STAGE_BODIES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,8 +111,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(STUDIES), help="studies to run (default: all)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "controllable.json"))
     args = parser.parse_args()
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # each scratch directory gets its own store
-    os.environ.pop("DVC_ROOT", None)
+    track_in_repo()
     out = Path(args.out)
     rows = json.loads(out.read_text()) if out.exists() else []
     with tempfile.TemporaryDirectory(prefix="bench-controllable-") as scratch:

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.methods import _fmt, _merge, _run_stages, run_variants
+from benchmarks.methods import _fmt, _merge, _run_stages, run_variants, track_in_repo
 
 REPO = Path(__file__).resolve().parents[1]
 LIKELIHOOD = {"eval": {"likelihood": True, "likelihood_n": 200}}
@@ -79,8 +79,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(MODELS), help="models to run (default: all)")
     parser.add_argument("--out", default=None, help="where to write the rows (default: benchmarks/images_<data>.json)")
     args = parser.parse_args()
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # each scratch directory gets its own store
-    os.environ.pop("DVC_ROOT", None)
+    track_in_repo()
     out = Path(args.out or REPO / "benchmarks" / f"images_{args.data}.json")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-images-") as scratch:
@@ -90,6 +89,7 @@ def main() -> None:
         Path("params.yaml").write_text(yaml.safe_dump(_merge(yaml.safe_load((REPO / "params.yaml").read_text()),
                                                              {"data": {"name": args.data}}), sort_keys=False))
         start = time.perf_counter()
+        os.environ["DVC_EXP_NAME"] = f"bench-{args.data}-references"  # not the workspace's MLflow parent run
         _run_stages(list(REFERENCE_STAGES))
         print(f"reference stages: {time.perf_counter() - start:.0f} s", flush=True)
         for name in args.only or list(MODELS):

@@ -73,9 +73,11 @@ def run_variants(name: str, base: dict, variants: dict[str, dict], first: list[s
     """In the current directory: the `first` stages with the first variant's sample keys, then sample and
     evaluate for each further variant; one result row per variant (printed as it comes)."""
     rows = []
+    base = _merge(base, {"tracking": {"experiment": BENCH_EXPERIMENT}})
     for i, (variant, sample) in enumerate(variants.items()):
         Path("params.yaml").write_text(yaml.safe_dump(_merge(base, {"sample": sample}), sort_keys=False))
-        stages = first if i == 0 else ["sample", "evaluate"]
+        os.environ["DVC_EXP_NAME"] = f"bench-{name}-{variant}"  # its MLflow parent run: one per variant
+        stages = first if i == 0 else ["sample", "evaluate", "report"]
         seconds = _run_stages(stages)
         metrics = json.loads(Path("metrics/evaluate.json").read_text())
         sample = json.loads(Path("metrics/sample.json").read_text())
@@ -84,6 +86,18 @@ def run_variants(name: str, base: dict, variants: dict[str, dict], first: list[s
                      "train_s": seconds.get("train"), "sample_s": seconds["sample"], "evaluate_s": seconds["evaluate"]})
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+# The MLflow experiment of the benchmarks' runs in the repo's store (`make compare` reads them).
+BENCH_EXPERIMENT = "benchmarks"
+
+
+def track_in_repo() -> None:
+    """Log every benchmark run to this repo's MLflow store (or MLFLOW_TRACKING_URI when set), in the experiment
+    `benchmarks`, before the stage returns: the stages run in scratch folders, and the comparison
+    (`python -m stages.compare`) reads the runs from the store. Per-variant names come from DVC_EXP_NAME."""
+    os.environ["DVC_ROOT"] = str(REPO)  # the store, the artifacts and the git commit are the repo's
+    os.environ["SCORE_PIPELINE_TRACKING"] = "sync"  # no replay process beside the timed stages
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -111,8 +125,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(MODELS), help="models to run (default: all)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"), help="where to write the rows")
     args = parser.parse_args()
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # each scratch directory gets its own store
-    os.environ.pop("DVC_ROOT", None)
+    track_in_repo()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         for name in args.only or list(MODELS):

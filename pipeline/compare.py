@@ -1,0 +1,722 @@
+"""Every run of the project side by side: MLflow's parent runs and `dvc exp show`'s experiments merged into one table,
+runs that differ only in their seeds pooled into seed groups (mean and 95 % confidence interval), and quality against
+cost figures. The library behind `python -m stages.compare` (reports/compare.md, reports/compare/).
+
+Sources, public formats only: MlflowClient.search_runs over the store pipeline.tracking writes to (a parent run per
+pipeline execution, tagged pipeline_key / git_commit / dvc_exp_name / dvc_baseline_rev, its child runs named after
+the stages), and the JSON of `dvc exp show --json` (workspace, baseline commits, their experiments). A DVC experiment
+and the MLflow parent tagged dvc_exp_name with its name are one row; DVC's params and metrics win (DVC files are the
+record), MLflow adds the resolved sampler and the stage wall times.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline.report import FLOORED
+from pipeline import io
+from pipeline.tracking import PARENT_TAG, _fast_http_env, flatten, store_of
+
+LIKELIHOODS = ("nll", "bpd", "elbo_bpd")
+STAGES = ("train", "sample", "evaluate")
+# The numeric columns of a run, in table order: each floored metric next to its floor and their ratio.
+METRICS = [c for m in FLOORED for c in (m, f"{m}_floor", f"{m}/floor")] + list(LIKELIHOODS)
+COSTS = ["nfe", "train_steps"] + [f"{s}_s" for s in STAGES] + ["total_s"]
+NUMERIC = METRICS + COSTS
+SWEEP = "dvc exp run --queue -S seed=1,2,3,4,5 && dvc queue start -j 1"
+FIGURES = {"quality_nfe": "quality_nfe.png", "quality_time": "quality_time.png", "likelihood": "likelihood_steps.png"}
+_DVC_STATUS = {None: "finished", "success": "finished", "failed": "failed", "running": "running"}
+
+
+class CompareError(Exception):
+    """A bad filter or nothing to compare: the CLI prints it on one line and exits 2."""
+
+
+def store_uri(root: Path, env: Mapping[str, str]) -> str:
+    """The MLflow store the pipeline tracks into (pipeline.tracking.store_of)."""
+    return str(store_of(root, env)["uri"])
+
+
+def is_seed_key(key: str) -> bool:
+    """Whether a flattened param is a seed (`seed`, `sample.seed`, `eval.seed`, any `*.seed`)."""
+    return key.rsplit(".", 1)[-1] == "seed"
+
+
+def _num_str(f: float) -> str:
+    return str(int(f)) if math.isfinite(f) and f.is_integer() and abs(f) < 1e16 else repr(f)
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)):
+        return int(v) if math.isfinite(v) and float(v).is_integer() and abs(v) < 1e16 else float(v)
+    if isinstance(v, Mapping):
+        return {str(k): _norm(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    return str(v)
+
+
+def canon(v: Any) -> str:
+    """A param value as one comparable string, from MLflow's strings or YAML's values ('True' == true, 5e3 == 5000)."""
+    if isinstance(v, str):
+        s = v.strip()
+        if s.lower() in ("none", "null", "~"):
+            return "null"
+        if s.lower() in ("true", "false"):
+            return s.lower()
+        if s[:1] in ("[", "{"):
+            try:
+                return json.dumps(_norm(json.loads(s)), sort_keys=True)
+            except ValueError:
+                return s
+        try:
+            return _num_str(float(s)) if "_" not in s else s
+        except ValueError:
+            return s
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return _num_str(float(v))
+    if isinstance(v, (list, tuple, Mapping)):
+        return json.dumps(_norm(v), sort_keys=True)
+    return str(v)
+
+
+def flat_params(params: Mapping | None) -> dict[str, str]:
+    """Nested (params.yaml) or flat (MLflow) params -> {dotted key: canon(value)}."""
+    return {k: canon(v) for k, v in flatten(params or {}).items()}
+
+
+def _number(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+# ---------------------------------------------------------------------------------------------------------- sources
+
+def run_record(run: Any, experiment: str | None = None) -> dict:
+    """An mlflow Run as a plain dict (run_id, name, experiment, status, start, end, tags, params, metrics)."""
+    if isinstance(run, Mapping):
+        return dict(run)
+    info, data = run.info, run.data
+    return {"run_id": info.run_id, "name": info.run_name or data.tags.get("mlflow.runName") or info.run_id,
+            "experiment": experiment if experiment is not None else info.experiment_id, "status": info.status,
+            "start": info.start_time, "end": info.end_time, "tags": dict(data.tags), "params": dict(data.params),
+            "metrics": dict(data.metrics)}
+
+
+def load_mlflow(uri: str, experiment: str | None = None) -> tuple[list[dict], str | None]:
+    """All active runs at `uri` (only `experiment`'s, if given) as run_record dicts, and a note if none are readable."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        if experiment:
+            raise CompareError(f"unknown MLflow experiment {experiment!r}: there is no store at {uri}")
+        return [], f"no MLflow store at {uri}"  # MlflowClient would create an empty one
+    for name in ("alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        with _fast_http_env(uri.startswith(("http://", "https://"))):  # a down server fails in seconds
+            experiments = client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
+    except Exception as e:  # noqa: BLE001 - any store error: go on with DVC alone
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        return [], f"cannot read the MLflow store at {uri}: {why if len(why) <= 120 else why[:119] + '…'}"
+    names = {e.experiment_id: e.name for e in experiments}
+    if experiment is not None:
+        ids = [i for i, n in names.items() if n == experiment]
+        if not ids:
+            raise CompareError(f"unknown MLflow experiment {experiment!r}; {uri} has: "
+                               + (", ".join(sorted(names.values())) or "none"))
+    else:
+        ids = list(names)
+    records, token = [], None
+    while ids:
+        with _fast_http_env(uri.startswith(("http://", "https://"))):
+            page = client.search_runs(ids, "", ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        records += [run_record(r, names.get(r.info.experiment_id)) for r in page]
+        token = page.token
+        if not token:
+            break
+    return records, None
+
+
+def find_dvc() -> str | None:
+    """The dvc executable: on PATH, else next to this Python (a venv run without activating it)."""
+    found = shutil.which("dvc")
+    beside = Path(sys.executable).parent / "dvc"
+    return found or (str(beside) if beside.is_file() else None)
+
+
+def load_dvc(root: Path, rev: str | None = None, timeout: float = 600) -> tuple[list | None, str | None]:
+    """The JSON of `dvc exp show --json [--rev REV]` run in `root` (without the workspace for a REV), or (None, why)."""
+    root = Path(root)
+    if not (root / ".dvc").is_dir():
+        return None, f"{root} is not a DVC repository"
+    exe = find_dvc()
+    if exe is None:
+        return None, "dvc is not installed"
+    cmd = [exe, "exp", "show", "--json"] + (["--rev", rev] if rev else [])
+    try:
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"`dvc exp show --json` failed: {e}"
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        return None, f"`dvc exp show --json` failed: {last}"
+    try:
+        shown = json.loads(proc.stdout)
+    except ValueError:
+        return None, "`dvc exp show --json` printed no JSON"
+    # With --rev the workspace (based on HEAD) is not of that commit.
+    return [e for e in shown if not rev or e.get("rev") != "workspace"], None
+
+
+def load_base_params(root: Path) -> dict | None:
+    """The workspace's params.yaml (the reference of the changed params), or None without one."""
+    path = Path(root) / "params.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def resolve_rev(root: Path, rev: str) -> str | None:
+    """`git rev-parse` of `rev` in `root` (the full sha of a commit), or None."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=root,
+                             capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and sha else None
+
+
+# ------------------------------------------------------------------------------------------------------------ rows
+
+def _mlflow_rows(records: Iterable[Any]) -> list[dict]:
+    """One row per parent run, completed from its children (stage times, resolved sampler, missing values)."""
+    records = [run_record(r) for r in records]
+    children: dict[str, list[dict]] = {}
+    for r in records:
+        if PARENT_TAG in r["tags"]:
+            children.setdefault(r["tags"][PARENT_TAG], []).append(r)
+    rows = []
+    for p in records:
+        if PARENT_TAG in p["tags"]:
+            continue
+        latest: dict[str, dict] = {}  # stage -> its latest child run (a resumed stage runs again)
+        for c in sorted(children.get(p["run_id"], []), key=lambda c: c["start"] or 0):
+            latest[c["tags"].get("dvc_stage") or c["name"]] = c
+        # Only the report stage logs params to the parent, and then all of them: a complete set.
+        complete = bool(p["params"])
+        params, metrics = dict(p["params"]), {k: v for k, v in p["metrics"].items() if _number(v) is not None}
+        seconds = {}
+        for stage, c in latest.items():
+            # The report stage logs everything to the parent; before it ran, the stages' own runs have it.
+            for k, v in c["params"].items():
+                if "." in k or k == "seed":
+                    params.setdefault(k, v)
+            for k, v in c["metrics"].items():
+                metrics.setdefault(f"{stage}.{k}", v)
+                if stage == "evaluate":
+                    metrics.setdefault(k, v)
+            if c["start"] and c["end"]:
+                seconds[stage] = (c["end"] - c["start"]) / 1000.0
+        sample, train = latest.get("sample", {}).get("params", {}), latest.get("train", {}).get("params", {})
+        commit = p["tags"].get("git_commit")
+        rows.append({
+            "name": p["tags"].get("dvc_exp_name") or p["name"], "params": params, "metrics": metrics,
+            "sampler": sample.get("sampler") or params.get("sample.sampler"), "seconds": seconds,
+            "train_steps": metrics.get("train.steps", train.get("resolved.steps")),
+            "status": str(p["status"] or "").lower() or None, "commit": commit if commit != "nogit" else None,
+            "baseline": p["tags"].get("dvc_baseline_rev"), "experiment": p.get("experiment"),
+            "run_id": p["run_id"], "start": (p["start"] or 0) / 1000.0, "exp": p["tags"].get("dvc_exp_name"),
+            "source": "mlflow", "complete": complete})
+    return rows
+
+
+def _dvc_data(data: Mapping) -> tuple[dict, dict]:
+    """(flat params, flat numeric metrics) of one `dvc exp show --json` entry's `data`."""
+    params = {}
+    for file, content in (data.get("params") or {}).items():
+        flat = flatten((content or {}).get("data") or {})
+        params.update(flat if file == "params.yaml" else {f"{file}:{k}": v for k, v in flat.items()})
+    metrics = {}
+    for file, content in (data.get("metrics") or {}).items():
+        stem = Path(file).stem
+        for k, v in flatten((content or {}).get("data") or {}).items():
+            if _number(v) is not None and not isinstance(v, bool):
+                metrics[f"{stem}.{k}"] = v
+                if stem == "evaluate":  # the headline numbers, unprefixed (as the report stage logs them)
+                    metrics[k] = v
+    return params, metrics
+
+
+def _timestamp(ts: str | None) -> float:
+    try:
+        return pd.Timestamp(ts).timestamp() if ts else 0.0
+    except (ValueError, TypeError):
+        return 0.0
+
+
+def _dvc_row(name: str, data: Mapping, commit: str | None, status: str | None) -> dict:
+    params, metrics = _dvc_data(data)
+    if status in ("failed", "running"):
+        metrics = {}  # dvc exp show fills an unfinished experiment in with its baseline's files
+    return {"name": name, "params": params, "metrics": metrics, "sampler": params.get("sample.sampler"),
+            "seconds": {}, "train_steps": metrics.get("train.steps"), "status": status, "commit": commit,
+            "baseline": commit, "experiment": params.get("tracking.experiment"), "run_id": None,
+            "start": _timestamp(data.get("timestamp")), "exp": None, "source": "dvc", "complete": bool(params)}
+
+
+def _dvc_rows(dvc_json: Sequence[Mapping] | None) -> tuple[list[dict], int]:
+    """Rows of the baselines, experiments and (when new) workspace of `dvc exp show --json`; and the queued count."""
+    rows, workspace, queued = [], None, 0
+    for entry in dvc_json or []:
+        data = entry.get("data") or {}
+        if entry.get("rev") == "workspace":
+            workspace = data
+            continue
+        rows.append(_dvc_row(entry.get("name") or str(entry.get("rev"))[:7], data, entry.get("rev"),
+                             "failed" if entry.get("error") else "finished"))
+        for exp in entry.get("experiments") or []:
+            state = (exp.get("executor") or {}).get("state")
+            revs = exp.get("revs") or []
+            if state == "queued":
+                queued += 1
+                continue
+            if not revs:
+                continue
+            head = revs[0]  # the experiment's latest commit
+            row = _dvc_row(exp.get("name") or head.get("name") or str(head.get("rev"))[:7], head.get("data") or {},
+                           entry.get("rev"), _DVC_STATUS.get(state, state))
+            row["exp"] = row["name"]
+            rows.append(row)
+    if workspace is not None:
+        head = next((e.get("rev") for e in dvc_json or [] if e.get("rev") != "workspace"), None)
+        row = _dvc_row("workspace", workspace, head, "finished")
+        if not any(r["params"] == row["params"] and r["metrics"] == row["metrics"] for r in rows):
+            rows.append(row)
+    return rows, queued
+
+
+def _merge(m: dict, d: dict) -> dict:
+    """The row of an experiment in both sources: DVC's params, metrics and status; MLflow's times, resolved sampler."""
+    sampler = m["sampler"] if m["sampler"] not in (None, "auto") else d["sampler"]
+    return {**m, "params": {**m["params"], **d["params"]}, "metrics": {**m["metrics"], **d["metrics"]},
+            "sampler": sampler, "train_steps": d["train_steps"] if d["train_steps"] is not None else m["train_steps"],
+            "status": d["status"], "commit": m["commit"] or d["commit"],
+            "baseline": m["baseline"] or d["baseline"], "experiment": m["experiment"] or d["experiment"],
+            "start": m["start"] or d["start"], "source": "both", "complete": m["complete"] or d["complete"]}
+
+
+def _changed(params: Mapping[str, str], base: Mapping[str, str], universe: Sequence[str], complete: bool) -> str:
+    """`key=value, ...` of the params that differ from the workspace's, with a note on the ones not logged."""
+    if not params:
+        return "(no params logged)"
+    if not base:
+        return ""
+    items = _diff(params, base, universe)
+    missing = sum(k not in params for k in universe)
+    if not complete:
+        items.append(f"(partial: {len(universe) - missing}/{len(universe)} params logged)")
+    elif missing:
+        items.append(f"({missing} newer params not logged)")
+    return ", ".join(items)
+
+
+def _diff(params: Mapping[str, str], base: Mapping[str, str], keys: Iterable[str]) -> list[str]:
+    return [f"{k}={_short(params[k])}" for k in keys if k in params and params[k] != base.get(k)]
+
+
+def _short(v: str, width: int = 40) -> str:
+    return v if len(v) <= width else v[: width - 1] + "…"
+
+
+def runs_frame(mlflow_runs: Iterable[Any], dvc_json: Sequence[Mapping] | None,
+               base_params: Mapping | None) -> pd.DataFrame:
+    """One row per run of MLflow (parent runs) and `dvc exp show --json`, merged by experiment name."""
+    # mlflow_runs: mlflow Run objects or run_record dicts; base_params: params.yaml (None: DVC's workspace params).
+    # Columns: name, method, data, sampler, changed (params that differ from base_params), each floored metric, its
+    # floor and their ratio, likelihoods, nfe, train_steps, seconds per stage, commit, source, status; columns
+    # starting with `_` are for seed_groups and filter_runs.
+    m_rows, (d_rows, queued) = _mlflow_rows(mlflow_runs), _dvc_rows(dvc_json)
+    by_exp: dict[str, list[int]] = {}
+    for i, r in enumerate(m_rows):
+        if r["exp"]:
+            by_exp.setdefault(r["exp"], []).append(i)
+    rows, merged = [], set()
+    for d in d_rows:
+        hits = [i for i in by_exp.get(d["exp"] or "", []) if i not in merged]
+        if hits:
+            i = max(hits, key=lambda i: m_rows[i]["start"])  # a re-run experiment: its latest execution
+            merged.add(i)
+            rows.append(_merge(m_rows[i], d))
+        else:
+            rows.append(d)
+    rows += [r for i, r in enumerate(m_rows) if i not in merged]
+
+    if base_params is None:  # no params.yaml: the workspace's params as DVC saw them
+        workspace = next((e.get("data") or {} for e in dvc_json or [] if e.get("rev") == "workspace"), None)
+        base_params = _dvc_data(workspace)[0] if workspace else None
+    base = flat_params(base_params) if base_params else {}
+    for r in rows:
+        r["params"] = {k: canon(v) for k, v in r["params"].items()}
+    universe = sorted(base) if base else sorted({k for r in rows for k in r["params"]})
+    records = []
+    for r in rows:
+        p, m = r["params"], r["metrics"]
+        rec = {"name": r["name"], "method": p.get("method.name"), "data": p.get("data.name"),
+               "sampler": r["sampler"], "changed": _changed(p, base, universe, r["complete"])}
+        for name in FLOORED + LIKELIHOODS:
+            rec[name] = _number(m.get(name, m.get(f"evaluate.{name}")))
+            if name in FLOORED:
+                floor = _number(m.get(f"{name}_floor", m.get(f"evaluate.{name}_floor")))
+                rec[f"{name}_floor"] = floor
+                rec[f"{name}/floor"] = rec[name] / floor if rec[name] is not None and floor else None
+        rec["nfe"] = _number(m.get("sample.nfe"))
+        rec["train_steps"] = _number(r["train_steps"]) or _number(p.get("train.steps"))
+        for stage in STAGES:
+            rec[f"{stage}_s"] = r["seconds"].get(stage)
+        rec["total_s"] = sum(r["seconds"].values()) if r["seconds"] else None
+        rec["commit"] = (r["commit"] or r["baseline"] or "")[:7] or None
+        rec["source"] = r["source"]
+        rec["status"] = r["status"]
+        # Seed groups compare complete param sets only; a param newer than the run counts as params.yaml's value
+        # (it did not exist yet, and a new param defaults to the old behaviour).
+        known = {k: p.get(k, base.get(k)) for k in universe} if r["complete"] else {}
+        rec["_group"] = (json.dumps({k: v for k, v in known.items() if not is_seed_key(k)}, sort_keys=True)
+                         if known else None)
+        rec["_seeds"] = {k: v for k, v in known.items() if is_seed_key(k)}
+        rec["_changed_nonseed"] = ", ".join(_diff(p, base, [k for k in universe if not is_seed_key(k)])) \
+            if base else ""
+        rec["_commit"], rec["_baseline"] = r["commit"], r["baseline"]
+        rec["_experiment"], rec["_run_id"], rec["_start"] = r["experiment"], r["run_id"], r["start"]
+        records.append(rec)
+    columns = (["name", "method", "data", "sampler", "changed"] + NUMERIC
+               + ["commit", "source", "status", "_group", "_seeds", "_changed_nonseed", "_commit", "_baseline",
+                  "_experiment", "_run_id", "_start"])
+    df = pd.DataFrame.from_records(records, columns=columns)
+    for c in NUMERIC:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    df = df.sort_values(["data", "method", "_start"], na_position="last", kind="stable").reset_index(drop=True)
+    df.attrs["queued"] = queued
+    return df
+
+
+# ---------------------------------------------------------------------------------------------------------- filters
+
+def filter_runs(df: pd.DataFrame, data: str | None = None, method: str | None = None, rev: str | None = None,
+                experiment: str | None = None) -> pd.DataFrame:
+    """The runs matching every filter given; CompareError naming the values that exist for an unknown one."""
+    keep = pd.Series(True, index=df.index)
+    for column, value, what in (("data", data, "data set"), ("method", method, "method")):
+        if value is None:
+            continue
+        have = sorted(set(df[column].dropna()))
+        if value not in have:
+            raise CompareError(f"unknown {what} {value!r}; the runs have: {', '.join(have) or 'none'}")
+        keep &= df[column] == value
+    if experiment is not None:
+        keep &= df["_experiment"] == experiment
+    if rev is not None:
+        rev = rev.lower()
+        hit = (df["_commit"].fillna("").str.startswith(rev) | df["_baseline"].fillna("").str.startswith(rev))
+        if not hit.any():
+            commits = sorted({c for c in df["commit"].dropna()})
+            raise CompareError(f"no run has git commit {rev}; the runs' commits: {', '.join(commits) or 'none'}")
+        keep &= hit
+    out = df[keep].reset_index(drop=True)
+    out.attrs = dict(df.attrs)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ seed groups
+
+def t_interval(values: Sequence[float]) -> tuple[float, float, int]:
+    """(mean, 95 % CI half-width by Student t, n) of the finite values; the half-width is NaN for n < 2."""
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    n = len(x)
+    if n == 0:
+        return math.nan, math.nan, 0
+    if n == 1:
+        return float(x[0]), math.nan, 1
+    from scipy import stats
+
+    return float(x.mean()), float(stats.t.ppf(0.975, n - 1) * x.std(ddof=1) / math.sqrt(n)), n
+
+
+def _seed_label(seeds: list[dict]) -> str:
+    keys = sorted({k for s in seeds for k in s}, key=lambda k: (k != "seed", k))
+    varying = [k for k in keys if len({s.get(k) for s in seeds}) > 1]
+    if not varying:
+        return ", ".join(f"{k}={seeds[0].get(k)}" for k in keys) if seeds else ""
+    values = sorted(("/".join(str(s.get(k, "?")) for k in varying) for s in seeds), key=_natural)
+    return f"{'/'.join(varying)} = {', '.join(values)}"
+
+
+def _natural(s: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def seed_groups(df: pd.DataFrame) -> pd.DataFrame:
+    """Pool the finished runs whose params differ only in seeds: n, and per metric its mean and 95 % CI half-width."""
+    # n counts distinct seed settings: runs with the same seeds replay one deterministic computation, so they count
+    # once (averaged). Per metric `<m>_mean` and `<m>_ci95` = t(0.975, k-1) s / sqrt(k) over the k settings that have
+    # it (NaN for k = 1). Runs whose params are not all known (`_group` None) are left out.
+    numeric = [c for c in NUMERIC if c in df and df[c].notna().any()]
+    records = []
+    usable = df["_group"].notna() & (df["status"].fillna("finished") == "finished")
+    for key, g in df[usable].groupby("_group", sort=False):
+        seeds = g["_seeds"].map(lambda s: json.dumps(s, sort_keys=True))
+        per_seed = g[numeric].groupby(seeds.values, sort=False).mean()  # NaN-skipping: one value per seed setting
+        settings = [json.loads(s) for s in per_seed.index]
+        samplers = [s for s in g["sampler"].dropna() if s != "auto"] or list(g["sampler"].dropna())
+        rec = {"group": g["_changed_nonseed"].iloc[0] or "as params.yaml", "method": g["method"].iloc[0],
+               "data": g["data"].iloc[0], "sampler": samplers[0] if samplers else None, "n": len(per_seed),
+               "runs": len(g), "seeds": _seed_label(settings), "names": ", ".join(g["name"]), "_group": key}
+        for c in numeric:
+            rec[f"{c}_mean"], rec[f"{c}_ci95"], _ = t_interval(per_seed[c].tolist())
+        records.append(rec)
+    columns = (["group", "method", "data", "sampler", "n", "runs", "seeds", "names"]
+               + [f"{c}_{s}" for c in numeric for s in ("mean", "ci95")] + ["_group"])
+    out = pd.DataFrame.from_records(records, columns=columns)
+    return out.sort_values(["data", "method", "group"], na_position="last", kind="stable").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- figures
+
+def _save(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as a PNG atomically, with the same bytes for the same figure (pipeline.plots)."""
+    from pipeline import plots
+
+    plots._save(fig, path)
+
+
+def _styles(methods: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """A colour and a marker per method, the same in every figure."""
+    markers = "osD^vPX*<>"
+    return {m: (f"C{i % 10}", markers[i % len(markers)]) for i, m in enumerate(sorted(set(methods)))}
+
+
+def _has(g: pd.DataFrame, column: str) -> bool:
+    return column in g and bool(g[column].notna().any())
+
+
+def _scatter_panels(groups: pd.DataFrame, path: Path, x: str, xlabel: str,
+                    choose_y: Callable[[pd.DataFrame], Sequence[str]], floors: bool, title: str) -> str | None:
+    """Per data set a panel of seed-group means of y (the first of choose_y(panel) present) against x, with CI bars."""
+    panels, names = [], set()
+    for data, g in groups.groupby(groups["data"].fillna("?"), sort=True):
+        names.update(choose_y(g))
+        if f"{x}_mean" not in g:
+            continue
+        for y in choose_y(g):
+            if f"{y}_mean" in g:
+                ok = g[g[f"{y}_mean"].notna() & g[f"{x}_mean"].notna()]
+                if len(ok):
+                    panels.append((data, y, ok))
+                    break
+    if not panels:
+        return f"no run has {' or '.join(sorted(names)) or 'the metric'} together with {x}"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = _styles(groups["method"].fillna("?"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    for ax, (data, y, g) in zip(axes[0], panels):
+        for method, mg in g.groupby(g["method"].fillna("?"), sort=True):
+            colour, marker = styles[method]
+            xerr = mg[f"{x}_ci95"].fillna(0).to_numpy() if f"{x}_ci95" in mg else None
+            ax.errorbar(mg[f"{x}_mean"], mg[f"{y}_mean"], yerr=mg[f"{y}_ci95"].fillna(0).to_numpy(), xerr=xerr,
+                        fmt=marker, color=colour, capsize=3, label=method, linestyle="none")
+        floor = g.get(f"{y}_floor_mean")
+        if floors and floor is not None and floor.notna().any():
+            ax.axhline(float(floor.mean()), color="grey", linestyle="--", lw=1, label="floor (true vs true)")
+        xs = g[f"{x}_mean"].to_numpy()
+        if (xs > 0).all() and xs.max() / xs.min() > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(y)
+        ax.set_title(f"{data}: {y}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return None
+
+
+def quality_figure(groups: pd.DataFrame, path: Path, cost: str = "nfe") -> str | None:
+    """Plot fid (images) or cd against `cost` (nfe or sample_s) per method; None, or why there was nothing to plot."""
+    xlabel = {"nfe": "network evaluations per sample (nfe)", "sample_s": "sample stage wall time (s)"}[cost]
+    return _scatter_panels(groups, Path(path), cost, xlabel, lambda g: ("fid", "cd"), True,
+                           "quality against cost (seed groups: mean, 95 % CI; dashed: the floor)")
+
+
+def likelihood_figure(groups: pd.DataFrame, path: Path) -> str | None:
+    """Plot bpd (images) or nll against training steps per method; None, or why there was nothing to plot."""
+    return _scatter_panels(groups, Path(path), "train_steps", "training steps",
+                           lambda g: ("bpd", "nll") if _has(g, "fid_mean") else ("nll", "bpd"), False,
+                           "held-out likelihood against training (seed groups: mean, 95 % CI)")
+
+
+# --------------------------------------------------------------------------------------------------------- markdown
+
+def _cell(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    if isinstance(v, (float, np.floating)):
+        return f"{v:.0f}" if float(v).is_integer() and abs(v) < 1e7 else f"{v:.{digits}g}"
+    return str(v)
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A DataFrame of strings as a GitHub markdown table (DataFrame.to_markdown when tabulate is there)."""
+    df = df.fillna("").astype(str).apply(lambda col: col.str.replace("|", "\\|", regex=False))
+    try:
+        import tabulate  # noqa: F401
+
+        return df.to_markdown(index=False, disable_numparse=True)
+    except ImportError:
+        head = [str(c).replace("|", "\\|") for c in df.columns]
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in df.itertuples(index=False, name=None)]
+        return "\n".join(lines)
+
+
+_SECONDS = {f"{s}_s" for s in STAGES} | {"total_s"}
+_LABELS = {"data": "data set", "changed": "changed params", "train_steps": "train steps",
+           **{f"{s}_s": f"{s} s" for s in STAGES}, "total_s": "total s"}
+
+
+def _label(c: str) -> str:
+    return _LABELS.get(c, c.replace("_floor", " floor"))
+
+
+def runs_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The runs as display strings: the columns that some run has, metrics to 4 significant digits, seconds to 0.1."""
+    cols = [c for c in ["name", "method", "data", "sampler", "changed"] + NUMERIC + ["commit", "source"]
+            if c in df and (c in ("name", "changed", "source") or df[c].notna().any())]
+    out = pd.DataFrame(index=df.index)
+    for c in cols:
+        if c in _SECONDS:
+            out[_label(c)] = df[c].map(lambda v: "" if pd.isna(v) else f"{v:.1f}")
+        elif c == "name":
+            out[c] = [n if s in (None, "finished") or pd.isna(s) else f"{n} ({s})"
+                      for n, s in zip(df["name"], df["status"])]
+        else:
+            out[_label(c)] = df[c].map(_cell)
+    return out
+
+
+def groups_table(groups: pd.DataFrame) -> pd.DataFrame:
+    """The seed groups as display strings: each metric `mean ± CI`, and n `1 (no CI)` for a single seed."""
+    out = groups[["group", "method", "data", "sampler", "n", "seeds"]].copy().rename(columns={"data": "data set"})
+    out["n"] = [f"{n} (no CI)" if n == 1 else str(n) for n in groups["n"]]
+    shown = [c for m in FLOORED for c in (m, f"{m}_floor")] + list(LIKELIHOODS) + ["nfe", "sample_s", "total_s"]
+    for c in [c for c in shown if f"{c}_mean" in groups]:
+        cells = []
+        for mean, ci, n in zip(groups[f"{c}_mean"], groups[f"{c}_ci95"], groups["n"]):
+            seconds = c in _SECONDS
+            text = "" if pd.isna(mean) else f"{mean:.1f}" if seconds else _cell(float(mean))
+            if not text or c.endswith("_floor") or c == "nfe" or n == 1:
+                cells.append(text)
+            elif pd.isna(ci):
+                cells.append(f"{text} (no CI: 1 value)")
+            else:
+                cells.append(f"{text} ± {ci:.1f}" if seconds else f"{text} ± {ci:.2g}")
+        out[_label(c)] = cells
+    return out
+
+
+def render_markdown(runs: pd.DataFrame, groups: pd.DataFrame, figures: Sequence[tuple[str, str | None, str | None]],
+                    *, store: str, dvc: str, filters: Mapping[str, str | None], command: str) -> str:
+    """The text of reports/compare.md: header, runs table, seed-group table, figures, the seed-sweep command."""
+    # figures: (title, path relative to the markdown or None, the reason it was skipped).
+    by_source = runs["source"].value_counts().to_dict()
+    used = ", ".join(f"{k}={v}" for k, v in filters.items() if v is not None) or "none"
+    lines = ["# Comparison of runs", "",
+             f"- MLflow store: {store} (the parent runs of every experiment, unless filtered)",
+             f"- DVC: {dvc}",
+             f"- Runs: {len(runs)} (" + ", ".join(f"{k} {by_source.get(k, 0)}" for k in ("both", "dvc", "mlflow"))
+             + f"); filters: {used}"]
+    if runs.attrs.get("queued"):
+        lines.append(f"- Queued DVC experiments not shown: {runs.attrs['queued']} (run them: `dvc queue start`)")
+    lines += [f"- Made by: `{command}`", "", "## Runs", "",
+              "One row per pipeline execution: an MLflow parent run, a `dvc exp show` row, or both merged by "
+              "experiment name (source). *changed params*: those that differ from the workspace's params.yaml. "
+              "Each metric sits next to its floor (the same metric between two independent true samples) and "
+              "their ratio; compare runs at equal sample sizes. Seconds are the wall times of the stage runs in "
+              "MLflow: blank where the stage did not run in that execution (DVC reused its outputs) or where only "
+              "DVC knows the run; total is the sum of every stage that ran.", "",
+              markdown_table(runs_table(runs)) if len(runs) else "_No runs._", "", "## Seed groups", "",
+              "Runs whose params are equal except the seeds (`seed`, `sample.seed`, `eval.seed`, any `*.seed`), "
+              "pooled. n counts distinct seed settings (runs with the same seeds repeat one deterministic "
+              "computation and count once). Each metric: mean ± the 95 % confidence half-width, Student t with "
+              "n − 1 degrees of freedom, t(0.975, n−1) · s / √n; a group of one seed has no interval (n "
+              "reads `1 (no CI)`). Floors and nfe: means.", ""]
+    partial = int(runs["_group"].isna().sum())
+    unfinished = int((runs["_group"].notna() & (runs["status"].fillna("finished") != "finished")).sum())
+    if partial or unfinished:
+        lines += ["Left out: " + "; ".join(
+            ([f"{partial} run(s) whose params were only partly logged (the report stage did not run in that "
+              "execution), so their group is not known"] if partial else [])
+            + ([f"{unfinished} unfinished (failed, running) run(s)"] if unfinished else [])) + ".", ""]
+    lines += [markdown_table(groups_table(groups)) if len(groups) else "_No run has its params logged._", ""]
+    lines += ["## Figures", ""]
+    for title, rel, why in figures:
+        lines += [f"### {title}", "", f"![{title}]({rel})" if rel else f"_Skipped: {why}._", ""]
+    lines += ["## A seed sweep", "",
+              "A single run says nothing about the spread over seeds. Queue the same params with five more seeds "
+              "and run the queue (one at a time; `dvc queue status` follows it, `dvc exp run --run-all -j 1` runs "
+              "the queue in the foreground instead):", "", "```", SWEEP, "```", "",
+              "then make this report again: the runs form one seed group with n = 6 with the workspace's seed. "
+              "`-S sample.seed=...` next to it sweeps the sampling noise as well (every combination is queued).", ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, runs: pd.DataFrame, groups: pd.DataFrame, *, store: str, dvc: str,
+                 filters: Mapping[str, str | None], command: str) -> tuple[Path, list[Path]]:
+    """Draw the figures into out/compare/ and write out/compare.md; (the markdown, the figures written)."""
+    out, figdir = Path(out), Path(out) / "compare"
+    specs = [("Quality against nfe", FIGURES["quality_nfe"], lambda p: quality_figure(groups, p, "nfe")),
+             ("Quality against sampling time", FIGURES["quality_time"],
+              lambda p: quality_figure(groups, p, "sample_s")),
+             ("Likelihood against training steps", FIGURES["likelihood"], lambda p: likelihood_figure(groups, p))]
+    figures, written = [], []
+    for title, file, draw in specs:
+        path = figdir / file
+        why = draw(path)
+        if why is None:
+            written.append(path)
+            figures.append((title, f"compare/{file}", None))
+        else:
+            path.unlink(missing_ok=True)  # a figure of an earlier report would now be wrong
+            figures.append((title, None, why))
+    md = out / "compare.md"
+    io.write_text(md, render_markdown(runs, groups, figures, store=store, dvc=dvc, filters=filters, command=command))
+    return md, written
