@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import warnings
 from pathlib import Path
 
 import pytest
+from servers import free_port as _free_port
+from servers import mlflow_server as _server
+from servers import stop as _stop
 
 from pipeline.tracking import (
     PARENT_TAG,
@@ -25,12 +25,6 @@ from pipeline.tracking import (
     resolve_root,
     run_tags,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _client(uri: str):
@@ -126,49 +120,8 @@ def test_exception_in_stage_marks_run_failed_and_propagates(repo):
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on a free port, killed (whole process group) at teardown."""
-    port = _free_port()
-    log = open(tmp_path / "server.log", "wb")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job-runner process: faster start
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-         "--artifacts-destination", str(tmp_path / "srvart")],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"no mlflow server:\n{(tmp_path / 'server.log').read_text()}")
-            time.sleep(0.25)
+    with _server(tmp_path, f"sqlite:///{tmp_path / 'srv.db'}", tmp_path / "srvart") as (uri, proc):
         yield uri, proc
-    finally:
-        _stop(proc)
-        log.close()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server and its uvicorn / job-runner children (they share its session)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    else:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # children may outlive the parent
-        except ProcessLookupError:
-            pass
 
 
 def test_real_server_over_http_then_server_dies(mlflow_server, tmp_path):
