@@ -175,13 +175,16 @@ def drain(spool: Path) -> int:
 
 def start_replay(spool: Path) -> None:
     """Start `python -m pipeline.spool <spool>` detached (its own session, output to replay.log), not waiting."""
-    spool = Path(spool)
+    spool = Path(spool).resolve()
     env = dict(os.environ)
-    code_root = str(Path(__file__).resolve().parents[1])
+    # A queued experiment runs in a temp copy that DVC deletes when it ends, maybe before the replay: run the
+    # repo's own copy of this module (the spool sits in the repo) from the spool folder, never from the temp copy.
+    repo = spool.parent
+    code_root = str(repo if (repo / "pipeline" / "spool.py").is_file() else Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (code_root, env.get("PYTHONPATH")) if p)
     with open(spool / LOG, "ab") as log:
         subprocess.Popen([sys.executable, "-m", "pipeline.spool", str(spool)], stdin=subprocess.DEVNULL,
-                         stdout=log, stderr=log, env=env, cwd=code_root, start_new_session=True)
+                         stdout=log, stderr=log, env=env, cwd=spool, start_new_session=True)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

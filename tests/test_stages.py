@@ -19,7 +19,7 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-from pipeline.spool import drain
+from pipeline.spool import drain, pending
 from pipeline.tracking import spool_dir
 from stages.common import STAGE_BODIES, run_named
 
@@ -366,6 +366,15 @@ def test_dvc_exp_run_sample_key_reruns_only_sample_evaluate_report(dvc_repo, dvc
     assert tagged >= 1
 
 
+def _wait_for_replays(repo: Path, timeout: float = 120) -> None:
+    """Wait until the stages' detached replayers have put every record into the store (pipeline.spool)."""
+    deadline = time.monotonic() + timeout
+    while pending(spool_dir(repo)) and time.monotonic() < deadline:
+        time.sleep(1)
+    log = spool_dir(repo) / "replay.log"
+    assert not pending(spool_dir(repo)), log.read_text() if log.exists() else "no replay.log"
+
+
 def _back_to_baseline(repo: Path, env: dict) -> None:
     """`dvc exp run` leaves its experiment in the workspace; start each test from the committed baseline."""
     _sh(["git", "checkout", "-f", "--", "."], repo, env)
@@ -418,8 +427,9 @@ def test_dvc_queue_keeps_mlflow_artifacts_and_skips_training(dvc_repo, dvc_basel
             break
         time.sleep(3)
     assert "Success" in line, _sh(dvc + ["queue", "logs", "queued2"], dvc_repo, env)
-    # DVC has deleted the temp copy by now: the replayed artifacts come from the records' own copies.
-    assert drain(spool_dir(dvc_repo)) == 0
+    # DVC has deleted the temp copy by now: the detached replays (no drain here) must still land every record,
+    # the artifacts from the records' own copies.
+    _wait_for_replays(dvc_repo)
     db = sqlite3.connect(dvc_repo / "mlflow.db")
     runs = db.execute("select r.run_uuid, r.name, r.artifact_uri from runs r join tags t on t.run_uuid = r.run_uuid "
                       "where t.key = 'dvc_exp_name' and t.value = 'queued2'").fetchall()

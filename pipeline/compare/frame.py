@@ -30,6 +30,11 @@ class CompareError(Exception):
     """A bad filter or nothing to compare: the CLI prints it on one line and exits 2."""
 
 
+def is_bookkeeping_key(key: str) -> bool:
+    """Whether a flattened param only says where a run is logged (`tracking.*`): never a difference between runs."""
+    return key.startswith("tracking.")
+
+
 def is_seed_key(key: str) -> bool:
     """Whether a flattened param is a seed (`seed`, `sample.seed`, `eval.seed`, any `*.seed`)."""
     return key.rsplit(".", 1)[-1] == "seed"
@@ -274,7 +279,8 @@ def runs_frame(mlflow_runs: Iterable[Any], dvc_json: Sequence[Mapping] | None,
     base = flat_params(base_params) if base_params else {}
     for r in rows:
         r["params"] = {k: canon(v) for k, v in r["params"].items()}
-    universe = sorted(base) if base else sorted({k for r in rows for k in r["params"]})
+    universe = [k for k in (sorted(base) if base else sorted({k for r in rows for k in r["params"]}))
+                if not is_bookkeeping_key(k)]
     records = []
     for r in rows:
         p, m = r["params"], r["metrics"]
