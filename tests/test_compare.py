@@ -288,6 +288,16 @@ def test_seed_groups_mean_and_confidence_interval(frame, repo):
     assert (again.n[0], again.runs[0]) == (1, 2) and again.cd_mean[0] == pytest.approx(0.11)
 
 
+def test_method_labels_name_the_sde():
+    assert compare.frame.method_label({"method.name": "sde", "method.sde": "ve"}) == "sde-ve"
+    assert compare.frame.method_label({"method.name": "sde", "method.sde": "auto"}) == "sde-vp"
+    assert compare.frame.method_label({"method.name": "exact_score", "method.sde": "subvp"}) == "exact_score-subvp"
+    assert compare.frame.method_label({"method.name": "ncsnv2", "method.sde": "auto"}) == "ncsnv2"
+    df = pd.DataFrame({"method": ["sde-vp", "sde-ve", "ddpm"], "data": ["swissroll"] * 3})
+    assert list(compare.filter_runs(df, method="sde")["method"]) == ["sde-vp", "sde-ve"]
+    assert list(compare.filter_runs(df, method="sde-ve")["method"]) == ["sde-ve"]
+
+
 def test_filters(frame, repo):
     assert list(compare.filter_runs(frame, method="ddpm")["name"]) == [repo.ddpm]
     assert list(compare.filter_runs(frame, rev=repo.other[:7])["name"]) == [repo.ddpm]

@@ -30,6 +30,14 @@ class CompareError(Exception):
     """A bad filter or nothing to compare: the CLI prints it on one line and exits 2."""
 
 
+def method_label(params: Mapping[str, str]) -> str | None:
+    """method.name, with the SDE for `sde` (auto: vp) and for `exact_score` on an SDE: sde-vp, sde-ve, ..."""
+    name, sde = params.get("method.name"), params.get("method.sde", "auto")
+    if name == "sde":
+        return f"sde-{sde if sde != 'auto' else 'vp'}"
+    return f"{name}-{sde}" if name == "exact_score" and sde != "auto" else name
+
+
 def is_bookkeeping_key(key: str) -> bool:
     """Whether a flattened param only says where a run is logged (`tracking.*`): never a difference between runs."""
     return key.startswith("tracking.")
@@ -284,7 +292,7 @@ def runs_frame(mlflow_runs: Iterable[Any], dvc_json: Sequence[Mapping] | None,
     records = []
     for r in rows:
         p, m = r["params"], r["metrics"]
-        rec = {"name": r["name"], "method": p.get("method.name"), "data": p.get("data.name"),
+        rec = {"name": r["name"], "method": method_label(p), "data": p.get("data.name"),
                "sampler": r["sampler"], "changed": _changed(p, base, universe, r["complete"])}
         for name in FLOORED + LIKELIHOODS:
             rec[name] = _number(m.get(name, m.get(f"evaluate.{name}")))
@@ -332,9 +340,12 @@ def filter_runs(df: pd.DataFrame, data: str | None = None, method: str | None = 
         if value is None:
             continue
         have = sorted(set(df[column].dropna()))
-        if value not in have:
+        hit = df[column] == value
+        if column == "method":  # `sde` takes sde-vp, sde-ve, ... (method_label)
+            hit |= df[column].fillna("").str.split("-").str[0] == value
+        if not hit.any():
             raise CompareError(f"unknown {what} {value!r}; the runs have: {', '.join(have) or 'none'}")
-        keep &= df[column] == value
+        keep &= hit
     if experiment is not None:
         keep &= df["_experiment"] == experiment
     if rev is not None:
