@@ -21,9 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Optional, Sequence
-
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from pipeline import config, io
 from pipeline.errors import DataError
