@@ -104,7 +104,7 @@ def _key(k: str) -> str:
     return re.sub(r"[^\w\-. :/]", "_", k)[:250]
 
 
-def _finite(v: Any) -> float | None:
+def finite(v: Any) -> float | None:
     """`v` as a float, or None when it is not a finite number (MLflow charts choke on those)."""
     try:
         f = float(v)
@@ -236,7 +236,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         items = [Metric(_key(k), f, ts, step) for k, v, ts, step in entries
-                 if (f := _finite(v)) is not None]
+                 if (f := finite(v)) is not None]
         for i in range(0, len(items), _METRICS_PER_BATCH):
             self._call(self._client.log_batch, run_id, metrics=items[i:i + _METRICS_PER_BATCH])
 

@@ -46,13 +46,17 @@ def test_discrete_chains_are_refused():
         edm_grid(DiscreteVP(linear_betas(100)), 10)
 
 
+SHAPES = pytest.mark.parametrize("shape", [(2,), (1, 8, 8)], ids=["B2", "B1x8x8"])
+
+
+@SHAPES
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-def test_dpm_solver_first_step_is_ddim_and_later_steps_use_the_memory(name):
+def test_dpm_solver_first_step_is_ddim_and_later_steps_use_the_memory(name, shape):
     """A first-order DPM-Solver++ step is DDIM with η = 0 (Lu et al. 2022b, sec. 4); the second uses D_prev."""
     p = PROCESSES[name]
     score_fn = gaussian_score(p)
     grid = logsnr_grid(p, 6).tolist()
-    x = torch.randn(7, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.randn(7, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     solver = DPMSolverPP2M()
     first = solver(x, grid[0], grid[1], score_fn, p)
     torch.testing.assert_close(first, ddim_step(x, grid[0], grid[1], score_fn, p, None, eta=0.0))
@@ -62,15 +66,16 @@ def test_dpm_solver_first_step_is_ddim_and_later_steps_use_the_memory(name):
     torch.testing.assert_close(solver(x, grid[0], grid[1], score_fn, p), first)
 
 
+@SHAPES
 @pytest.mark.parametrize("name", ["vp", "ve"])
-def test_heun_on_gaussian_data_is_second_order(name):
+def test_heun_on_gaussian_data_is_second_order(name, shape):
     """Gaussian data N(mu, c² I) (oracles.gaussian_score) keep their standardised position along the ODE:
     (x_t − m_t mu) / sqrt(m_t² c² + std_t²) is constant, so the end of every path is known; Heun's error falls
     about 4x when the steps double (second order)."""
     p = PROCESSES[name]
     mu, c = 0.5, 0.8
     score_fn = gaussian_score(p, mu, c)
-    x = p.prior_sample((64, 2), torch.Generator().manual_seed(0)).double()
+    x = p.prior_sample((64, *shape), torch.Generator().manual_seed(0)).double()
     m0, std0 = p.marginal(torch.tensor([p.t_min], dtype=torch.float64))
     mT, stdT = p.marginal(torch.tensor([p.t_max], dtype=torch.float64))
     exact = m0 * mu + (x - mT * mu) * torch.sqrt(m0 ** 2 * c ** 2 + std0 ** 2) / torch.sqrt(mT ** 2 * c ** 2 + stdT ** 2)

@@ -124,3 +124,45 @@ def test_short_stages_import_neither_torch_nor_mlflow(stage):
             "print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_stage_records_its_calls_and_says_when_older_records_wait(tmp_path, monkeypatch, capsys):
+    """stages.common._tracked without SCORE_PIPELINE_TRACKING=sync: the stage's calls go to a record (no mlflow
+    import in the stage), a replay is started, and records older than STALE_SECONDS are reported on stderr."""
+    import os
+    import time
+
+    from pipeline import config, spool
+    from stages import common
+
+    monkeypatch.chdir(tmp_path)
+    for key in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "SCORE_PIPELINE_TRACKING"):
+        monkeypatch.delenv(key, raising=False)
+    started = []
+    monkeypatch.setattr(spool, "start_replay", lambda where: started.append(where))
+    old = spool_dir(tmp_path) / "00000000000000000001-1-prepare.json"
+    old.parent.mkdir(parents=True)
+    old.write_text("{}")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    cfg = config.load(REPO / "params.yaml")
+    assert common._tracked("report", cfg, lambda run: run.log_metrics({"cd": 0.5})) == 0
+    assert "1 MLflow record(s) of earlier stages wait in" in capsys.readouterr().err
+    new = [p for p in pending(spool_dir(tmp_path)) if p != old]
+    assert len(new) == 1 and started == [spool_dir(tmp_path)]
+    record = json.loads(new[0].read_text())
+    assert record["stage"] == "report" and record["status"] == "FINISHED"
+    assert record["parent_name"].startswith("ncsnv2 · swissroll · workspace ")
+    assert record["ops"][0]["entries"][0][:2] == ["cd", 0.5]
+
+
+def test_parent_run_names_say_method_sampler_data_and_experiment():
+    from pipeline import config
+    from stages.common import parent_run_name
+
+    raw = config.to_dict(config.load(REPO / "params.yaml"))
+    assert parent_run_name(config.validate(raw), "k", {"DVC_EXP_NAME": "e1"}) == "ncsnv2 · swissroll · e1"
+    raw["method"].update(name="sde", sde="auto")
+    raw["sample"].update(sampler="ode")
+    assert parent_run_name(config.validate(raw), "abc-123", {}) == "sde-vp ode · swissroll · workspace abc-123"
+    raw["method"].update(sde="ve")
+    assert parent_run_name(config.validate(raw), "k", {"DVC_EXP_NAME": "e2"}) == "sde-ve ode · swissroll · e2"

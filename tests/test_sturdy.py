@@ -537,6 +537,39 @@ def _check_outputs(root: Path, previous: dict[str, Optional[bytes]], when: str) 
 
 
 @pytest.mark.xdist_group("sturdy_trained")
+
+@pytest.mark.xdist_group("sturdy_trained")
+@pytest.mark.filterwarnings("ignore::pipeline.tracking.TrackingWarning")
+@pytest.mark.parametrize("content, words", [(b"not a zip at all", "not a model file written by torch.save"),
+                                            (None, "not a torch.save archive (no data.pkl)")])
+def test_the_ema_stage_refuses_what_is_not_a_model_file(trained, workdir, capsys, monkeypatch, content, words):
+    """The ema stage checks the archive's structure without importing torch; garbage is bad input (exit 2), and
+    models/model.pt stays as it was."""
+    import zipfile
+
+    shutil.copytree(trained, workdir, dirs_exist_ok=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", NO_TRACKING)
+    before = Path("models/model.pt").read_bytes()
+    if content is None:
+        with zipfile.ZipFile("models/ema.pt", "w") as z:
+            z.writestr("archive/other.txt", "x")
+    else:
+        Path("models/ema.pt").write_bytes(content)
+    assert _run("ema") == 2
+    err = capsys.readouterr().err
+    assert "ema: train.ema: EMA weights: models/ema.pt" in err and words in err and "Traceback" not in err
+    assert Path("models/model.pt").read_bytes() == before
+
+
+def test_outputs_get_the_mode_open_would_give_them(tmp_path):
+    """mkstemp makes its file 0600; an output renamed from it must be readable as any file the user writes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    io.write_text(tmp_path / "out.txt", "x")
+    (tmp_path / "plain.txt").write_text("x")
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
 @pytest.mark.filterwarnings("ignore::pipeline.tracking.TrackingWarning")
 def test_killed_sample_stage_leaves_each_output_whole_or_as_it_was(trained, tmp_path):
     root = tmp_path / "project"

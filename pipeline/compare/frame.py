@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.report import FLOORED
-from pipeline.tracking import PARENT_TAG, flatten
+from pipeline.tracking import PARENT_TAG, finite, flatten
 
 LIKELIHOODS = ("nll", "bpd", "elbo_bpd")
 STAGES = ("train", "sample", "evaluate")
@@ -97,14 +97,6 @@ def flat_params(params: Mapping | None) -> dict[str, str]:
     return {k: canon(v) for k, v in flatten(params or {}).items()}
 
 
-def _number(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def run_record(run: Any, experiment: str | None = None) -> dict:
     """An mlflow Run as a plain dict (run_id, name, experiment, status, start, end, tags, params, metrics)."""
     if isinstance(run, Mapping):
@@ -134,7 +126,7 @@ def _mlflow_rows(records: Iterable[Any]) -> list[dict]:
             latest[c["tags"].get("dvc_stage") or c["name"]] = c
         # Only the report stage logs params to the parent, and then all of them: a complete set.
         complete = bool(p["params"])
-        params, metrics = dict(p["params"]), {k: v for k, v in p["metrics"].items() if _number(v) is not None}
+        params, metrics = dict(p["params"]), {k: v for k, v in p["metrics"].items() if finite(v) is not None}
         seconds = {}
         for stage, c in latest.items():
             # The report stage logs everything to the parent; before it ran, the stages' own runs have it.
@@ -170,7 +162,7 @@ def _dvc_data(data: Mapping) -> tuple[dict, dict]:
     for file, content in (data.get("metrics") or {}).items():
         stem = Path(file).stem
         for k, v in flatten((content or {}).get("data") or {}).items():
-            if _number(v) is not None and not isinstance(v, bool):
+            if finite(v) is not None and not isinstance(v, bool):
                 metrics[f"{stem}.{k}"] = v
                 if stem == "evaluate":  # the headline numbers, unprefixed (as the report stage logs them)
                     metrics[k] = v
@@ -295,13 +287,13 @@ def runs_frame(mlflow_runs: Iterable[Any], dvc_json: Sequence[Mapping] | None,
         rec = {"name": r["name"], "method": method_label(p), "data": p.get("data.name"),
                "sampler": r["sampler"], "changed": _changed(p, base, universe, r["complete"])}
         for name in FLOORED + LIKELIHOODS:
-            rec[name] = _number(m.get(name, m.get(f"evaluate.{name}")))
+            rec[name] = finite(m.get(name, m.get(f"evaluate.{name}")))
             if name in FLOORED:
-                floor = _number(m.get(f"{name}_floor", m.get(f"evaluate.{name}_floor")))
+                floor = finite(m.get(f"{name}_floor", m.get(f"evaluate.{name}_floor")))
                 rec[f"{name}_floor"] = floor
                 rec[f"{name}/floor"] = rec[name] / floor if rec[name] is not None and floor else None
-        rec["nfe"] = _number(m.get("sample.nfe"))
-        rec["train_steps"] = _number(r["train_steps"]) or _number(p.get("train.steps"))
+        rec["nfe"] = finite(m.get("sample.nfe"))
+        rec["train_steps"] = finite(r["train_steps"]) or finite(p.get("train.steps"))
         for stage in STAGES:
             rec[f"{stage}_s"] = r["seconds"].get(stage)
         rec["total_s"] = sum(r["seconds"].values()) if r["seconds"] else None
