@@ -310,7 +310,7 @@ class SampleParams(_Section):
     n: Union[Auto, int] = "auto"
     seed: int = 0
     batch_size: Union[Auto, int] = "auto"
-    sampler: Literal["auto", "annealed_langevin", "ancestral", "ddim", "pc", "ode"] = "auto"
+    sampler: Literal["auto", "annealed_langevin", "ancestral", "ddim", "pc", "ode", "edm_heun", "dpm_solver"] = "auto"
     steps: Union[Auto, int] = "auto"
     denoise: bool = True
     clip_denoised: Union[Auto, bool] = "auto"
@@ -326,6 +326,11 @@ class SampleParams(_Section):
     ode_method: Literal["rk45", "euler", "heun"] = "rk45"
     rtol: float = Field(1e-5, gt=0.0)
     atol: float = Field(1e-5, gt=0.0)
+    rho: float = Field(7.0, gt=0.0)
+    churn: float = Field(0.0, ge=0.0)
+    s_tmin: float = Field(0.0, ge=0.0)
+    s_tmax: Optional[float] = Field(None, gt=0.0)
+    s_noise: float = Field(1.0, gt=0.0)
     devices: int = Field(1, ge=1)
     task: Literal["generate", "inpaint", "interpolate", "edit"] = "generate"
     inpaint: InpaintParams = Field(default_factory=InpaintParams)
@@ -394,7 +399,7 @@ class Config(_Section):
         p = methods.plan(m.name, m.sde, m.loss, m.weighting, m.parameterization, m.t_sampling,
                          self.model.scale_by_sigma, s.sampler, e.likelihood)
         chain = methods.check_chain(m.name, m.num_steps, m.schedule)
-        methods.check_sample_steps(m.name, p.process, s.steps, chain)
+        methods.check_sample_steps(m.name, p.process, s.steps, chain, p.sampler)
         methods.check_data(m.name, d.name)
         _check_data(d)
         _check_conditional(self)

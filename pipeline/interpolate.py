@@ -27,10 +27,12 @@ SCHEMES = INTERPOLATIONS  # ("ncsnv2", "slerp")
 
 def auto_scheme(sampler: str, options: Mapping[str, Any]) -> str:
     """The scheme that suits `sampler`: "slerp" where only the prior draw is noise (ddim with eta == 0, ode with
-    any method), "ncsnv2" where every step draws (ancestral, pc, annealed_langevin, ddim with eta > 0)."""
+    any method, dpm_solver, edm_heun without churn), "ncsnv2" where every step draws (ancestral, pc,
+    annealed_langevin, ddim with eta > 0, edm_heun with churn)."""
     if sampler not in GRID_SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(GRID_SAMPLERS)}")
-    deterministic = sampler == "ode" or (sampler == "ddim" and options["eta"] == 0)
+    deterministic = (sampler in ("ode", "dpm_solver") or (sampler == "ddim" and options["eta"] == 0)
+                     or (sampler == "edm_heun" and options["churn"] == 0))
     return "slerp" if deterministic else "ncsnv2"
 
 

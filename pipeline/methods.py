@@ -19,7 +19,10 @@ if TYPE_CHECKING:  # the rules run when params load, in every stage: torch (proc
 METHODS = ("ncsnv2", "ncsn", "exact_score", "ddpm", "sde", "sohl_dickstein")
 SDES = ("vp", "ve", "subvp", "ou")
 LOSS_NAMES = ("dsm", "eps_mse", "ism", "ssm", "elbo")
-SAMPLERS = ("annealed_langevin", "ancestral", "ddim", "pc", "ode")
+SAMPLERS = ("annealed_langevin", "ancestral", "ddim", "pc", "ode", "edm_heun", "dpm_solver")
+# Samplers that need only the marginals at the grid's times, so they walk any score model's grid: a continuous
+# process, DDPM's chain or NCSN's scales (pipeline.samplers.fast).
+FAST_SAMPLERS = ("edm_heun", "dpm_solver")
 SCORE_PARAMETERIZATIONS = ("score", "score_over_sigma", "eps", "x0", "drift")
 # The chain length when method.num_steps is 'auto': DDPM's N = 1000 (Ho et al. 2020); Sohl-Dickstein
 # et al. 2015 use T = 40 steps for their 2-D swiss roll.
@@ -114,14 +117,15 @@ def _sampler(name: str, kind: str, sampler: str) -> str:
                          f"sampled with sample.sampler: ancestral (or auto)")
     if sampler == "annealed_langevin" and kind != "noise_scales":
         raise ValueError(f"sample.sampler: annealed_langevin walks NCSN's noise scales (method.name ncsn, ncsnv2, "
-                         f"or exact_score with method.sde: auto); for {kind} use ancestral, ddim, pc or ode")
+                         f"or exact_score with method.sde: auto); for {kind} use ancestral, ddim, pc, ode, edm_heun or dpm_solver")
     if sampler in ("pc", "ode") and kind == "discrete_vp":
         raise ValueError(f"sample.sampler: {sampler} needs an SDE; DDPM's discrete chain has none. "
-                         f"Use ancestral or ddim, or method.name: sde for the continuous VP SDE")
+                         f"Use ancestral, ddim, edm_heun or dpm_solver (they step between the chain's own times), "
+                         f"or method.name: sde for the continuous VP SDE")
     if sampler == "ode" and kind == "noise_scales":
         raise ValueError("sample.sampler: ode integrates in continuous time, and NCSN's noise scales are a discrete "
-                         "grid. Use method.name: sde (method.sde: ve is NCSN's continuous limit), or exact_score "
-                         "with method.sde vp, ve, subvp or ou")
+                         "grid. Use edm_heun or dpm_solver (they step between the scales), method.name: sde "
+                         "(method.sde: ve is NCSN's continuous limit), or exact_score with method.sde vp, ve, subvp or ou")
     return sampler
 
 
@@ -195,10 +199,13 @@ def loss_options(loss: str, weighting: str, t_sampling: str, decoder: Optional[d
     return {}
 
 
-def sampling_steps(process: Process, steps: int | str) -> Optional[int]:
-    """sample.steps resolved: 'auto' is the process's own grid (None) or DEFAULT_SDE_STEPS for an SDE."""
+def sampling_steps(process: Process, steps: int | str, sampler: str = "auto") -> Optional[int]:
+    """sample.steps resolved: 'auto' is the process's own grid (None) or DEFAULT_SDE_STEPS for an SDE; for the
+    few-step samplers (FAST_SAMPLERS) None, their own default (pipeline.samplers.FAST_DEFAULT_STEPS)."""
     if steps != "auto":
         return int(steps)
+    if sampler in FAST_SAMPLERS:
+        return None
     return DEFAULT_SDE_STEPS if process.continuous else None
 
 
@@ -228,13 +235,15 @@ def check_chain(name: str, num_steps: int | str, schedule: str) -> Optional[int]
     return chain
 
 
-def check_sample_steps(name: str, kind: str, steps: int | str, chain: Optional[int]) -> None:
-    """sample.steps against the method: NCSN's scales and Sohl-Dickstein's kernels fix the grid, a chain bounds it."""
+def check_sample_steps(name: str, kind: str, steps: int | str, chain: Optional[int], sampler: str = "auto") -> None:
+    """sample.steps against the method: NCSN's scales (except for the few-step samplers, which pick among them) and
+    Sohl-Dickstein's kernels fix the grid, a chain bounds it (`sampler`: the resolved sampler)."""
     if steps == "auto":
         return
-    if kind == "noise_scales":
+    if kind == "noise_scales" and sampler not in FAST_SAMPLERS:
         raise ValueError(f"sample.steps: NCSN's noise scales fix the grid (noise.num_scales levels); leave "
-                         f"sample.steps: auto for method.name: {name}")
+                         f"sample.steps: auto for method.name: {name} (or pick {' or '.join(FAST_SAMPLERS)}, "
+                         f"which walk some of the scales)")
     if name == "sohl_dickstein":
         raise ValueError("sample.steps: Sohl-Dickstein's learned kernels exist only for the chain's own steps; "
                          "leave sample.steps: auto (method.num_steps sets the chain)")

@@ -9,7 +9,7 @@ import torch
 from oracles import gaussian_score
 from pipeline.gmm import GaussianMixture
 from pipeline.models import exact_score_fn
-from pipeline.processes import DiscreteVP, OUProcess, SubVPSDE, VESDE, VPSDE, linear_betas
+from pipeline.processes import DiscreteVP, NoiseScaleProcess, OUProcess, SubVPSDE, VESDE, VPSDE, linear_betas
 from pipeline.rng import SampleGenerators
 from pipeline.samplers.ddpm import ddim_step
 from pipeline.samplers.fast import (DPMSolverPP2M, edm_grid, edm_heun_step, logsnr_grid, sigma_of, time_of_sigma)
@@ -41,9 +41,43 @@ def test_edm_grid_is_karras_eq_5_in_sigma(name):
     torch.testing.assert_close(lam[1:] - lam[:-1], torch.full((8,), float(lam[1] - lam[0]), dtype=torch.float64))
 
 
-def test_discrete_chains_are_refused():
-    with pytest.raises(ValueError, match="continuous time"):
-        edm_grid(DiscreteVP(linear_betas(100)), 10)
+DDPM = DiscreteVP(linear_betas(1000))
+NCSN = NoiseScaleProcess(torch.logspace(1, -2, 30).tolist())
+
+
+@pytest.mark.parametrize("grid", [edm_grid, logsnr_grid])
+def test_discrete_schedules_take_the_nearest_grid_times_and_end_clean(grid):
+    """On DDPM's chain each σ the schedule asks for is taken at the chain index nearest in log σ, then the clean end
+    (index −1, σ = 0): `steps` intervals, the noisy ones from σ(N−1) down to σ(0)."""
+    t = grid(DDPM, 12)
+    assert len(t) == 13 and t[0] == 999 and t[-2] == 0 and t[-1] == -1 and (t[1:] < t[:-1]).all()
+    assert torch.equal(t, t.round())
+    # NCSN's scales have no clean end: `steps` intervals among the scales, from σ_1 to σ_L
+    u = grid(NCSN, 10)
+    assert len(u) == 11 and u[0] == NCSN.t_max and u[-1] == NCSN.t_min
+    assert all(any(abs(v - s) < 1e-12 for s in NCSN.sigmas.tolist()) for v in u.tolist())
+
+
+def test_discrete_schedules_follow_the_continuous_levels():
+    """Karras's levels between DDPM's ends, rounded to the chain: within one index's spacing in log σ."""
+    levels = sigma_of(DDPM, edm_grid(DDPM, 10))[:-1]
+    i = torch.arange(10, dtype=torch.float64) / 9
+    hi, lo = float(sigma_of(DDPM, torch.tensor([999.0]))), float(sigma_of(DDPM, torch.tensor([0.0])))
+    want = (hi ** (1 / 7) + i * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+    every = torch.log(sigma_of(DDPM, torch.arange(1000, dtype=torch.float64)))
+    spacing = float((every[1:] - every[:-1]).max())
+    assert float((torch.log(levels) - torch.log(want)).abs().max()) <= spacing / 2 + 1e-12
+
+
+def test_steps_into_a_clean_end_return_the_data_prediction():
+    """Heun's last step into σ = 0 is Euler's, DPM-Solver's is first order: both give Tweedie's x0_hat."""
+    score_fn = gaussian_score(DDPM)
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = ddim_step(x, 3.0, -1.0, score_fn, DDPM, None, eta=0.0)
+    torch.testing.assert_close(edm_heun_step(x, 3.0, -1.0, score_fn, DDPM), want)
+    solver = DPMSolverPP2M()
+    solver(x, 10.0, 3.0, score_fn, DDPM)  # a memory that a second-order step would use
+    torch.testing.assert_close(solver(x, 3.0, -1.0, score_fn, DDPM), want)
 
 
 SHAPES = pytest.mark.parametrize("shape", [(2,), (1, 8, 8)], ids=["B2", "B1x8x8"])
@@ -85,12 +119,13 @@ def test_heun_on_gaussian_data_is_second_order(name, shape):
 
 
 @pytest.mark.parametrize("sampler, steps, nfe", [("dpm_solver", 20, 20), ("edm_heun", 18, 36)])
-@pytest.mark.parametrize("name", ["vp", "ve"])
+@pytest.mark.parametrize("name", ["vp", "ve", "ddpm"])
 def test_few_evaluations_recover_the_mixture(name, sampler, steps, nfe, moment_errors):
     """The exact-score oracle, 4,000 samples: every weight, mean and covariance entry within 5 standard errors, for
     DPM-Solver++(2M) at 20 network evaluations (issue 11's must-hold) and EDM's Heun at 36 (its CIFAR-10 budget is
     35). Heun at 20 (10 steps) is not there yet on this mixture: 8.7 standard errors on VP, 4.7 on VE (README)."""
-    p = PROCESSES[name]
+    p = DDPM if name == "ddpm" else PROCESSES[name]
+    nfe = nfe - 1 if name == "ddpm" and sampler == "edm_heun" else nfe  # the step into the clean end is Euler's
     g = GaussianMixture.from_params(**MIX)
     step = edm_heun_step if sampler == "edm_heun" else DPMSolverPP2M()
     grid = edm_grid(p, steps) if sampler == "edm_heun" else logsnr_grid(p, steps)

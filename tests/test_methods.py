@@ -51,7 +51,9 @@ REFUSED = [
     ({"method": {"name": "sde", "schedule": "cosine"}}, "leave it 'linear'"),
     ({"eval": {"likelihood": True}}, "NCSN's noise scales have neither"),
     ({"method": {"name": "sohl_dickstein"}, "sample": {"sampler": "ddim"}}, "sampled with sample.sampler: ancestral"),
-    ({"method": {"name": "sde"}, "sample": {"sampler": "annealed_langevin"}}, "use ancestral, ddim, pc or ode"),
+    ({"method": {"name": "sohl_dickstein"}, "sample": {"sampler": "edm_heun"}}, "sampled with sample.sampler: ancestral"),
+    ({"sample": {"sampler": "dpm_solver", "s_noise": 0}}, "greater than 0"),
+    ({"method": {"name": "sde"}, "sample": {"sampler": "annealed_langevin"}}, "use ancestral, ddim, pc, ode, edm_heun or dpm_solver"),
     ({"method": {"name": "ddpm"}, "sample": {"sampler": "pc"}}, "chain has none"),
     ({"method": {"name": "ddpm"}, "sample": {"sampler": "ode"}}, "chain has none"),
     ({"sample": {"sampler": "ode"}}, "continuous time"),
@@ -123,6 +125,9 @@ def test_loss_options_and_sampling_steps():
         build_loss(pl.loss, process, pl.parameterization, **loss_options(pl.loss, "sigma2", "uniform"))
     assert sampling_steps(VPSDE(), "auto") == 1000 and sampling_steps(VPSDE(), 50) == 50
     assert sampling_steps(DiscreteVP(torch.full((10,), 0.1)), "auto") is None
+    # the few-step samplers take their own default (pipeline.samplers.FAST_DEFAULT_STEPS), on NCSN's scales too
+    assert sampling_steps(VPSDE(), "auto", "edm_heun") is None and sampling_steps(VPSDE(), 7, "dpm_solver") == 7
+    assert config.validate({"sample": {"sampler": "dpm_solver", "steps": 10}}).sample.steps == 10
 
 
 def test_method_rules_as_plain_functions():

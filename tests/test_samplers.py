@@ -22,6 +22,7 @@ from pipeline.rng import SampleGenerators
 from pipeline.samplers import draw
 from pipeline.samplers.ddpm import (ancestral_posterior, ancestral_step, ddim_sampler, ddim_step, ddpm_sampler,
                                     kernel_sampler)
+from pipeline.samplers.fast import dpm_solver_sampler, edm_sampler
 from pipeline.samplers.langevin import annealed_langevin
 from pipeline.samplers.ode import ode_sampler
 from pipeline.samplers.pc import CORRECTORS, PREDICTORS, langevin_corrector, pc_sampler
@@ -46,6 +47,9 @@ def _samplers():
         "ddpm-beta_tilde": (ddpm_sampler, dict(steps=20, variance="beta_tilde")),
         "ddim-eta0": (ddim_sampler, dict(steps=20, eta=0.0)),
         "ddim-eta1": (ddim_sampler, dict(steps=20, eta=1.0)),
+        "edm-heun": (edm_sampler, dict(steps=10)),
+        "edm-heun-churn": (edm_sampler, dict(steps=10, churn=5.0, s_tmin=0.05, s_tmax=10.0)),
+        "dpm-solver": (dpm_solver_sampler, dict(steps=10)),
     })
     return cases
 
@@ -266,11 +270,13 @@ def _sample(name, process, shape, generator, **kw):
         return kernel_sampler(kernel_from_score(gaussian_score(SMALL_CHAIN), SMALL_CHAIN, "beta"), SMALL_CHAIN, shape,
                               generator, **kw)
     sampler, options = SAMPLERS[name]
-    p = PROCESSES[process]
+    p = NCSN if process == "ncsn" else PROCESSES[process]
     return sampler(gaussian_score(p), p, shape, generator, **options, **kw)
 
 
-EVERY_SAMPLER = CONTRACT + [("annealed_langevin", "ncsn"), ("kernel", "ddpm-20")]
+# The few-step samplers also walk NCSN's scales (they need the marginals at the grid's times only).
+EVERY_SAMPLER = CONTRACT + [("annealed_langevin", "ncsn"), ("kernel", "ddpm-20"), ("edm-heun", "ncsn"),
+                            ("edm-heun-churn", "ncsn"), ("dpm-solver", "ncsn")]
 # SciPy's RK45 integrates the batch as one float64 numpy array on the host: it needs the numbers, which meta
 # tensors do not have, so it is the one sampler not run on "meta" (it runs on every real device above).
 NOT_ON_META = {"ode-rk45"}

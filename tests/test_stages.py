@@ -216,6 +216,10 @@ METHOD_RUNS = {
                       "sample": {"steps": 20, "predictor": "euler_maruyama", "corrector": "none", "lam": 0.5}}, 20, set()),
     "vp-huang-importance": ({"method": {"name": "sde", "loss": "elbo", "t_sampling": "importance"},
                              "sample": {"sampler": "ancestral", "steps": 20}}, 20, set()),
+    "ddpm-dpm-solver": ({"method": {"name": "ddpm", "num_steps": 50}, "sample": {"sampler": "dpm_solver", "steps": 8}},
+                        8, set()),
+    "vp-edm-heun-churn": ({"method": {"name": "sde"}, "sample": {"sampler": "edm_heun", "steps": 5, "churn": 10.0}},
+                          10, set()),
     "ou-ism-ald": ({"method": {"name": "sde", "sde": "ou", "loss": "ism"},
                     "sample": {"steps": 10, "corrector": "ald", "corrector_steps": 2}}, 28, set()),
 }

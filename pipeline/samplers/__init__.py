@@ -18,6 +18,7 @@ from torch import Tensor
 
 from pipeline import rng
 from pipeline.processes import Process
+from pipeline.samplers.fast import DPMSolverPP2M, dpm_solver_sampler, edm_plan, edm_sampler, logsnr_grid
 from pipeline.samplers.ddpm import (VARIANCES, ancestral_step, ddim_sampler, ddim_step, ddpm_sampler, kernel_sampler,
                                     kernel_step)
 from pipeline.samplers.langevin import annealed_langevin, annealed_langevin_plan, annealed_langevin_step
@@ -29,10 +30,13 @@ Step = Callable[..., Tensor]  # step(x, t_cur, t_next, fn, process, generator) -
 
 __all__ = ["SampleResult", "WalkResult", "walk", "draw", "plan", "GRID_SAMPLERS", "ancestral_step", "ddim_step",
            "kernel_step", "pc_step", "annealed_langevin_step", "ode_step", "ddpm_sampler", "ddim_sampler",
-           "kernel_sampler", "pc_sampler", "annealed_langevin", "ode_sampler"]
+           "kernel_sampler", "pc_sampler", "annealed_langevin", "ode_sampler", "edm_sampler", "dpm_solver_sampler"]
 
 # The samplers that are a step walked over a grid ("ode" only with its fixed-step methods, FIXED_STEP_ODE).
-GRID_SAMPLERS = ("annealed_langevin", "ancestral", "ddim", "pc", "ode")
+GRID_SAMPLERS = ("annealed_langevin", "ancestral", "ddim", "pc", "ode", "edm_heun", "dpm_solver")
+# The few-step samplers' steps when none is given: EDM's 18 Heun steps (35 NFE on CIFAR-10, Karras et al. 2022,
+# Table 2) and DPM-Solver++(2M)'s 20 (Lu et al. 2022b's budget for unguided sampling).
+FAST_DEFAULT_STEPS = {"edm_heun": 18, "dpm_solver": 20}
 FIXED_STEP_ODE = tuple(m for m in ODE_METHODS if m != "rk45")
 # The fixed-step ODE's number of steps when none is given (what ode_sampler's `steps` defaults to).
 ODE_DEFAULT_STEPS = 100
@@ -42,7 +46,8 @@ def plan(sampler: str, model_kind: str, process: Process, steps: Optional[int],
          options: Mapping[str, Any]) -> tuple[Step, Tensor, str]:
     """(step, grid, desc): the bound step, the float64 grid it walks and a progress label, for every grid sampler.
 
-    Exactly what the samplers walk (annealed_langevin, ddpm_sampler, ddim_sampler, pc_sampler, ode_sampler with
+    Exactly what the samplers walk (edm_heun over edm_grid and dpm_solver over logsnr_grid, pipeline.samplers.fast;
+    annealed_langevin, ddpm_sampler, ddim_sampler, pc_sampler, ode_sampler with
     euler / heun, kernel_sampler when model_kind == "kernel"), so `walk(step, x, grid, fn, ...)` from the same
     prior draw gives the same bits. options: as for `draw`; only the chosen sampler's keys are read. The RK45 ODE
     is refused: it chooses its own times and is no walk over a grid.
@@ -75,6 +80,12 @@ def plan(sampler: str, model_kind: str, process: Process, steps: Optional[int],
                                  f"grid ODE methods: {', '.join(FIXED_STEP_ODE)}")
             raise ValueError(f"unknown ODE method {method!r}; allowed: {', '.join(ODE_METHODS)}")
         return partial(ode_step, method=method), process.grid(steps or ODE_DEFAULT_STEPS), f"ODE ({method})"
+    if sampler == "edm_heun":
+        step, grid = edm_plan(process, steps or FAST_DEFAULT_STEPS[sampler], o["rho"], o["churn"], o["s_tmin"],
+                              o["s_tmax"], o["s_noise"])
+        return step, grid, "EDM Heun" if o["churn"] == 0 else "EDM Heun (churn)"
+    if sampler == "dpm_solver":
+        return DPMSolverPP2M(), logsnr_grid(process, steps or FAST_DEFAULT_STEPS[sampler]), "DPM-Solver++(2M)"
     raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(GRID_SAMPLERS)}")
 
 
@@ -84,7 +95,8 @@ def draw(sampler: str, model_kind: str, fn, process: Process, shape: tuple[int, 
     """Draw shape[0] samples with `sampler`; fn is a score_fn, or a kernel_fn when model_kind == "kernel".
 
     options: denoise, variance (ancestral), eta (ddim), predictor, corrector, snr, corrector_steps,
-    lam (pc), ode_method, rtol, atol (ode), step_size, steps_per_scale (annealed_langevin).
+    lam (pc), ode_method, rtol, atol (ode), step_size, steps_per_scale (annealed_langevin), rho, churn, s_tmin,
+    s_tmax (None: no bound), s_noise (edm_heun).
     record=k also returns k (t, x) states evenly spread over the walk, the prior draw and the result
     included (RK45: the start and the end only). device: where x lives (the generator's device if None).
     Every sampler but RK45 is `plan`'s step walked from a prior draw.

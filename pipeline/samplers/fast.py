@@ -1,18 +1,25 @@
-"""Few-step samplers of the probability-flow ODE for any continuous process x_t = m(t) x0 + std(t) z: EDM's Heun
-sampler with its ρ-schedule and optional stochastic churn (Karras et al. 2022, arXiv:2206.00364, Algorithms 1
-and 2) and DPM-Solver++(2M) in half-log-SNR time (Lu et al. 2022, arXiv:2211.01095, Algorithm 2).
+"""Few-step samplers of the probability-flow ODE for any process x_t = m(t) x0 + std(t) z: EDM's Heun sampler with
+its ρ-schedule and optional stochastic churn (Karras et al. 2022, arXiv:2206.00364, Algorithms 1 and 2) and
+DPM-Solver++(2M) in half-log-SNR time (Lu et al. 2022, arXiv:2211.01095, Algorithm 2).
 
 Both read the process through its marginal only. In the scaled variable x̂ = x / m the process is EDM's
 x̂ = x0 + σ z with σ(t) = std(t) / m(t), the denoiser is Tweedie's D(x̂; σ) = x0_hat = (x + std² score) / m, and
 the probability-flow ODE is dx̂/dσ = (x̂ − D) / σ (EDM eq. 3 with s = 1). Steps have the walker's signature
-step(x, t_cur, t_next, fn, process, generator); grids are float64 times t_max → t_min, found from σ by bisection
-(σ(t) increases with t), so VP, sub-VP, VE and OU all get the same samplers. Discrete chains (DDPM's grid, NCSN's
-scales) have no σ between their grid points and are refused.
+step(x, t_cur, t_next, fn, process, generator); grids are float64 times t_max → t_min.
+
+On a continuous process the times of a σ are found by bisection (σ(t) increases with t), so VP, sub-VP, VE, OU and
+EDM's own process get the same samplers. A discrete process (DDPM's chain, NCSN's scales) is evaluated only at
+the times of its own grid: a schedule there takes, for each σ it asks for, the grid time nearest in log σ
+(fewer steps where two coincide), and ends at the chain's clean end (std 0) when it has one, as diffusers'
+discrete schedulers do with a final σ = 0. The step into a clean end is first order (Heun's Euler step,
+DPM-Solver's DDIM step): the data prediction itself.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -20,14 +27,9 @@ from torch import Tensor
 from pipeline import rng
 from pipeline.parameterization import ScoreFn
 from pipeline.processes import Process
+from pipeline.samplers.walk import SampleResult, prior_walk
 
 EDM_RHO = 7.0  # EDM's ρ (Table 1)
-
-
-def _require_continuous(process: Process, what: str) -> None:
-    if not process.continuous:
-        raise ValueError(f"{what} needs a process with continuous time (an SDE); {type(process).__name__} has only "
-                         "its own grid")
 
 
 def sigma_of(process: Process, t: Tensor) -> Tensor:
@@ -36,10 +38,25 @@ def sigma_of(process: Process, t: Tensor) -> Tensor:
     return std / m
 
 
+def _grid_times(process: Process) -> tuple[Tensor, Optional[float]]:
+    """A discrete process's noisy grid times (σ > 0, float64, increasing σ) and its clean end (σ = 0) or None."""
+    t = process.grid().to(torch.float64)
+    sigma = sigma_of(process, t)
+    clean = float(t[sigma == 0][0]) if bool((sigma == 0).any()) else None
+    noisy = t[sigma > 0]
+    return noisy[torch.argsort(sigma_of(process, noisy))], clean
+
+
 def time_of_sigma(process: Process, sigma: Tensor, iterations: int = 100) -> Tensor:
-    """The times t in [t_min, t_max] with σ(t) = sigma (float64 bisection; σ increases with t), clamped to the ends."""
-    _require_continuous(process, "finding the time of a noise level")
+    """The times t in [t_min, t_max] with σ(t) = sigma, float64, shape of sigma.
+
+    Continuous: bisection (σ increases with t), clamped to the ends. Discrete: the noisy grid time nearest in log σ."""
     sigma = sigma.to(torch.float64)
+    if not process.continuous:
+        times, _ = _grid_times(process)
+        levels = torch.log(sigma_of(process, times))
+        nearest = (torch.log(sigma).reshape(-1, 1) - levels).abs().argmin(1)
+        return times[nearest].reshape(sigma.shape)
     lo = torch.full_like(sigma, process.t_min)
     hi = torch.full_like(sigma, process.t_max)
     for _ in range(iterations):
@@ -49,32 +66,48 @@ def time_of_sigma(process: Process, sigma: Tensor, iterations: int = 100) -> Ten
     return 0.5 * (lo + hi)
 
 
-def edm_grid(process: Process, steps: int, rho: float = EDM_RHO) -> Tensor:
-    """EDM eq. (5): σ_i = (σ_max^(1/ρ) + i/(N−1) (σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, i = 0..N, as float64 times t_max → t_min.
+def _schedule(process: Process, steps: int, name: str, between) -> Tensor:
+    """Times t_max → t_min whose σ follow `between(σ_max, σ_min, n)` (n float64 levels from σ_max to σ_min).
 
-    σ_max = σ(t_max) and σ_min = σ(t_min): the ends the model was trained on. `steps` intervals (N = steps + 1)."""
-    _require_continuous(process, "the EDM schedule")
-    if steps < 1:
-        raise ValueError(f"the EDM schedule needs at least one step, got {steps}")
-    ends = sigma_of(process, torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
-    i = torch.arange(steps + 1, dtype=torch.float64) / steps
-    sigmas = (ends[0] ** (1 / rho) + i * (ends[1] ** (1 / rho) - ends[0] ** (1 / rho))) ** rho
-    t = time_of_sigma(process, sigmas)
-    t[0], t[-1] = process.t_max, process.t_min  # exactly the ends, not the bisection's approximations
-    return t
+    Continuous: `steps` intervals from σ(t_max) to σ(t_min), the ends exact. Discrete: the levels between its
+    largest and smallest noisy σ, each at its nearest grid time, then the clean end; `steps` intervals in all
+    unless two levels share a grid time."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"the {name} schedule needs an integer number of steps >= 1, got {steps!r}")
+    if process.continuous:
+        ends = sigma_of(process, torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
+        t = time_of_sigma(process, between(float(ends[0]), float(ends[1]), steps + 1))
+        t[0], t[-1] = process.t_max, process.t_min  # exactly the ends, not the bisection's approximations
+        return t
+    times, clean = _grid_times(process)
+    sigmas = sigma_of(process, times)
+    n = steps if clean is not None else steps + 1
+    t = torch.unique_consecutive(time_of_sigma(process, between(float(sigmas[-1]), float(sigmas[0]), n)))
+    return t if clean is None else torch.cat([t, torch.tensor([clean], dtype=torch.float64)])
+
+
+def edm_grid(process: Process, steps: int, rho: float = EDM_RHO) -> Tensor:
+    """EDM eq. (5): σ_i = (σ_max^(1/ρ) + i/(N−1) (σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ as float64 times t_max → t_min.
+
+    σ_max and σ_min: the ends the model was trained on (see _schedule for discrete processes)."""
+    if not rho > 0:
+        raise ValueError(f"EDM's rho must be > 0, got {rho}")
+
+    def between(high: float, low: float, n: int) -> Tensor:
+        i = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
+        return (high ** (1 / rho) + i * (low ** (1 / rho) - high ** (1 / rho))) ** rho
+
+    return _schedule(process, steps, "EDM", between)
 
 
 def logsnr_grid(process: Process, steps: int) -> Tensor:
     """Times t_max → t_min uniform in λ = log(m / std) = −log σ (DPM-Solver's recommended grid for unguided
-    sampling, Lu et al. 2022, sec. 3.3), float64, `steps` intervals."""
-    _require_continuous(process, "the log-SNR schedule")
-    if steps < 1:
-        raise ValueError(f"the log-SNR schedule needs at least one step, got {steps}")
-    ends = torch.log(sigma_of(process, torch.tensor([process.t_max, process.t_min], dtype=torch.float64)))
-    t = time_of_sigma(process, torch.exp(torch.linspace(float(ends[0]), float(ends[1]), steps + 1,
-                                                        dtype=torch.float64)))
-    t[0], t[-1] = process.t_max, process.t_min
-    return t
+    sampling, Lu et al. 2022, sec. 3.3), float64 (see _schedule for discrete processes)."""
+
+    def between(high: float, low: float, n: int) -> Tensor:
+        return torch.exp(torch.linspace(math.log(high), math.log(low), n, dtype=torch.float64))
+
+    return _schedule(process, steps, "log-SNR", between)
 
 
 def _times(x: Tensor, t: float) -> Tensor:
@@ -98,9 +131,10 @@ def edm_heun_step(x: Tensor, t_cur: float, t_next: float, score_fn: ScoreFn, pro
                   s_tmax: float = float("inf"), s_noise: float = 1.0, steps: Optional[int] = None) -> Tensor:
     """One step of EDM's Algorithm 2 (Algorithm 1 when churn = 0) from t_cur to t_next, in x̂ = x / m and σ.
 
-    Churn: for σ(t_cur) in [s_tmin, s_tmax], raise σ to σ̂ = σ (1 + γ), γ = min(churn / steps, √2 − 1), adding
-    N(0, (σ̂² − σ²) s_noise²) to x̂ (drawn from `generator`), clamped at σ(t_max); then the Euler step to σ(t_next)
-    and Heun's correction (the trapezoid of the two slopes (x̂ − D) / σ), two network evaluations."""
+    Churn: for σ(t_cur) in [s_tmin, s_tmax], raise σ to σ̂ = σ (1 + γ), γ = min(churn / steps, √2 − 1) (steps: the
+    walk's number of steps), clamped at σ(t_max) and taken at its time t̂ (on a discrete process the nearest grid
+    time, σ̂ = σ(t̂)), adding N(0, (σ̂² − σ²) s_noise²) to x̂ from `generator`; then the Euler step to σ(t_next) and
+    Heun's correction (the trapezoid of the two slopes (x̂ − D) / σ): two network evaluations, one into σ = 0."""
     m_cur, std_cur = _coefficients(process, t_cur)
     m_next, std_next = _coefficients(process, t_next)
     sigma_cur, sigma_next = std_cur / m_cur, std_next / m_next
@@ -111,10 +145,14 @@ def edm_heun_step(x: Tensor, t_cur: float, t_next: float, score_fn: ScoreFn, pro
             raise ValueError("EDM's churn is divided by the number of steps: pass steps")
         gamma = min(churn / steps, 2 ** 0.5 - 1)
         sigma_max = float(sigma_of(process, torch.tensor([process.t_max], dtype=torch.float64)))
-        sigma_hat = min(sigma_cur * (1 + gamma), sigma_max)
-        t_hat = float(time_of_sigma(process, torch.tensor([sigma_hat], dtype=torch.float64)))
-        noise = rng.randn_like(x, generator)
-        xh = xh + (sigma_hat ** 2 - sigma_cur ** 2) ** 0.5 * s_noise * noise
+        t_hat = float(time_of_sigma(process, torch.tensor([min(sigma_cur * (1 + gamma), sigma_max)],
+                                                          dtype=torch.float64)))
+        m_hat, std_hat = _coefficients(process, t_hat)
+        sigma_hat = max(std_hat / m_hat, sigma_cur)
+        if sigma_hat > sigma_cur:
+            xh = xh + (sigma_hat ** 2 - sigma_cur ** 2) ** 0.5 * s_noise * rng.randn_like(x, generator)
+        else:
+            t_hat = t_cur
     m_hat, _ = _coefficients(process, t_hat)
     d_cur = (xh - denoised(xh * m_hat, t_hat, score_fn, process)) / sigma_hat
     xh_next = xh + (sigma_next - sigma_hat) * d_cur
@@ -129,7 +167,8 @@ class DPMSolverPP2M:
 
     With λ = log(m / std) and D the data prediction (Tweedie's x0_hat), h = λ_next − λ_cur:
     x_next = (std_next / std_cur) x − m_next (e^(−h) − 1) D̃, where D̃ = D_cur on a first step (DDIM, η = 0) and
-    D̃ = (1 + 1/(2r)) D_cur − 1/(2r) D_prev with r = h_prev / h afterwards. One network evaluation per step.
+    D̃ = (1 + 1/(2r)) D_cur − 1/(2r) D_prev with r = h_prev / h afterwards (the "midpoint" form, as diffusers'
+    DPMSolverMultistepScheduler). One network evaluation per step; into a clean end (std 0) x_next = m D_cur.
     The memory restarts whenever a step does not begin where the last one ended (a new batch, RePaint's jumps)."""
 
     def __init__(self):
@@ -140,9 +179,11 @@ class DPMSolverPP2M:
                  generator: rng.Generator = None) -> Tensor:
         m_cur, std_cur = _coefficients(process, t_cur)
         m_next, std_next = _coefficients(process, t_next)
-        lam_cur, lam_next = torch.log(torch.tensor(m_cur / std_cur)), torch.log(torch.tensor(m_next / std_next))
-        h = float(lam_next - lam_cur)
         d_cur = denoised(x, t_cur, score_fn, process)
+        if std_next == 0:  # into a clean end: h = ∞, the first-order step is the data prediction itself
+            self._prev, self._end = None, None
+            return m_next * d_cur
+        h = math.log(m_next / std_next) - math.log(m_cur / std_cur)
         if self._end != t_cur or self._prev is None or self._prev[1].shape != x.shape:
             d = d_cur  # first order: the memory does not continue this walk
         else:
@@ -150,10 +191,34 @@ class DPMSolverPP2M:
             r = h_prev / h
             d = (1 + 1 / (2 * r)) * d_cur - 1 / (2 * r) * d_prev
         self._prev, self._end = (h, d_cur), t_next
-        return (std_next / std_cur) * x - m_next * torch.expm1(torch.tensor(-h, dtype=torch.float64)).item() * d
+        return (std_next / std_cur) * x - m_next * math.expm1(-h) * d
 
 
-def dpm_solver_step() -> DPMSolverPP2M:
-    """A fresh DPM-Solver++(2M) step for one walk (its memory is per walk)."""
-    return DPMSolverPP2M()
+def edm_plan(process: Process, steps: int, rho: float = EDM_RHO, churn: float = 0.0, s_tmin: float = 0.0,
+             s_tmax: Optional[float] = None, s_noise: float = 1.0) -> tuple[Callable[..., Tensor], Tensor]:
+    """(step, grid) of EDM's sampler: edm_heun_step with its churn options over edm_grid(process, steps, rho).
+
+    s_tmax None: no upper bound. Churn's γ divides by the grid's number of steps (EDM's N)."""
+    grid = edm_grid(process, steps, rho)
+    step = partial(edm_heun_step, churn=churn, s_tmin=s_tmin, s_tmax=float("inf") if s_tmax is None else s_tmax,
+                   s_noise=s_noise, steps=len(grid) - 1)
+    return step, grid
+
+
+def edm_sampler(score_fn: ScoreFn, process: Process, shape: tuple[int, ...], generator: rng.Generator,
+                steps: int = 18, rho: float = EDM_RHO, churn: float = 0.0, s_tmin: float = 0.0,
+                s_tmax: Optional[float] = None, s_noise: float = 1.0, progress: bool = False, *, device=None,
+                record: Optional[int] = None) -> SampleResult:
+    """EDM's Heun sampler (Karras et al. 2022, Algorithm 1, or 2 with churn > 0) from a prior draw at t_max."""
+    step, grid = edm_plan(process, steps, rho, churn, s_tmin, s_tmax, s_noise)
+    return prior_walk(step, score_fn, process, shape, generator, grid, device=device, record=record,
+                      progress=progress, desc="EDM Heun")
+
+
+def dpm_solver_sampler(score_fn: ScoreFn, process: Process, shape: tuple[int, ...], generator: rng.Generator,
+                       steps: int = 20, progress: bool = False, *, device=None,
+                       record: Optional[int] = None) -> SampleResult:
+    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2) over logsnr_grid(process, steps) from a prior draw."""
+    return prior_walk(DPMSolverPP2M(), score_fn, process, shape, generator, logsnr_grid(process, steps),
+                      device=device, record=record, progress=progress, desc="DPM-Solver++(2M)")
 
