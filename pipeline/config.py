@@ -166,7 +166,7 @@ class ModelParams(_Section):
 class MethodParams(_Section):
     """The method and its choices; 'auto' resolves per method (pipeline/methods.py), bad combinations are refused."""
 
-    name: Literal["ncsnv2", "ncsn", "exact_score", "ddpm", "sde", "sohl_dickstein"] = "ncsnv2"
+    name: Literal["ncsnv2", "ncsn", "exact_score", "ddpm", "sde", "sohl_dickstein", "edm"] = "ncsnv2"
     sde: Literal["auto", "vp", "ve", "subvp", "ou"] = "auto"
     loss: Literal["auto", "dsm", "eps_mse", "ism", "ssm", "elbo"] = "auto"
     weighting: Literal["sigma2", "likelihood"] = "sigma2"
@@ -176,11 +176,19 @@ class MethodParams(_Section):
     num_steps: Union[Auto, int] = "auto"
     conditional: bool = False
     label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    sigma_data: Union[Auto, float] = "auto"
 
     @field_validator("num_steps")
     @classmethod
     def _chain_length(cls, v):
         return _auto_or_at_least(v, 2)
+
+    @field_validator("sigma_data")
+    @classmethod
+    def _positive(cls, v):
+        if v != "auto" and not v > 0:
+            raise ValueError("must be 'auto' or a number > 0")
+        return v
 
 
 class TrainParams(_Section):
@@ -401,6 +409,7 @@ class Config(_Section):
         chain = methods.check_chain(m.name, m.num_steps, m.schedule)
         methods.check_sample_steps(m.name, p.process, s.steps, chain, p.sampler)
         methods.check_data(m.name, d.name)
+        methods.check_sigma_data(m.name, m.sigma_data)
         _check_data(d)
         _check_conditional(self)
         _check_task(self, p.sampler)

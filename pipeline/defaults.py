@@ -90,6 +90,11 @@ def network_spec(model: Mapping[str, Any], data: Mapping[str, Any], parameteriza
             "num_classes": num_classes, "parameterization": parameterization}
 
 
+def edm_spec(spec: Mapping[str, Any], sigma_data: float) -> dict:
+    """The spec of EDM's preconditioning (pipeline.nets.edm) around the network `spec`, which then outputs x0."""
+    return {"kind": "edm", "sigma_data": float(sigma_data), "parameterization": "x0", "net": dict(spec)}
+
+
 def train_settings(train: Mapping[str, Any], data: Mapping[str, Any]) -> dict:
     """train.steps / batch_size / lr / ema_warmup with 'auto' resolved for the data kind and image size.
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from pipeline import rng
 from pipeline.elbo import DiscreteELBO
-from pipeline.parameterization import PARAMETERIZATIONS, bind_labels, eps_from_score, make_score_fn
+from pipeline.parameterization import PARAMETERIZATIONS, bind_labels, eps_from_score, make_score_fn, x0_from_score
 from pipeline.processes import Process, append_dims
 
 WEIGHTINGS = ("sigma2", "likelihood")
@@ -189,6 +189,32 @@ class EpsilonMSE(_PerturbedLoss):
         return self._time_weighted(err.sum(1) if self.reduction == "sum" else err.mean(1), weight)
 
 
+class EDMLoss(_PerturbedLoss):
+    """EDM's training loss (Karras et al. 2022, arXiv:2206.00364, eq. 8 and Table 1): λ(σ) ||D(x_σ; σ) − x||², (B,).
+
+    σ from process.sample_time (EDM's log-normal), λ(σ) = (σ² + σ_d²) / (σ σ_d)², which gives the preconditioned
+    network F a target of unit variance at every σ (their sec. 5); D is Tweedie's x0_hat from the score, so any
+    parameterization trains, and σ = std / m makes it defined on every process (in EDM's own, m = 1, std = σ).
+    Summed over dimensions, as EDM's code sums over elements. Equals 2 (σ² + σ_d²) / σ_d² times the σ²-weighted DSM.
+    """
+
+    def __init__(self, process: Process, parameterization: str, sigma_data: float = 0.5):
+        if not (isinstance(sigma_data, (int, float)) and sigma_data > 0):
+            raise ValueError(f"sigma_data must be a number > 0, got {sigma_data!r}")
+        super().__init__(process, parameterization)
+        self.sigma_data = float(sigma_data)
+
+    def __call__(self, model: nn.Module, x: Tensor, cond: Optional[Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        t, _, x_t, _ = self._perturbed(x, generator)
+        score = self._score(bind_labels(model, cond), x_t, t)
+        m, std = self.process.marginal(t)
+        d = x0_from_score(x_t, score, t, self.process)
+        sigma = std / m
+        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        return weight * _sq(d - x)
+
+
 class _DivergenceLoss(_PerturbedLoss):
     """Shared driver of ISM and SSM: the score at a perturbed x_t kept differentiable in x_t."""
 
@@ -309,7 +335,7 @@ class HuangELBO(_PerturbedLoss):
 
 
 LOSSES = {"dsm": DenoisingScoreMatching, "eps_mse": EpsilonMSE, "ism": ImplicitScoreMatching,
-          "ssm": SlicedScoreMatching, "huang_elbo": HuangELBO, "vlb": DiscreteELBO}
+          "ssm": SlicedScoreMatching, "huang_elbo": HuangELBO, "vlb": DiscreteELBO, "edm": EDMLoss}
 
 
 def loss_options(name: str) -> tuple[str, ...]:

@@ -16,9 +16,14 @@ from typing import TYPE_CHECKING, Optional, Sequence
 if TYPE_CHECKING:  # the rules run when params load, in every stage: torch (processes) only where a process is built
     from pipeline.processes import Process
 
-METHODS = ("ncsnv2", "ncsn", "exact_score", "ddpm", "sde", "sohl_dickstein")
+METHODS = ("ncsnv2", "ncsn", "exact_score", "ddpm", "sde", "sohl_dickstein", "edm")
 SDES = ("vp", "ve", "subvp", "ou")
+# Process kinds with continuous time (and an SDE): the SDEs and EDM's own x0 + σ z.
+CONTINUOUS_KINDS = (*SDES, "edm")
 LOSS_NAMES = ("dsm", "eps_mse", "ism", "ssm", "elbo")
+# EDM's noise levels and training distribution (Karras et al. 2022, Table 1, "Ours"); sample.sampler auto there is
+# their Heun sampler.
+EDM_PROCESS = {"sigma_min": 0.002, "sigma_max": 80.0, "p_mean": -1.2, "p_std": 1.2}
 SAMPLERS = ("annealed_langevin", "ancestral", "ddim", "pc", "ode", "edm_heun", "dpm_solver")
 # Samplers that need only the marginals at the grid's times, so they walk any score model's grid: a continuous
 # process, DDPM's chain or NCSN's scales (pipeline.samplers.fast).
@@ -60,6 +65,11 @@ def _process_kind(name: str, sde: str) -> str:
         return "noise_scales"
     if name == "sde":
         return "vp" if sde == "auto" else sde
+    if name == "edm":
+        if sde != "auto":
+            raise ValueError(f"method.sde: {sde} does not apply to method.name: edm, which has its own process "
+                             f"x0 + sigma z (leave method.sde: auto); for the {sde} SDE use method.name: sde")
+        return "edm"
     return "noise_scales" if sde == "auto" else sde  # exact_score: NCSN's scales, or any SDE
 
 
@@ -68,6 +78,11 @@ def _loss(name: str, kind: str, loss: str) -> Optional[str]:
         if loss != "auto":
             raise ValueError("method.name: exact_score trains nothing (the score is analytic); leave method.loss: auto")
         return None
+    if name == "edm":
+        if loss != "auto":
+            raise ValueError(f"method.name: edm trains on its own loss (Karras et al.'s weighted denoising loss with "
+                             f"log-normal sigma); leave method.loss: auto, got {loss}")
+        return "edm"
     if name == "sohl_dickstein":
         if loss not in ("auto", "elbo"):
             raise ValueError(f"method.name: sohl_dickstein is trained on its ELBO only (method.loss: auto or elbo), "
@@ -92,6 +107,11 @@ def _parameterization(name: str, loss: Optional[str], parameterization: str, sca
     if parameterization == "kernel":
         raise ValueError("method.parameterization: kernel (a learned mean and variance) is Sohl-Dickstein's; "
                          f"for method.name: {name} use one of {', '.join(SCORE_PARAMETERIZATIONS)}")
+    if name == "edm":
+        if parameterization not in ("auto", "x0"):
+            raise ValueError(f"method.name: edm's preconditioned network outputs the denoised x0 (c_skip x + c_out F); "
+                             f"leave method.parameterization: auto (or x0), got {parameterization}")
+        return "x0"
     if name == "exact_score":
         if parameterization != "auto":
             raise ValueError("method.name: exact_score has no network (the score is analytic); leave "
@@ -109,6 +129,8 @@ def _parameterization(name: str, loss: Optional[str], parameterization: str, sca
 
 def _sampler(name: str, kind: str, sampler: str) -> str:
     if sampler == "auto":
+        if name == "edm":
+            return "edm_heun"
         if name == "sohl_dickstein" or kind == "discrete_vp":
             return "ancestral"
         return "annealed_langevin" if kind == "noise_scales" else "pc"
@@ -138,7 +160,7 @@ def plan(name: str, sde: str = "auto", loss: str = "auto", weighting: str = "sig
     kind = _process_kind(name, sde)
     registry_loss = _loss(name, kind, loss)
     param = _parameterization(name, registry_loss, parameterization, scale_by_sigma)
-    continuous = kind in SDES
+    continuous = kind in CONTINUOUS_KINDS
     if weighting == "likelihood" and (registry_loss not in ("dsm", "ism", "ssm") or not continuous):
         # Song et al. 2021 (arXiv:2101.09258) bound the KL with lambda = g^2 for t uniform over an SDE's
         # time; NCSN's scales are drawn uniformly from a geometric grid, so g^2 there is neither that bound
@@ -169,7 +191,8 @@ def build_process(kind: str, *, sigmas: Sequence[float], num_steps: Optional[int
     """The process of a plan. `sigmas`: NCSN's noise scales from the noise_scales stage; VE takes its
     sigma_max (technique 1, as Song et al. 2021 do) and sigma_min from them. VP and sub-VP use
     beta 0.1 -> 20 with eps 1e-3, VE eps 1e-5 (Song et al. 2021, appendix C)."""
-    from pipeline.processes import SCHEDULES, VESDE, VPSDE, DiscreteVP, NoiseScaleProcess, OUProcess, SubVPSDE
+    from pipeline.processes import (SCHEDULES, VESDE, VPSDE, DiscreteVP, EDMProcess, NoiseScaleProcess, OUProcess,
+                                    SubVPSDE)
 
     if kind == "noise_scales":
         return NoiseScaleProcess(sigmas)
@@ -179,17 +202,25 @@ def build_process(kind: str, *, sigmas: Sequence[float], num_steps: Optional[int
         return DiscreteVP(SCHEDULES[schedule](num_steps))
     if kind == "ve":
         return VESDE(sigma_min=float(sigmas[-1]), sigma_max=float(sigmas[0]))
+    if kind == "edm":
+        return EDMProcess(**EDM_PROCESS)
     builders = {"vp": VPSDE, "subvp": SubVPSDE, "ou": OUProcess}
     if kind not in builders:
         raise ValueError(f"unknown process kind {kind!r}")
     return builders[kind]()
 
 
-def loss_options(loss: str, weighting: str, t_sampling: str, decoder: Optional[dict] = None) -> dict:
+def loss_options(loss: str, weighting: str, t_sampling: str, decoder: Optional[dict] = None,
+                 sigma_data: Optional[float] = None) -> dict:
     """The keyword options of the registry loss `loss` (pipeline.losses.build_loss) from method.* keys.
 
     decoder: for 8-bit images, the discretised Gaussian decoder of the discrete ELBO (Ho et al. 2020,
-    eq. (13); pipeline.pixels.discrete_decoder), so that L_vlb bounds -log P of the pixels."""
+    eq. (13); pipeline.pixels.discrete_decoder), so that L_vlb bounds -log P of the pixels. sigma_data: EDM's
+    σ_d (the train stage resolves method.sigma_data 'auto' from the data, edm_sigma_data)."""
+    if loss == "edm":
+        if sigma_data is None:
+            raise ValueError("EDM's loss needs sigma_data (resolve method.sigma_data first)")
+        return {"sigma_data": float(sigma_data)}
     if loss in ("dsm", "ism", "ssm"):
         return {"weighting": weighting, "t_sampling": t_sampling}
     if loss == "huang_elbo":
@@ -207,6 +238,18 @@ def sampling_steps(process: Process, steps: int | str, sampler: str = "auto") ->
     if sampler in FAST_SAMPLERS:
         return None
     return DEFAULT_SDE_STEPS if process.continuous else None
+
+
+def edm_sigma_data(sigma_data: float | str, x) -> float:
+    """EDM's σ_d: method.sigma_data, or with 'auto' the std of every coordinate of the training data x (in the
+    model's units: images after pixel scaling), as Karras et al. set 0.5 for CIFAR-10 in [-1, 1]."""
+    if sigma_data != "auto":
+        return float(sigma_data)
+    value = float(x.double().std()) if hasattr(x, "double") else float(x.std())
+    if not value > 0:
+        raise ValueError("method.sigma_data: auto needs training data that are not all equal (their std is 0); "
+                         "set method.sigma_data")
+    return value
 
 
 def needs_noise_scales(kind: str) -> bool:
@@ -257,6 +300,13 @@ def check_data(name: str, data: str) -> None:
         raise ValueError(f"method.name: exact_score needs data.name: gmm (the analytic score is known only for a "
                          f"Gaussian mixture); got data.name: {data}. Train a model for {data}: method.name ncsnv2, "
                          f"ncsn, ddpm, sde or sohl_dickstein.")
+
+
+def check_sigma_data(name: str, sigma_data: float | str) -> None:
+    """method.sigma_data is EDM's σ_d; other methods have no preconditioning to give it to."""
+    if sigma_data != "auto" and name != "edm":
+        raise ValueError(f"method.sigma_data sets EDM's preconditioning (method.name: edm); leave it 'auto' for "
+                         f"method.name: {name}")
 
 
 def check_conditional(name: str) -> None:

@@ -281,6 +281,45 @@ class OUProcess(Process):
         return {"kind": "ou", "t_min": self.t_min, "t_max": self.t_max}
 
 
+class EDMProcess(Process):
+    """EDM's process x_σ = x0 + σ z with time t = σ (Karras et al. 2022, arXiv:2206.00364, sec. 2 and Table 1).
+
+    m = 1, std = t, the SDE dx = sqrt(2 t) dW (their eq. 6 with σ(t) = t, s(t) = 1), the prior N(0, σ_max² I),
+    and training noise levels from their log-normal, ln σ ~ N(P_mean, P_std²) (Table 1, "Ours"). The network is
+    conditioned on σ itself; pipeline.nets.edm's preconditioning turns it into c_noise = ln(σ) / 4.
+    """
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, p_mean: float = -1.2, p_std: float = 1.2):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"EDM needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if not p_std > 0:
+            raise ValueError(f"EDM's P_std must be > 0, got {p_std}")
+        self.t_min, self.t_max = float(sigma_min), float(sigma_max)
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+
+    def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.ones_like(t), t
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.zeros_like(x), torch.sqrt(2 * t)
+
+    def prior_std(self) -> float:
+        return self.t_max
+
+    def conditioning(self, t: Tensor) -> Tensor:
+        return t
+
+    def spec(self) -> dict:
+        return {"kind": "edm", "sigma_min": self.t_min, "sigma_max": self.t_max, "p_mean": self.p_mean,
+                "p_std": self.p_std}
+
+    def sample_time(self, batch: int, generator: Optional[torch.Generator]) -> Tensor:
+        """Training σ = exp(P_mean + P_std n), n ~ N(0, 1), one per example (EDM's log-normal; not clipped to
+        [σ_min, σ_max], as in their code), shape (B,)."""
+        n = torch.randn(batch, generator=generator, dtype=torch.float64)
+        return torch.exp(self.p_mean + self.p_std * n).to(torch.get_default_dtype())
+
+
 class NoiseScaleProcess(Process):
     """NCSN's discrete noise scales as a variance-exploding process with time t = sigma.
 
@@ -416,7 +455,7 @@ SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
 
 # Every process by the `kind` of its spec(): the registry process_from_spec rebuilds from.
 PROCESSES: dict[str, type[Process]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "ou": OUProcess,
-                                       "noise_scales": NoiseScaleProcess, "discrete_vp": DiscreteVP}
+                                       "edm": EDMProcess, "noise_scales": NoiseScaleProcess, "discrete_vp": DiscreteVP}
 
 
 def process_from_spec(spec: dict) -> Process:

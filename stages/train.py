@@ -24,7 +24,7 @@ from pipeline.distributed import Group
 from pipeline.gmm import GaussianMixture
 from pipeline.guidance import guided_score
 from pipeline.losses import build_loss
-from pipeline.methods import loss_options
+from pipeline.methods import edm_sigma_data, loss_options
 from pipeline.rng import SampleGenerators, sample_seed
 from pipeline.samplers import draw
 from pipeline.train import (NO_COMPILE_LOSSES, Preempted, TrainSettings, held_out_evaluator, image_batches,
@@ -161,7 +161,12 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
     spec = defaults.network_spec(cfg.model.model_dump(), info, plan.parameterization,
                                  num_classes=info["num_classes"] if labels is not None else 0)
     decoder = pixels.discrete_decoder(scaling) if images else None
-    options = loss_options(plan.loss, cfg.method.weighting, cfg.method.t_sampling, decoder)
+    sigma_data = None
+    if plan.loss == "edm":  # EDM's preconditioning wraps the network, with σ_d from the data in model units
+        model_units = pixels.to_model(torch.from_numpy(data), scaling) if images else torch.from_numpy(data)
+        sigma_data = edm_sigma_data(cfg.method.sigma_data, model_units)
+        spec = defaults.edm_spec(spec, sigma_data)
+    options = loss_options(plan.loss, cfg.method.weighting, cfg.method.t_sampling, decoder, sigma_data)
     loss = build_loss(plan.loss, process, plan.parameterization, **options)
     _check_train(t, resolved["batch_size"], plan.loss, group.world_size if group else 1)
     settings = TrainSettings(resolved["steps"], resolved["batch_size"], resolved["lr"], t.grad_clip, t.ema_decay,
@@ -222,10 +227,10 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
     num_params = sum(p.numel() for p in net.parameters())
     metrics = {"steps": resolved["steps"], "num_params": num_params, "final_loss": final}
     if images:  # the 2-D record keeps its keys; MLflow gets the resolved values of every run
-        metrics.update(batch_size=resolved["batch_size"], lr=resolved["lr"], arch=spec["kind"])
+        metrics.update(batch_size=resolved["batch_size"], lr=resolved["lr"], arch=spec.get("net", spec)["kind"])
     io.write_json(TRAIN_METRICS, metrics)
     run.flush()
-    run.log_params({"resolved": {**resolved, "arch": spec["kind"], "device": str(device),
+    run.log_params({"resolved": {**resolved, "arch": spec.get("net", spec)["kind"], "device": str(device),
                                  "world_size": group.world_size if group else 1}})
     run.log_metrics({"final_loss": final, "num_params": num_params, "resumed_from": result.resumed_from})
 

@@ -21,10 +21,10 @@ from pipeline.gmm import GaussianMixture
 from pipeline.losses import (LOSSES, DenoisingScoreMatching, EpsilonMSE, HuangELBO, ImplicitScoreMatching,
                              SlicedScoreMatching, build_loss)
 from pipeline.models import build_network
-from pipeline.processes import DiscreteVP, NoiseScaleProcess, VESDE, VPSDE, append_dims, linear_betas
+from pipeline.processes import DiscreteVP, EDMProcess, NoiseScaleProcess, VESDE, VPSDE, append_dims, linear_betas
 
 MU, C = torch.tensor([1.0, -0.5], dtype=torch.float64), 0.7
-PROCESSES = {"vp": VPSDE, "ve": VESDE, "ncsn": lambda: NoiseScaleProcess([3.0, 1.0, 0.3, 0.1])}
+PROCESSES = {"vp": VPSDE, "ve": VESDE, "ncsn": lambda: NoiseScaleProcess([3.0, 1.0, 0.3, 0.1]), "edm": EDMProcess}
 # How each process's conditioning (pipeline.processes) maps back to t, for the oracle "network".
 T_OF_COND = {
     "vp": lambda p, c: c * p.t_max / 1000.0,
@@ -199,7 +199,7 @@ def test_eps_mse_is_twice_sigma2_dsm_and_is_the_noise_regression_for_eps_network
 # The discrete ELBO needs a chain that ends at clean data (DDPM's); every other loss takes every process.
 CONTRACT_PROCESSES = {**PROCESSES, "ddpm": lambda: DiscreteVP(linear_betas(10))}
 CONTRACT_PAIRS = [(name, proc) for name in LOSSES for proc in CONTRACT_PROCESSES
-                  if (name == "vlb") == (proc == "ddpm") or (name in ("dsm", "eps_mse", "ism", "ssm") and proc == "ddpm")]
+                  if (name == "vlb") == (proc == "ddpm") or (name in ("dsm", "eps_mse", "ism", "ssm", "edm") and proc == "ddpm")]
 
 
 @pytest.mark.parametrize("shape", [(2,), (1, 8, 8)], ids=["B2", "B1x8x8"])
@@ -326,7 +326,7 @@ def test_huang_elbo_needs_an_sde():
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 VARIANT_OPTIONS = {"dsm": [{}, {"weighting": "likelihood"}, {"t_sampling": "importance"}],
                    "eps_mse": [{}], "ism": [{}, {"exact_max_dim": 0}], "ssm": [{}, {"probe": "rademacher"}],
-                   "huang_elbo": [{}, {"exact_max_dim": 0}], "vlb": [{}]}
+                   "huang_elbo": [{}, {"exact_max_dim": 0}], "vlb": [{}], "edm": [{}, {"sigma_data": 0.3}]}
 DEVICE_CASES = [(name, proc, opts) for name, proc in CONTRACT_PAIRS for opts in VARIANT_OPTIONS[name]
                 if not (opts.get("t_sampling") == "importance" and proc != "vp")
                 and not (opts.get("weighting") == "likelihood" and proc == "ddpm")]

@@ -15,6 +15,7 @@ import torch
 from pipeline.processes import (
     PROCESSES,
     DiscreteVP,
+    EDMProcess,
     NoiseScaleProcess,
     OUProcess,
     SubVPSDE,
@@ -27,7 +28,7 @@ from pipeline.processes import (
 )
 
 F64 = torch.float64
-CONTINUOUS = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(), "ou": OUProcess()}
+CONTINUOUS = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(), "ou": OUProcess(), "edm": EDMProcess()}
 ALL = {**CONTINUOUS, "ncsn": NoiseScaleProcess([5.0, 1.0, 0.2, 0.05]), "ddpm": DiscreteVP(linear_betas(100))}
 
 
@@ -271,7 +272,7 @@ def test_prior_sample_is_drawn_where_the_generator_lives():
 # --------------------------------------------------------------------------- capabilities
 
 # One instance of every registered process (pipeline.processes.PROCESSES), by kind.
-REGISTERED = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(), "ou": OUProcess(),
+REGISTERED = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(), "ou": OUProcess(), "edm": EDMProcess(),
               "noise_scales": NoiseScaleProcess([5.0, 1.0, 0.2, 0.05]), "discrete_vp": DiscreteVP(linear_betas(20))}
 CAPABILITIES = ("continuous", "has_sde", "has_importance_sampling", "has_discrete_elbo")
 

@@ -120,7 +120,7 @@ TINY_IMAGES = {"data": {"name": "digits", "n_train": 200, "n_test": 20, "n_refer
                "sample": {"n": 20, "batch_size": 8}, "eval": {"fid_n": 20, "classifier_steps": 20}}
 
 
-@pytest.mark.parametrize("method", [{"name": "ncsnv2"}, {"name": "ddpm", "num_steps": 20}])
+@pytest.mark.parametrize("method", [{"name": "ncsnv2"}, {"name": "ddpm", "num_steps": 20}, {"name": "edm"}])
 def test_every_stage_on_images(workdir, method):
     params = _deep_merge(TINY, _deep_merge(TINY_IMAGES, {"method": method}))
     if method["name"] == "ddpm":
@@ -134,7 +134,11 @@ def test_every_stage_on_images(workdir, method):
         x, y = np.load(f"data/{split}.npy"), np.load(f"data/{split}_labels.npy")
         assert x.dtype == np.uint8 and x.shape == (n, 1, 8, 8) and y.shape == (n,) and y.dtype == np.int64
     model = torch.load("models/model.pt", weights_only=True)
-    assert model["config"]["kind"] == "unet" and model["config"]["channels"] == 16
+    net = model["config"]["net"] if method["name"] == "edm" else model["config"]  # EDM's preconditioning wraps it
+    assert net["kind"] == "unet" and net["channels"] == 16
+    if method["name"] == "edm":
+        assert model["config"]["kind"] == "edm" and model["config"]["parameterization"] == "x0"
+        assert 0.5 < model["config"]["sigma_data"] < 1.0  # the std of 8x8 digits in [-1, 1]
     samples = np.load("outputs/samples.npz")["x"]
     assert samples.dtype == np.uint8 and samples.shape == (20, 1, 8, 8)
     scaling = json.loads(Path("outputs/noise_scales.json").read_text())["scaling"]
@@ -219,7 +223,9 @@ METHOD_RUNS = {
     "ddpm-dpm-solver": ({"method": {"name": "ddpm", "num_steps": 50}, "sample": {"sampler": "dpm_solver", "steps": 8}},
                         8, set()),
     "vp-edm-heun-churn": ({"method": {"name": "sde"}, "sample": {"sampler": "edm_heun", "steps": 5, "churn": 10.0}},
-                          10, set()),
+                          9, set()),
+    "edm": ({"method": {"name": "edm"}, "sample": {"steps": 5}, "eval": {"likelihood": True, "elbo_slices": 2}}, 9,
+            {"nll", "bpd", "elbo_nll"}),
     "ou-ism-ald": ({"method": {"name": "sde", "sde": "ou", "loss": "ism"},
                     "sample": {"steps": 10, "corrector": "ald", "corrector_steps": 2}}, 28, set()),
 }

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from pipeline.nets import unet
+from pipeline.nets import edm, unet
 from pipeline.nets.mlp import ConditionalMLP
 
 
@@ -25,9 +25,18 @@ def _mlp(spec: Mapping[str, Any]) -> ConditionalMLP:
                           num_classes=int(spec.get("num_classes", 0)))
 
 
+def _edm(spec: Mapping[str, Any]) -> nn.Module:
+    """EDM's preconditioning (pipeline.nets.edm) around the network of spec["net"]."""
+    inner = spec["net"]
+    if inner.get("kind") not in ("mlp", "unet"):
+        raise ValueError(f"EDM's preconditioning wraps an mlp or a unet, not {inner.get('kind')!r}")
+    return edm.from_spec(spec, lambda s: NETWORKS[s["kind"]](s))
+
+
 NETWORKS: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {
     "mlp": _mlp,
     "unet": unet.from_spec,
+    "edm": _edm,
 }
 
 

@@ -9,10 +9,10 @@ step(x, t_cur, t_next, fn, process, generator); grids are float64 times t_max �
 
 On a continuous process the times of a σ are found by bisection (σ(t) increases with t), so VP, sub-VP, VE, OU and
 EDM's own process get the same samplers. A discrete process (DDPM's chain, NCSN's scales) is evaluated only at
-the times of its own grid: a schedule there takes, for each σ it asks for, the grid time nearest in log σ
-(fewer steps where two coincide), and ends at the chain's clean end (std 0) when it has one, as diffusers'
-discrete schedulers do with a final σ = 0. The step into a clean end is first order (Heun's Euler step,
-DPM-Solver's DDIM step): the data prediction itself.
+the times of its own grid: a schedule there takes, for each σ it asks for, the grid time nearest in log σ.
+Schedules end at clean data (σ = 0) where the process has it, as EDM's Algorithm 1 and diffusers' schedulers
+(final σ = 0) do; the step into it is first order (Heun's Euler step, DPM-Solver's DDIM step), which returns the
+data prediction itself, so it costs one network evaluation and none at σ = 0.
 """
 
 from __future__ import annotations
@@ -69,16 +69,21 @@ def time_of_sigma(process: Process, sigma: Tensor, iterations: int = 100) -> Ten
 def _schedule(process: Process, steps: int, name: str, between) -> Tensor:
     """Times t_max → t_min whose σ follow `between(σ_max, σ_min, n)` (n float64 levels from σ_max to σ_min).
 
-    Continuous: `steps` intervals from σ(t_max) to σ(t_min), the ends exact. Discrete: the levels between its
-    largest and smallest noisy σ, each at its nearest grid time, then the clean end; `steps` intervals in all
-    unless two levels share a grid time."""
+    `steps` intervals in all. Continuous: the levels from σ(t_max) to σ(t_min), the ends exact, then, where the
+    process has clean data at t = 0 (σ(0) = 0: VP, sub-VP, OU, EDM; not VE), a last step to t = 0, as EDM's
+    Algorithm 1 ends at σ_N = 0 (the network is never evaluated there). Discrete: the levels between its largest and
+    smallest noisy σ, each at its nearest grid time (fewer steps where two coincide), then its clean end if any."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"the {name} schedule needs an integer number of steps >= 1, got {steps!r}")
     if process.continuous:
         ends = sigma_of(process, torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
-        t = time_of_sigma(process, between(float(ends[0]), float(ends[1]), steps + 1))
-        t[0], t[-1] = process.t_max, process.t_min  # exactly the ends, not the bisection's approximations
-        return t
+        clean = float(sigma_of(process, torch.zeros(1, dtype=torch.float64))) == 0.0
+        n = steps if clean else steps + 1
+        t = time_of_sigma(process, between(float(ends[0]), float(ends[1]), n))
+        t[0] = process.t_max  # exactly the ends, not the bisection's approximations
+        if n > 1:
+            t[-1] = process.t_min
+        return torch.cat([t, torch.zeros(1, dtype=torch.float64)]) if clean else t
     times, clean = _grid_times(process)
     sigmas = sigma_of(process, times)
     n = steps if clean is not None else steps + 1
