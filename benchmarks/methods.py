@@ -36,6 +36,8 @@ MODELS: dict[str, tuple[dict, dict[str, dict]]] = {
     "sde-subvp": ({"method": {"name": "sde", "sde": "subvp"}, **LIKELIHOOD}, {"pc-1000": {}}),
     "sde-ve": ({"method": {"name": "sde", "sde": "ve"}, **LIKELIHOOD}, {"pc-1000": {}}),
     "sohl_dickstein": ({"method": {"name": "sohl_dickstein"}, **LIKELIHOOD}, {"ancestral-40": {}}),
+    "edm": ({"method": {"name": "edm"}, **LIKELIHOOD},
+            {"edm_heun-18": {}, "dpm_solver-20": {"sampler": "dpm_solver", "steps": 20}}),
     "gmm-sde-vp": ({"data": {"name": "gmm"}, "method": {"name": "sde", "sde": "vp"}, **LIKELIHOOD}, {"pc-1000": {}}),
 }
 

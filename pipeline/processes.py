@@ -319,6 +319,16 @@ class EDMProcess(Process):
         n = torch.randn(batch, generator=generator, dtype=torch.float64)
         return torch.exp(self.p_mean + self.p_std * n).to(torch.get_default_dtype())
 
+    def grid(self, steps: Optional[int] = None, rho: float = 7.0) -> Tensor:
+        """EDM's ρ-schedule (their eq. 5, ρ = 7) from σ_max to σ_min with `steps` intervals, float64: the grid every
+        sampler of this process walks (ancestral, DDIM, PC, the fixed-step ODE); edm_heun adds the step to σ = 0."""
+        if steps is None or steps < 1:
+            raise ValueError(f"a continuous process needs a number of steps >= 1, got {steps}")
+        i = torch.arange(steps + 1, dtype=torch.float64) / steps
+        t = (self.t_max ** (1 / rho) + i * (self.t_min ** (1 / rho) - self.t_max ** (1 / rho))) ** rho
+        t[0], t[-1] = self.t_max, self.t_min
+        return t
+
 
 class NoiseScaleProcess(Process):
     """NCSN's discrete noise scales as a variance-exploding process with time t = sigma.

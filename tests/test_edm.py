@@ -26,6 +26,10 @@ def test_process_is_x0_plus_sigma_z_with_log_normal_training_sigma():
     assert torch.equal(m, torch.ones(3, dtype=torch.float64)) and torch.equal(std, t)
     assert p.prior_std() == 80.0 and (p.t_min, p.t_max) == (0.002, 80.0)
     assert process_from_spec(p.spec()).spec() == p.spec()
+    # the grid of every sampler on this process is Karras's ρ-schedule (eq. 5), the edm_heun levels without σ = 0
+    from pipeline.samplers.fast import edm_grid
+
+    torch.testing.assert_close(p.grid(12), edm_grid(p, 13)[:-1], rtol=1e-12, atol=0)
     log_sigma = torch.log(p.sample_time(40_000, torch.Generator().manual_seed(0)).double())
     se = 1.2 / math.sqrt(40_000)
     assert abs(float(log_sigma.mean()) + 1.2) < 5 * se

@@ -17,7 +17,7 @@ import torch
 from pipeline.gmm import GaussianMixture
 from pipeline.models import exact_score_fn
 from pipeline.parameterization import clip_denoised, kernel_from_score, x0_from_score
-from pipeline.processes import DiscreteVP, NoiseScaleProcess, SubVPSDE, VESDE, VPSDE, linear_betas
+from pipeline.processes import DiscreteVP, EDMProcess, NoiseScaleProcess, SubVPSDE, VESDE, VPSDE, linear_betas
 from pipeline.rng import SampleGenerators
 from pipeline.samplers import draw
 from pipeline.samplers.ddpm import (ancestral_posterior, ancestral_step, ddim_sampler, ddim_step, ddpm_sampler,
@@ -31,7 +31,8 @@ from pipeline.samplers.walk import SampleResult, walk
 from oracles import gaussian_score
 
 MIX = dict(weights=[0.4, 0.6], means=[[2.0, 2.0], [-1.0, 1.0]], covs=[[2.0, 1.0], [0.5, 3.0]])
-PROCESSES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(sigma_max=20.0), "ddpm": DiscreteVP(linear_betas(1000))}
+PROCESSES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(sigma_max=20.0), "ddpm": DiscreteVP(linear_betas(1000)),
+             "edm": EDMProcess()}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
