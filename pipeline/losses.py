@@ -86,7 +86,12 @@ def _exact_divergence(score: Tensor, x: Tensor, create_graph: bool) -> Tensor:
 
 
 class _PerturbedLoss:
-    """What every loss here shares: option checks, time sampling, perturbation, the score at x_t."""
+    """What every loss here shares: option checks, time sampling, perturbation, the score at x_t.
+
+    `integral`: the loss estimates a time integral over [t_min, t_max] (Huang's ELBO), so t_sampling "uniform"
+    means uniform there even where the process trains on other times (EDM's log-normal σ)."""
+
+    integral = False
 
     def __init__(self, process: Process, parameterization: str, weighting: str = "sigma2",
                  t_sampling: str = "uniform"):
@@ -111,7 +116,8 @@ class _PerturbedLoss:
         p = self.process
         weight = None
         if self.t_sampling == "uniform":
-            t = p.sample_time(x.shape[0], generator).to(device=x.device, dtype=x.dtype)
+            draw = p.uniform_time if self.integral else p.sample_time
+            t = draw(x.shape[0], generator).to(device=x.device, dtype=x.dtype)
         else:
             t, inv_q = p.sample_time_importance(x.shape[0], generator)
             t, inv_q = t.to(device=x.device, dtype=x.dtype), inv_q.to(device=x.device, dtype=x.dtype)
@@ -297,6 +303,8 @@ class HuangELBO(_PerturbedLoss):
     divergence exact (D <= exact_max_dim) or by one Rademacher probe (sdeflow-light). With the true
     score the bound is tight up to the prior mismatch at T, so E[-loss] is log p(x).
     """
+
+    integral = True
 
     def __init__(self, process: Process, parameterization: str, t_sampling: str = "uniform",
                  exact_max_dim: int = 16):

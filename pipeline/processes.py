@@ -52,7 +52,8 @@ class Process(ABC):
 
     @property
     def has_importance_sampling(self) -> bool:
-        """Whether `sample_time_importance` draws times from an importance density (Huang et al. 2021, sec. 5)."""
+        """Whether `sample_time_importance` draws times from Huang et al. 2021's importance density q(t) ∝ g²/std²
+        (their sec. 5)."""
         return False
 
     @property
@@ -63,7 +64,7 @@ class Process(ABC):
     def why_not(self, capability: str) -> str:
         """Why the method behind the has_* property `capability` (one that is False) raises NotImplementedError."""
         if capability == "has_importance_sampling":
-            return f"importance sampling of t is derived for the VP SDE only, not {type(self).__name__}"
+            return f"importance sampling of t is derived for the VP SDE and EDM's process only, not {type(self).__name__}"
         if capability == "has_sde":
             return f"{type(self).__name__} has no SDE"
         raise ValueError(f"{capability!r} is no capability with a method that raises NotImplementedError; "
@@ -103,7 +104,11 @@ class Process(ABC):
         """Plain JSON data that rebuilds this process with `process_from_spec`."""
 
     def sample_time(self, batch: int, generator: Optional[torch.Generator]) -> Tensor:
-        """Training times, one per example, uniform on [t_min, t_max], shape (B,)."""
+        """Training times, one per example, shape (B,): uniform_time unless the process trains otherwise (EDM)."""
+        return self.uniform_time(batch, generator)
+
+    def uniform_time(self, batch: int, generator: Optional[torch.Generator]) -> Tensor:
+        """Times uniform on [t_min, t_max], one per example, shape (B,): what a time integral's estimate draws."""
         u = torch.rand(batch, generator=generator, dtype=torch.float64)
         return (self.t_min + (self.t_max - self.t_min) * u).to(torch.get_default_dtype())
 
@@ -286,8 +291,11 @@ class EDMProcess(Process):
 
     m = 1, std = t, the SDE dx = sqrt(2 t) dW (their eq. 6 with σ(t) = t, s(t) = 1), the prior N(0, σ_max² I),
     and training noise levels from their log-normal, ln σ ~ N(P_mean, P_std²) (Table 1, "Ours"). The network is
-    conditioned on σ itself; pipeline.nets.edm's preconditioning turns it into c_noise = ln(σ) / 4.
+    conditioned on σ itself; pipeline.nets.edm's preconditioning turns it into c_noise = ln(σ) / 4. Time integrals
+    (Huang's ELBO) draw uniform_time or Huang's q(t) ∝ g²/std², log-uniform here, not the training σ.
     """
+
+    has_importance_sampling = True
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, p_mean: float = -1.2, p_std: float = 1.2):
         if not 0 < sigma_min < sigma_max:
@@ -318,6 +326,12 @@ class EDMProcess(Process):
         [σ_min, σ_max], as in their code), shape (B,)."""
         n = torch.randn(batch, generator=generator, dtype=torch.float64)
         return torch.exp(self.p_mean + self.p_std * n).to(torch.get_default_dtype())
+
+    def sample_time_importance(self, batch: int, generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+        """Huang et al.'s q(t) ∝ g²/std² = 2/t on [σ_min, σ_max]: log-uniform σ; returns (t, 1/q(t)), each (B,)."""
+        span = math.log(self.t_max / self.t_min)
+        t = self.t_min * torch.exp(span * torch.rand(batch, generator=generator, dtype=torch.float64))
+        return t.to(torch.get_default_dtype()), (t * span).to(torch.get_default_dtype())
 
     def grid(self, steps: Optional[int] = None, rho: float = 7.0) -> Tensor:
         """EDM's ρ-schedule (their eq. 5, ρ = 7) from σ_max to σ_min with `steps` intervals, float64: the grid every
