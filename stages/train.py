@@ -184,8 +184,9 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
     device = choose_device(t.device)
     set_tf32(device, t.tf32)
     net = models.build_network(spec, seed=cfg.seed)
-    if group is not None:  # each rank its own dropout masks (the global RNG), reproducibly; a resume restores them
-        torch.manual_seed(sample_seed(cfg.seed, group.rank))
+    # Dropout draws from the global RNG: seeded here, so the masks are the same in every run (and each rank its
+    # own under torchrun); a resume restores the state the checkpoint saved.
+    torch.manual_seed(sample_seed(cfg.seed, group.rank if group is not None else 0))
     transform = image_batches(scaling, dequantize=cfg.data.dequantize, hflip=cfg.data.hflip) if images else None
     evaluator, unit = None, "none"
     if t.eval_every and main_rank:  # rank 0 alone evaluates, logs and writes the rows
