@@ -28,9 +28,9 @@ Their samples are stored as the sample stage stores its own and measured by the 
 Output: rows (model, sampler, source, target_nfe, nfe, steps, cd, cd_floor, emd, emd_floor | fid_domain,
 fid_domain_floor, sample_s, ...) in benchmarks/nfe_<data>.json, written after every row (a stopped run keeps
 its rows); the table, "best project vs best diffusers" per NFE and the must-hold checks in nfe_<data>.md; the
-figure nfe_<data>.png. --quick (NFE 10 and 20, 300 training steps, 1,000 samples on points) checks the script
-end to end in minutes; --no-track keeps the stages' MLflow runs in the scratch directory (discarded) instead of
-the repo's store.
+figure nfe_<data>.png. --quick (NFE 10 and 20, 1,000 training steps and 1,000 samples on points, 300 training
+steps on images) checks the script end to end in minutes; --no-track keeps the stages' MLflow runs in the scratch
+directory (discarded) instead of the repo's store.
 """
 
 from __future__ import annotations
@@ -74,13 +74,17 @@ DIFFUSERS_MODEL = "ddpm"
 DIFFUSERS = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler")
 # --quick: a few minutes end to end on the CPU.
 QUICK_NFE = (10, 20)
-QUICK_TRAIN_STEPS = 1000
+QUICK_TRAIN_STEPS = {"points": 1000, "images": 300}
 QUICK_POINTS = 1000
 QUICK_CLASSIFIER_STEPS = 200
 
 # The must-hold checks (the issue's): the best project sampler within 10 % of the model's 1000-step ancestral at
 # <= 20 NFE (points: cd and emd) or <= 35 NFE (images: fid_domain); EDM's cd at <= 35 NFE.
 REFERENCE_SAMPLER, REFERENCE_NFE = "ancestral", 1000
+# Targets above this run for the reference sampler alone unless --every-sampler: 1000-step walks of every sampler
+# would take hours on the CPU, and at 1000 NFE every sampler has converged to the same model (see the ddpm run in
+# the README: 0.0765-0.0768 cd for all eight).
+FEW_STEP_LIMIT = 100
 WITHIN = 0.10
 POINTS_BUDGET, IMAGES_BUDGET = 20, 35
 EDM_CD, EDM_BUDGET = 0.12, 35
@@ -100,30 +104,37 @@ def nfe_of_steps(sampler_keys: dict, params: dict, steps: int) -> Optional[int]:
     from pipeline.samplers.walk import walk
     from stages.common import NOISE_SCALES, process_of, sampler_options
 
-    cfg = config.validate(_merge(params, {"sample": {**sampler_keys, "steps": steps}}))
     record = io.read_json(NOISE_SCALES)
     process = process_of(record)
-    resolved, options = sampler_options(cfg, process, record)
-    try:
+    try:  # params validation or the plan refuses steps the sampler cannot take (DDPM's grid: at most N)
+        cfg = config.validate(_merge(params, {"sample": {**sampler_keys, "steps": steps}}))
+        resolved, options = sampler_options(cfg, process, record)
         step, grid, _ = plan(sampler_keys["sampler"], "score", process, resolved, options)
-    except ValueError:
+    except ValueError:  # config.ConfigError included
         return None
     x = torch.ones(1, 2, dtype=torch.float64)
     return walk(step, x, grid, lambda x, t: -x, process, torch.Generator().manual_seed(0)).nfe
 
 
+# steps_for looks for up to this many steps per target NFE (see there).
+SEARCH_STEPS = 4
+
+
 def steps_for(target: int, nfe_of: Callable[[int], Optional[int]]) -> Optional[tuple[int, int]]:
     """(steps, nfe): the most steps whose NFE is at most `target`, the closest NFE; None if one step costs more.
 
-    Bisection over 1..target (every step costs at least one evaluation), then a look a few steps further: on a
-    discrete chain the few-step schedules merge levels that share a chain index, so NFE(steps) may stall."""
+    Bisection over 1..SEARCH_STEPS x target, then a look a few steps further. Beyond `target` steps only where a step
+    costs less than one evaluation: on a discrete chain the few-step schedules (edm_heun, dpm_solver) merge levels
+    that fall on the same chain index (DPM-Solver's 1000 log-SNR levels on DDPM's chain are 734 distinct indices).
+    Params validation bounds sample.steps by the chain's length there (method.num_steps, 1000), so DPM-Solver on
+    DDPM gets 734 NFE at most through the stage, its row marked @734."""
     def fits(s: int) -> Optional[int]:
         n = nfe_of(s)
         return n if n is not None and n <= target else None
 
     if fits(1) is None:
         return None
-    lo, hi = 1, target
+    lo, hi = 1, SEARCH_STEPS * target
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if fits(mid) is not None:
@@ -131,7 +142,7 @@ def steps_for(target: int, nfe_of: Callable[[int], Optional[int]]) -> Optional[t
         else:
             hi = mid - 1
     best = (lo, fits(lo))
-    for s in range(lo + 1, min(lo + 8, target) + 1):
+    for s in range(lo + 1, min(lo + 8, SEARCH_STEPS * target) + 1):
         n = fits(s)
         if n is not None and n > best[1]:
             best = (s, n)
@@ -296,10 +307,16 @@ def _write_params(params: dict) -> None:
     Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def _targets(sampler: str, nfes: list[int], every: bool) -> list[int]:
+    """The NFE targets a sampler runs at: all of them with --every-sampler, else those up to FEW_STEP_LIMIT and, for
+    the reference sampler only, the larger ones."""
+    return [n for n in nfes if every or n <= FEW_STEP_LIMIT or sampler == REFERENCE_SAMPLER]
+
+
 def run_model(name: str, base: dict, data: str, nfes: list[int], scratch: Path, references: Path, images: bool,
-              emit: Callable[[dict], None]) -> None:
-    """Train `name` once, then one row per (sampler, NFE), and per (diffusers scheduler, NFE) on ddpm; each row is
-    passed to `emit` as it comes."""
+              emit: Callable[[dict], None], every: bool = False) -> None:
+    """Train `name` once, then one row per (sampler, NFE), and per (diffusers scheduler, NFE) on ddpm (targets above
+    FEW_STEP_LIMIT for the reference sampler alone unless `every`); each row is passed to `emit` as it comes."""
     from pipeline import config
 
     overrides, samplers = MODELS[name]
@@ -326,7 +343,7 @@ def run_model(name: str, base: dict, data: str, nfes: list[int], scratch: Path, 
     measure = (lambda: domain_metrics(device)) if images else points_metrics
     for sampler in samplers:
         keys = SAMPLERS[sampler]
-        for target in nfes:
+        for target in _targets(sampler, nfes, every):
             row: dict[str, Any] = {"model": name, "sampler": sampler, "source": "project", "target_nfe": target}
             found = steps_for(target, lambda s: nfe_of_steps(keys, params, s))
             if found is None:
@@ -352,7 +369,7 @@ def run_model(name: str, base: dict, data: str, nfes: list[int], scratch: Path, 
         return
     _write_params(params)
     for scheduler in DIFFUSERS:
-        for target in nfes:
+        for target in _targets(scheduler, nfes, every):
             row = {"model": name, "sampler": scheduler, "source": "diffusers", "target_nfe": target}
             os.environ["DVC_EXP_NAME"] = f"bench-nfe-{data}-{name}-diffusers-{scheduler}-{target}"
             try:
@@ -525,6 +542,13 @@ def report(rows: list[dict], nfes: list[int], images: bool, header: str) -> str:
 # --------------------------------------------------------------------------- main
 
 
+_CELLS = ("Cells: cd/emd (the evaluate stage) on points, fid_domain (evaluate's, no Inception) on images; `@n` "
+          "where the walk's NFE is below the column's target. diffusers: trained betas, epsilon, no clipping (the "
+          "project's ancestral and ddim clip x0_hat on images, sample.clip_denoised auto), default spacing (DDIM "
+          "leading, the others linspace; trailing where linspace repeats a timestep). sample_s in the JSON: the "
+          "sample stage's wall time (project), the sampling loop's (diffusers).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="swissroll", help="data.name: swissroll (points) or digits (images)")
@@ -535,9 +559,16 @@ def main() -> None:
                                                     "and the figure go next to it (.md, .png)")
     parser.add_argument("--quick", action="store_true",
                         help=f"check the script end to end: NFE {' '.join(map(str, QUICK_NFE))} unless --nfe, "
-                             f"train.steps {QUICK_TRAIN_STEPS}, {QUICK_POINTS} samples on points")
+                             f"train.steps {QUICK_TRAIN_STEPS['points']} (images {QUICK_TRAIN_STEPS['images']}), "
+                             f"{QUICK_POINTS} samples on points, eval.classifier_steps {QUICK_CLASSIFIER_STEPS}")
     parser.add_argument("--no-track", action="store_true",
                         help="log the stages' MLflow runs in the scratch directory (discarded), not the repo's store")
+    parser.add_argument("--every-sampler", action="store_true",
+                        help=f"run every sampler at targets above {FEW_STEP_LIMIT} too (default: the reference "
+                             f"{REFERENCE_SAMPLER} alone there)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="run nothing: join the rows of these JSON files (e.g. two runs of disjoint --only) and "
+                             "write the table and the figure for them next to --out")
     args = parser.parse_args()
     nfes = sorted(set(args.nfe or (QUICK_NFE if args.quick else DEFAULT_NFE)))
     if min(nfes) < 1:
@@ -551,8 +582,6 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     base = _merge(yaml.safe_load((REPO / "params.yaml").read_text()),
                   {"data": {"name": args.data}, "tracking": {"experiment": BENCH_EXPERIMENT}})
-    if args.quick:
-        base = _merge(base, {"train": {"steps": QUICK_TRAIN_STEPS}})
     from pipeline import config
 
     cfg = config.validate(base)  # the data name and the repo's params, before any work
@@ -560,10 +589,22 @@ def main() -> None:
         parser.error(f"--data {args.data}: name a point or image set (a file's kind is known only after prepare)")
     images = cfg.data.kind == "images"
     if args.quick:
+        base = _merge(base, {"train": {"steps": QUICK_TRAIN_STEPS[cfg.data.kind]}})
         base = _merge(base, {"eval": {"classifier_steps": QUICK_CLASSIFIER_STEPS}} if images else
                       {"sample": {"n": QUICK_POINTS}, "eval": {"n": QUICK_POINTS, "emd_n": QUICK_POINTS}})
         config.validate(base)
     rows: list[dict] = []
+    if args.merge:
+        rows = [r for path in args.merge for r in json.loads(Path(path).read_text())]
+        out.write_text(json.dumps(rows, indent=1) + "\n")
+        nfes = sorted({r["target_nfe"] for r in rows})
+        header = (f"# Sample quality against NFE: {args.data}\n\n`python -m benchmarks.nfe --data {args.data} --merge "
+                  f"{' '.join(Path(p).name for p in args.merge)}`: the rows of those runs. " + _CELLS)
+        text = report(rows, nfes, images, header)
+        out.with_suffix(".md").write_text(text + "\n")
+        figure(rows, images, out.with_suffix(".png"), f"{args.data}: {metric_key(images)} against NFE")
+        print(text)
+        return
 
     def emit(row: dict) -> None:
         rows.append(row)
@@ -579,7 +620,7 @@ def main() -> None:
         try:
             for name in models:
                 try:
-                    run_model(name, base, args.data, nfes, scratch, references, images, emit)
+                    run_model(name, base, args.data, nfes, scratch, references, images, emit, args.every_sampler)
                 except Exception as err:  # a model that fails to train: say so, go on with the others
                     print(f"=== {name}: failed: {type(err).__name__}: {err}", flush=True)
         finally:
@@ -587,11 +628,7 @@ def main() -> None:
     header = (f"# Sample quality against NFE: {args.data}{' (--quick)' if args.quick else ''}\n\n"
               f"`python -m benchmarks.nfe --data {args.data}{' --quick' if args.quick else ''}"
               f"{' --only ' + ' '.join(models) if args.only else ''} --nfe {' '.join(map(str, nfes))}`; "
-              f"{time.perf_counter() - started:.0f} s. Cells: "
-              + ("fid_domain (evaluate's, no Inception)" if images else "cd/emd (the evaluate stage)")
-              + ", `@n` where the walk's NFE is below the column's target. diffusers: trained betas, epsilon, no "
-                "clipping (the project's ancestral and ddim clip x0_hat on images, sample.clip_denoised auto), "
-                "default spacing (DDIM leading, the others linspace; trailing where linspace repeats a timestep).")
+              f"{time.perf_counter() - started:.0f} s. " + _CELLS)
     text = report(rows, nfes, images, header)
     out.with_suffix(".md").write_text(text + "\n")
     figure(rows, images, out.with_suffix(".png"), f"{args.data}: {metric_key(images)} against NFE")

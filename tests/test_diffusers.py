@@ -24,19 +24,19 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import diffusers  # pinned in requirements.txt: a missing diffusers fails here, it does not skip
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
+from pipeline.gmm import GaussianMixture
+from pipeline.models import exact_score_fn
+from pipeline.processes import DiscreteVP, linear_betas
+from pipeline.samplers.ddpm import ddim_step
+from pipeline.samplers.fast import DPMSolverPP2M, sigma_of
+from pipeline.samplers.walk import walk
+
 # diffusers 0.42.1 builds its sigmas with np.array(tensor ** 0.5), which NumPy 2 flags: theirs, not ours
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
-
-from pipeline.gmm import GaussianMixture  # noqa: E402
-from pipeline.models import exact_score_fn  # noqa: E402
-from pipeline.processes import DiscreteVP, linear_betas  # noqa: E402
-from pipeline.samplers.ddpm import ddim_step  # noqa: E402
-from pipeline.samplers.fast import DPMSolverPP2M, sigma_of  # noqa: E402
-from pipeline.samplers.walk import walk  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MIX = dict(weights=[0.4, 0.6], means=[[2.0, 2.0], [-1.0, 1.0]], covs=[[2.0, 1.0], [0.5, 3.0]])
