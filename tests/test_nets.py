@@ -29,6 +29,10 @@ CASES = {
     "unet-8x8": (_unet((1, 8, 8), attn_resolutions=[4]), (1, 8, 8)),
     "unet-28x28": (_unet((1, 28, 28), channel_mult=(1, 2, 2, 1), attn_resolutions=[7]), (1, 28, 28)),
     "unet-32x32": (_unet((3, 32, 32), channels=16, channel_mult=(1, 1, 2), attn_resolutions=[8]), (3, 32, 32)),
+    # EDM's preconditioning around each network (conditioned on sigma > 0: _inputs draws it from (0, 1))
+    "edm-mlp": ({"kind": "edm", "sigma_data": 0.5, "parameterization": "x0", "net": MLP}, (2,)),
+    "edm-unet-8x8": ({"kind": "edm", "sigma_data": 0.5, "parameterization": "x0",
+                      "net": _unet((1, 8, 8), attn_resolutions=[4])}, (1, 8, 8)),
 }
 IDS = list(CASES)
 
@@ -68,10 +72,14 @@ def _perturb_output_layer(net, seed=1):
 @pytest.mark.parametrize("parameterization", ["eps", "kernel"])
 def test_output_shape(case, parameterization):
     spec, shape = CASES[case]
+    if spec["kind"] == "edm":  # EDM's wrapper outputs D = x0_hat whatever it wraps: other outputs are refused
+        with pytest.raises(ValueError, match="parameterization is x0"):
+            nets.build_network({**spec, "parameterization": parameterization}, seed=0)
+        parameterization = "x0"
     net = nets.build_network({**spec, "parameterization": parameterization}, seed=0)
     x, c = _inputs(shape)
     out = net(x, c)
-    assert out.shape == ((3, *shape) if parameterization == "eps" else (3, 2, *shape))
+    assert out.shape == ((3, 2, *shape) if parameterization == "kernel" else (3, *shape))
     assert out.dtype == x.dtype and torch.isfinite(out).all()
 
 

@@ -28,6 +28,9 @@ def _mlp(spec: Mapping[str, Any]) -> ConditionalMLP:
 def _edm(spec: Mapping[str, Any]) -> nn.Module:
     """EDM's preconditioning (pipeline.nets.edm) around the network of spec["net"]."""
     inner = spec["net"]
+    if spec.get("parameterization", "x0") != "x0":
+        raise ValueError(f"EDM's preconditioned network outputs the denoised x0 (D); its parameterization is x0, "
+                         f"not {spec['parameterization']!r}")
     if inner.get("kind") not in ("mlp", "unet"):
         raise ValueError(f"EDM's preconditioning wraps an mlp or a unet, not {inner.get('kind')!r}")
     return edm.from_spec(spec, lambda s: NETWORKS[s["kind"]](s))
