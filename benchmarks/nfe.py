@@ -60,15 +60,16 @@ SAMPLERS: dict[str, dict] = {
     "ode-heun": {"sampler": "ode", "ode_method": "heun"},
     "edm_heun": {"sampler": "edm_heun"},
     "dpm_solver": {"sampler": "dpm_solver"},
+    "dpm_solver-time": {"sampler": "dpm_solver", "spacing": "time"},  # diffusers' uniform-time grid
 }
-SDE_SAMPLERS = ("ancestral", "ddim", "pc", "ode-heun", "edm_heun", "dpm_solver")
+SDE_SAMPLERS = ("ancestral", "ddim", "pc", "ode-heun", "edm_heun", "dpm_solver", "dpm_solver-time")
 # name -> (overrides of params.yaml, the samplers that apply)
 MODELS: dict[str, tuple[dict, tuple[str, ...]]] = {
-    "ddpm": ({"method": {"name": "ddpm"}}, ("ancestral", "ddim", "edm_heun", "dpm_solver")),
+    "ddpm": ({"method": {"name": "ddpm"}}, ("ancestral", "ddim", "edm_heun", "dpm_solver", "dpm_solver-time")),
     "sde-vp": ({"method": {"name": "sde", "sde": "vp"}}, SDE_SAMPLERS),
     "sde-subvp": ({"method": {"name": "sde", "sde": "subvp"}}, SDE_SAMPLERS),
     "sde-ve": ({"method": {"name": "sde", "sde": "ve"}}, SDE_SAMPLERS),
-    "edm": ({"method": {"name": "edm"}}, ("edm_heun", "dpm_solver", "ddim", "ancestral")),
+    "edm": ({"method": {"name": "edm"}}, ("edm_heun", "dpm_solver", "dpm_solver-time", "ddim", "ancestral")),
 }
 DIFFUSERS_MODEL = "ddpm"
 DIFFUSERS = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler")
@@ -314,9 +315,10 @@ def _targets(sampler: str, nfes: list[int], every: bool) -> list[int]:
 
 
 def run_model(name: str, base: dict, data: str, nfes: list[int], scratch: Path, references: Path, images: bool,
-              emit: Callable[[dict], None], every: bool = False) -> None:
+              emit: Callable[[dict], None], every: bool = False, only: Optional[list[str]] = None) -> None:
     """Train `name` once, then one row per (sampler, NFE), and per (diffusers scheduler, NFE) on ddpm (targets above
-    FEW_STEP_LIMIT for the reference sampler alone unless `every`); each row is passed to `emit` as it comes."""
+    FEW_STEP_LIMIT for the reference sampler alone unless `every`; `only`: these samplers and schedulers alone);
+    each row is passed to `emit` as it comes."""
     from pipeline import config
 
     overrides, samplers = MODELS[name]
@@ -341,7 +343,7 @@ def run_model(name: str, base: dict, data: str, nfes: list[int], scratch: Path, 
 
     device = choose_device(config.validate(params).train.device)
     measure = (lambda: domain_metrics(device)) if images else points_metrics
-    for sampler in samplers:
+    for sampler in (s for s in samplers if not only or s in only):
         keys = SAMPLERS[sampler]
         for target in _targets(sampler, nfes, every):
             row: dict[str, Any] = {"model": name, "sampler": sampler, "source": "project", "target_nfe": target}
@@ -368,7 +370,7 @@ def run_model(name: str, base: dict, data: str, nfes: list[int], scratch: Path, 
     if name != DIFFUSERS_MODEL:
         return
     _write_params(params)
-    for scheduler in DIFFUSERS:
+    for scheduler in (s for s in DIFFUSERS if not only or s in only):
         for target in _targets(scheduler, nfes, every):
             row = {"model": name, "sampler": scheduler, "source": "diffusers", "target_nfe": target}
             os.environ["DVC_EXP_NAME"] = f"bench-nfe-{data}-{name}-diffusers-{scheduler}-{target}"
@@ -566,6 +568,8 @@ def main() -> None:
     parser.add_argument("--every-sampler", action="store_true",
                         help=f"run every sampler at targets above {FEW_STEP_LIMIT} too (default: the reference "
                              f"{REFERENCE_SAMPLER} alone there)")
+    parser.add_argument("--samplers", nargs="*", choices=[*SAMPLERS, *DIFFUSERS],
+                        help="only these project samplers and diffusers schedulers (default: every one that applies)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="run nothing: join the rows of these JSON files (e.g. two runs of disjoint --only) and "
                              "write the table and the figure for them next to --out")
@@ -620,7 +624,8 @@ def main() -> None:
         try:
             for name in models:
                 try:
-                    run_model(name, base, args.data, nfes, scratch, references, images, emit, args.every_sampler)
+                    run_model(name, base, args.data, nfes, scratch, references, images, emit, args.every_sampler,
+                              args.samplers)
                 except Exception as err:  # a model that fails to train: say so, go on with the others
                     print(f"=== {name}: failed: {type(err).__name__}: {err}", flush=True)
         finally:

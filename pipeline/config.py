@@ -334,6 +334,7 @@ class SampleParams(_Section):
     ode_method: Literal["rk45", "euler", "heun"] = "rk45"
     rtol: float = Field(1e-5, gt=0.0)
     atol: float = Field(1e-5, gt=0.0)
+    spacing: Literal["auto", "karras", "logsnr", "time"] = "auto"
     rho: float = Field(7.0, gt=0.0)
     churn: float = Field(0.0, ge=0.0)
     s_tmin: float = Field(0.0, ge=0.0)

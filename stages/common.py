@@ -185,8 +185,8 @@ def sampler_options(cfg: config.Config, process: Process, record: dict) -> tuple
 
     s = cfg.sample
     options = s.model_dump(include={"denoise", "variance", "eta", "predictor", "corrector", "snr", "corrector_steps",
-                                    "lam", "ode_method", "rtol", "atol", "rho", "churn", "s_tmin", "s_tmax",
-                                    "s_noise"})
+                                    "lam", "ode_method", "rtol", "atol", "spacing", "rho", "churn", "s_tmin",
+                                    "s_tmax", "s_noise"})
     if plan_of(cfg).sampler == "annealed_langevin":
         options.update(step_size=record["step_size"], steps_per_scale=record["steps_per_scale"])
     return sampling_steps(process, s.steps, plan_of(cfg).sampler), options

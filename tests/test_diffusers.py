@@ -82,11 +82,11 @@ def _ddim(n: int, spacing: str):
     return s
 
 
-def _dpm(n: int):
+def _dpm(n: int, spacing: str = "linspace"):
     s = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, trained_betas=DDPM.betas.numpy(),
                                               prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2,
                                               solver_type="midpoint", final_sigmas_type="zero", lower_order_final=True,
-                                              thresholding=False)
+                                              thresholding=False, timestep_spacing=spacing)
     s.set_timesteps(n)
     return s
 
@@ -139,6 +139,22 @@ def test_dpm_solver_matches_diffusers_multistep_scheduler(n):
     # teeth: first-order steps only (DDIM, eta 0) on the same times miss the second-order samples
     first_order = walk(partial(ddim_step, eta=0.0), x_T, ts, SCORE, DDPM, None).x
     assert float((first_order - ours.x).abs().max()) > DIFFERENT
+
+
+@pytest.mark.parametrize("n", NFES)
+def test_the_time_spacing_is_diffusers_trailing_and_samples_alike(n):
+    """sample.spacing: time on DDPM's chain is the grid of DPMSolverMultistepScheduler(timestep_spacing="trailing"),
+    so dpm_solver with it (what the sample stage walks) gives that scheduler's samples."""
+    from pipeline.samplers import plan
+
+    scheduler = _dpm(n, "trailing")
+    step, grid, _ = plan("dpm_solver", "score", DDPM, n, {"spacing": "time"})
+    assert grid.tolist() == _project_grid(scheduler)
+    x_T = _x_T()
+    ours = walk(step, x_T, grid, SCORE, DDPM, None)
+    theirs, calls = _diffusers_walk(scheduler, x_T)
+    assert ours.nfe == calls == n
+    torch.testing.assert_close(theirs, ours.x.float(), **TOL)
 
 
 # --------------------------------------------------------------------------- diffusers stays out of the pipeline

@@ -12,7 +12,8 @@ from pipeline.models import exact_score_fn
 from pipeline.processes import DiscreteVP, EDMProcess, NoiseScaleProcess, OUProcess, SubVPSDE, VESDE, VPSDE, linear_betas
 from pipeline.rng import SampleGenerators
 from pipeline.samplers.ddpm import ddim_step
-from pipeline.samplers.fast import (DPMSolverPP2M, edm_grid, edm_heun_step, logsnr_grid, sigma_of, time_of_sigma)
+from pipeline.samplers.fast import (DPMSolverPP2M, edm_grid, edm_heun_step, fast_grid, logsnr_grid, sigma_of,
+                                    time_grid, time_of_sigma)
 from pipeline.samplers.walk import prior_walk, walk
 
 MIX = dict(weights=[0.4, 0.6], means=[[2.0, 2.0], [-1.0, 1.0]], covs=[[2.0, 1.0], [0.5, 3.0]])
@@ -64,6 +65,25 @@ def test_discrete_schedules_take_the_nearest_grid_times_and_end_clean(grid):
     u = grid(NCSN, 10)
     assert len(u) == 11 and u[0] == NCSN.t_max and u[-1] == NCSN.t_min
     assert all(any(abs(v - s) < 1e-12 for s in NCSN.sigmas.tolist()) for v in u.tolist())
+
+
+def test_time_spacing_is_uniform_in_t_to_the_clean_end():
+    """sample.spacing time: DDPM's chain gives diffusers' "trailing" timesteps 999, 799, ..., 199 then the clean end;
+    a continuous process with σ(0) = 0 ends at t = 0, VE at t_min; NCSN's scales: the nearest scales."""
+    torch.testing.assert_close(time_grid(DDPM, 5), torch.tensor([999.0, 799, 599, 399, 199, -1], dtype=torch.float64))
+    torch.testing.assert_close(time_grid(PROCESSES["vp"], 4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0],
+                                                                          dtype=torch.float64))
+    ve = time_grid(PROCESSES["ve"], 4)
+    assert ve[0] == 1.0 and ve[-1] == PROCESSES["ve"].t_min and len(ve) == 5
+    fine = time_grid(PROCESSES["vp"], 5000)  # steps finer than t_min: raised to t_min, never below, then t = 0
+    assert float(fine[:-1].min()) == PROCESSES["vp"].t_min and fine[-1] == 0.0 and (fine[1:] < fine[:-1]).all()
+    levels = torch.linspace(10.0, 0.01, 4, dtype=torch.float64)  # NCSN's time is σ itself: uniform in σ
+    nearest = NCSN.sigmas[(levels.reshape(-1, 1) - NCSN.sigmas).abs().argmin(1)]
+    assert torch.equal(time_grid(NCSN, 3), nearest) and nearest[-1] == NCSN.t_min
+    for spacing, want in (("karras", edm_grid(DDPM, 7)), ("logsnr", logsnr_grid(DDPM, 7)), ("time", time_grid(DDPM, 7))):
+        assert torch.equal(fast_grid(DDPM, 7, spacing), want)
+    with pytest.raises(ValueError, match="allowed: karras, logsnr, time"):
+        fast_grid(DDPM, 7, "uniform")
 
 
 def test_discrete_schedules_follow_the_continuous_levels():

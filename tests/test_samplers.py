@@ -51,6 +51,7 @@ def _samplers():
         "edm-heun": (edm_sampler, dict(steps=10)),
         "edm-heun-churn": (edm_sampler, dict(steps=10, churn=5.0, s_tmin=0.05, s_tmax=10.0)),
         "dpm-solver": (dpm_solver_sampler, dict(steps=10)),
+        "dpm-solver-time": (dpm_solver_sampler, dict(steps=10, spacing="time")),
     })
     return cases
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from pipeline import rng
 from pipeline.processes import Process
-from pipeline.samplers.fast import DPMSolverPP2M, dpm_solver_sampler, edm_plan, edm_sampler, logsnr_grid
+from pipeline.samplers.fast import DPMSolverPP2M, dpm_solver_sampler, edm_plan, edm_sampler, fast_grid
 from pipeline.samplers.ddpm import (VARIANCES, ancestral_step, ddim_sampler, ddim_step, ddpm_sampler, kernel_sampler,
                                     kernel_step)
 from pipeline.samplers.langevin import annealed_langevin, annealed_langevin_plan, annealed_langevin_step
@@ -37,9 +37,16 @@ GRID_SAMPLERS = ("annealed_langevin", "ancestral", "ddim", "pc", "ode", "edm_heu
 # The few-step samplers' steps when none is given: EDM's 18 Heun steps (35 NFE on CIFAR-10, Karras et al. 2022,
 # Table 2) and DPM-Solver++(2M)'s 20 (Lu et al. 2022b's budget for unguided sampling).
 FAST_DEFAULT_STEPS = {"edm_heun": 18, "dpm_solver": 20}
+# Their time spacing when sample.spacing is 'auto': each paper's own (EDM's ρ-schedule, DPM-Solver's log-SNR).
+FAST_DEFAULT_SPACING = {"edm_heun": "karras", "dpm_solver": "logsnr"}
 FIXED_STEP_ODE = tuple(m for m in ODE_METHODS if m != "rk45")
 # The fixed-step ODE's number of steps when none is given (what ode_sampler's `steps` defaults to).
 ODE_DEFAULT_STEPS = 100
+
+
+def _spacing(sampler: str, options: Mapping[str, Any]) -> str:
+    spacing = options.get("spacing", "auto")
+    return FAST_DEFAULT_SPACING[sampler] if spacing == "auto" else spacing
 
 
 def plan(sampler: str, model_kind: str, process: Process, steps: Optional[int],
@@ -82,10 +89,11 @@ def plan(sampler: str, model_kind: str, process: Process, steps: Optional[int],
         return partial(ode_step, method=method), process.grid(steps or ODE_DEFAULT_STEPS), f"ODE ({method})"
     if sampler == "edm_heun":
         step, grid = edm_plan(process, steps or FAST_DEFAULT_STEPS[sampler], o["rho"], o["churn"], o["s_tmin"],
-                              o["s_tmax"], o["s_noise"])
+                              o["s_tmax"], o["s_noise"], _spacing(sampler, o))
         return step, grid, "EDM Heun" if o["churn"] == 0 else "EDM Heun (churn)"
     if sampler == "dpm_solver":
-        return DPMSolverPP2M(), logsnr_grid(process, steps or FAST_DEFAULT_STEPS[sampler]), "DPM-Solver++(2M)"
+        grid = fast_grid(process, steps or FAST_DEFAULT_STEPS[sampler], _spacing(sampler, o))
+        return DPMSolverPP2M(), grid, "DPM-Solver++(2M)"
     raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(GRID_SAMPLERS)}")
 
 
@@ -96,7 +104,7 @@ def draw(sampler: str, model_kind: str, fn, process: Process, shape: tuple[int, 
 
     options: denoise, variance (ancestral), eta (ddim), predictor, corrector, snr, corrector_steps,
     lam (pc), ode_method, rtol, atol (ode), step_size, steps_per_scale (annealed_langevin), rho, churn, s_tmin,
-    s_tmax (None: no bound), s_noise (edm_heun).
+    s_tmax (None: no bound), s_noise (edm_heun), spacing (edm_heun, dpm_solver: karras, logsnr, time or auto).
     record=k also returns k (t, x) states evenly spread over the walk, the prior draw and the result
     included (RK45: the start and the end only). device: where x lives (the generator's device if None).
     Every sampler but RK45 is `plan`'s step walked from a prior draw.

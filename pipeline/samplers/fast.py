@@ -115,6 +115,42 @@ def logsnr_grid(process: Process, steps: int) -> Tensor:
     return _schedule(process, steps, "log-SNR", between)
 
 
+def time_grid(process: Process, steps: int) -> Tensor:
+    """Times uniform in t from t_max to the clean end (t = 0 of a continuous process with σ(0) = 0, a chain's clean
+    index) or else t_min, float64, `steps` intervals: diffusers' "linspace" spacing and DDIM's stride. Times below
+    t_min are raised to it (the network never saw them); on a discrete process each is its nearest grid time (fewer
+    steps where two coincide)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"the time-uniform schedule needs an integer number of steps >= 1, got {steps!r}")
+    if process.continuous:
+        clean = float(sigma_of(process, torch.zeros(1, dtype=torch.float64))) == 0.0
+        t = torch.linspace(process.t_max, 0.0 if clean else process.t_min, steps + 1, dtype=torch.float64)
+        t[:-1] = t[:-1].clamp(min=process.t_min)
+        return torch.cat([torch.unique_consecutive(t[:-1]), t[-1:]])
+    times, clean = _grid_times(process)
+    end = clean if clean is not None else float(times.min())
+    t = torch.linspace(float(times.max()), end, steps + 1, dtype=torch.float64)
+    noisy = t[:-1] if clean is not None else t
+    nearest = times[(noisy.reshape(-1, 1) - times).abs().argmin(1)]
+    t = torch.unique_consecutive(nearest)
+    return t if clean is None else torch.cat([t, torch.tensor([clean], dtype=torch.float64)])
+
+
+# The few-step samplers' time schedules: EDM's ρ-schedule, uniform log-SNR (DPM-Solver's), uniform time (diffusers').
+SPACINGS = ("karras", "logsnr", "time")
+
+
+def fast_grid(process: Process, steps: int, spacing: str, rho: float = EDM_RHO) -> Tensor:
+    """The grid of a few-step sampler: edm_grid ("karras", with rho), logsnr_grid or time_grid."""
+    if spacing == "karras":
+        return edm_grid(process, steps, rho)
+    if spacing == "logsnr":
+        return logsnr_grid(process, steps)
+    if spacing == "time":
+        return time_grid(process, steps)
+    raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
+
+
 def _times(x: Tensor, t: float) -> Tensor:
     return torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
 
@@ -200,11 +236,13 @@ class DPMSolverPP2M:
 
 
 def edm_plan(process: Process, steps: int, rho: float = EDM_RHO, churn: float = 0.0, s_tmin: float = 0.0,
-             s_tmax: Optional[float] = None, s_noise: float = 1.0) -> tuple[Callable[..., Tensor], Tensor]:
-    """(step, grid) of EDM's sampler: edm_heun_step with its churn options over edm_grid(process, steps, rho).
+             s_tmax: Optional[float] = None, s_noise: float = 1.0,
+             spacing: str = "karras") -> tuple[Callable[..., Tensor], Tensor]:
+    """(step, grid) of EDM's sampler: edm_heun_step with its churn options over fast_grid(process, steps, spacing,
+    rho), EDM's own ρ-schedule by default.
 
     s_tmax None: no upper bound. Churn's γ divides by the grid's number of steps (EDM's N)."""
-    grid = edm_grid(process, steps, rho)
+    grid = fast_grid(process, steps, spacing, rho)
     step = partial(edm_heun_step, churn=churn, s_tmin=s_tmin, s_tmax=float("inf") if s_tmax is None else s_tmax,
                    s_noise=s_noise, steps=len(grid) - 1)
     return step, grid
@@ -221,9 +259,10 @@ def edm_sampler(score_fn: ScoreFn, process: Process, shape: tuple[int, ...], gen
 
 
 def dpm_solver_sampler(score_fn: ScoreFn, process: Process, shape: tuple[int, ...], generator: rng.Generator,
-                       steps: int = 20, progress: bool = False, *, device=None,
+                       steps: int = 20, spacing: str = "logsnr", progress: bool = False, *, device=None,
                        record: Optional[int] = None) -> SampleResult:
-    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2) over logsnr_grid(process, steps) from a prior draw."""
-    return prior_walk(DPMSolverPP2M(), score_fn, process, shape, generator, logsnr_grid(process, steps),
+    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2) over fast_grid(process, steps, spacing) from a prior draw
+    (uniform log-SNR by default, their recommendation for unguided sampling)."""
+    return prior_walk(DPMSolverPP2M(), score_fn, process, shape, generator, fast_grid(process, steps, spacing),
                       device=device, record=record, progress=progress, desc="DPM-Solver++(2M)")
 
