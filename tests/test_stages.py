@@ -240,10 +240,8 @@ METHOD_RUNS = {
                              "sample": {"sampler": "ancestral", "steps": 20}}, 20, set()),
     "ddpm-dpm-solver": ({"method": {"name": "ddpm", "num_steps": 50}, "sample": {"sampler": "dpm_solver", "steps": 8}},
                         8, set()),
-    "vp-edm-heun-churn": ({"method": {"name": "sde"}, "sample": {"sampler": "edm_heun", "steps": 5, "churn": 10.0}},
-                          9, set()),
-    "edm": ({"method": {"name": "edm"}, "sample": {"steps": 5}, "eval": {"likelihood": True, "elbo_slices": 2}}, 9,
-            {"nll", "bpd", "elbo_nll"}),
+    "edm-churn": ({"method": {"name": "edm"}, "sample": {"steps": 5, "churn": 10.0, "s_tmin": 0.01, "s_tmax": 50.0},
+                   "eval": {"likelihood": True, "elbo_slices": 2}}, 9, {"nll", "bpd", "elbo_nll"}),
     "ou-ism-ald": ({"method": {"name": "sde", "sde": "ou", "loss": "ism"},
                     "sample": {"steps": 10, "corrector": "ald", "corrector_steps": 2}}, 28, set()),
 }
