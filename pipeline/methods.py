@@ -241,11 +241,11 @@ def sampling_steps(process: Process, steps: int | str, sampler: str = "auto") ->
 
 
 def edm_sigma_data(sigma_data: float | str, x) -> float:
-    """EDM's σ_d: method.sigma_data, or with 'auto' the std of every coordinate of the training data x (in the
-    model's units: images after pixel scaling), as Karras et al. set 0.5 for CIFAR-10 in [-1, 1]."""
+    """EDM's σ_d: method.sigma_data, or with 'auto' the std of every coordinate of the training data x (a tensor in
+    the model's units: images after pixel scaling), as Karras et al. set 0.5 for CIFAR-10 in [-1, 1]."""
     if sigma_data != "auto":
         return float(sigma_data)
-    value = float(x.double().std()) if hasattr(x, "double") else float(x.std())
+    value = float(x.double().std())
     if not value > 0:
         raise ValueError("method.sigma_data: auto needs training data that are not all equal (their std is 0); "
                          "set method.sigma_data")
