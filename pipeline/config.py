@@ -75,6 +75,8 @@ class DataParams(_Section):
     dequantize: bool = False
     hflip: bool = False
     gmm: GMMParams = Field(default_factory=GMMParams)
+    target: Optional[Literal["swissroll", "moons", "checkerboard", "8gaussians", "gmm", "gaussian", "file"]] = None
+    target_path: Optional[str] = None
 
     @field_validator("n_train")
     @classmethod
@@ -163,10 +165,22 @@ class ModelParams(_Section):
         return v
 
 
+class BridgeParams(_Section):
+    """method.name: schrodinger_bridge (pipeline.bridge): the reference process, its sigma, the solver, its
+    iterations and the time grid."""
+
+    solver: Literal["ipf", "dsbm"] = "ipf"
+    sigma: float = Field(1.0, gt=0.0)
+    reference: Literal["brownian", "vp"] = "brownian"
+    iterations: int = Field(10, ge=1)
+    num_steps: int = Field(20, ge=2)
+
+
 class MethodParams(_Section):
     """The method and its choices; 'auto' resolves per method (pipeline/methods.py), bad combinations are refused."""
 
-    name: Literal["ncsnv2", "ncsn", "exact_score", "ddpm", "sde", "sohl_dickstein", "edm"] = "ncsnv2"
+    name: Literal["ncsnv2", "ncsn", "exact_score", "ddpm", "sde", "sohl_dickstein", "edm",
+                  "schrodinger_bridge"] = "ncsnv2"
     sde: Literal["auto", "vp", "ve", "subvp", "ou"] = "auto"
     loss: Literal["auto", "dsm", "eps_mse", "ism", "ssm", "elbo"] = "auto"
     weighting: Literal["sigma2", "likelihood"] = "sigma2"
@@ -177,6 +191,7 @@ class MethodParams(_Section):
     conditional: bool = False
     label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     sigma_data: Union[Auto, float] = "auto"
+    sb: BridgeParams = Field(default_factory=BridgeParams)
 
     @field_validator("num_steps")
     @classmethod
@@ -342,6 +357,7 @@ class SampleParams(_Section):
     s_noise: float = Field(1.0, gt=0.0)
     devices: int = Field(1, ge=1)
     task: Literal["generate", "inpaint", "interpolate", "edit"] = "generate"
+    direction: Literal["forward", "backward"] = "forward"
     inpaint: InpaintParams = Field(default_factory=InpaintParams)
     interpolate: InterpolateParams = Field(default_factory=InterpolateParams)
     edit: EditParams = Field(default_factory=EditParams)
@@ -359,6 +375,7 @@ class EvalParams(_Section):
     n: Union[Auto, int] = "auto"
     cloud_size: int = Field(100, ge=1)
     emd_n: int = Field(2_000, ge=1)
+    ot_n: int = Field(2_000, ge=2)
     fid_n: Union[Auto, int] = "auto"
     classifier_steps: int = Field(1_000, ge=1)
     likelihood: bool = False
@@ -412,6 +429,7 @@ class Config(_Section):
         methods.check_data(m.name, d.name)
         methods.check_sigma_data(m.name, m.sigma_data)
         _check_data(d)
+        _check_bridge(self)
         _check_conditional(self)
         _check_task(self, p.sampler)
         if s.clip_denoised is True and d.kind == "points":
@@ -434,6 +452,50 @@ class Config(_Section):
                     raise ValueError(f"eval.fid_n ({e.fid_n}) must be <= {key} ({have}): FID compares eval.fid_n "
                                      f"images each side")
         return self
+
+
+# train.* and sample.* keys the bridge's own loop (pipeline.bridge_train) does not read, at their defaults.
+_BRIDGE_UNREAD = (("train", "devices"), ("train", "precision"), ("train", "compile"), ("train", "channels_last"),
+                  ("train", "accumulate"), ("train", "warmup"), ("train", "eval_every"), ("sample", "devices"),
+                  ("sample", "sampler"), ("sample", "steps"), ("sample", "task"), ("eval", "likelihood"))
+
+
+def _check_bridge(cfg: "Config") -> None:
+    """method.name: schrodinger_bridge against everything else: a target set of points, and only the keys its
+    loop reads; data.target, method.sb and sample.direction only with it."""
+    d, m = cfg.data, cfg.method
+    if d.target_path is not None and d.target != "file":
+        raise ValueError("data.target_path names the file of data.target: file; leave it null")
+    if m.name != "schrodinger_bridge":
+        for key, value, default in (("data.target", d.target, None), ("method.sb", m.sb, BridgeParams()),
+                                    ("sample.direction", cfg.sample.direction, "forward")):
+            if value != default:
+                raise ValueError(f"{key} is for method.name: schrodinger_bridge (a bridge between data.name and "
+                                 f"data.target); method.name: {m.name} is a score model from noise (leave {key} at "
+                                 f"its default)")
+        return
+    if d.kind == "images":  # a data.name: file of images is refused by the train stage, once prepare has read it
+        raise ValueError(f"method.name: schrodinger_bridge runs between point sets (N, D); data.name: {d.name} is "
+                         f"images (points: {', '.join(POINT_SETS)}, or a file of points)")
+    if d.target is None:
+        raise ValueError("method.name: schrodinger_bridge needs data.target: the distribution at t = 1 (a 2-D set: "
+                         f"{', '.join(POINT_SETS)}; gaussian, N(0, I); or file with data.target_path)")
+    if d.target == "file":
+        if d.target_path is None or not _is(Path(d.target_path), "file"):
+            raise ValueError(f"data.target: file needs data.target_path to name an existing .npy or .csv file of "
+                             f"points (N, D), got {d.target_path!r}")
+        if Path(d.target_path).suffix.lower() not in (".npy", ".csv"):
+            raise ValueError(f"data.target_path must end in .npy or .csv, got {d.target_path!r}")
+    if m.sb.reference != "brownian" and m.sb.sigma != BridgeParams().sigma:
+        raise ValueError(f"method.sb.sigma scales the Brownian reference; method.sb.reference: {m.sb.reference} has "
+                         f"its own noise schedule (leave method.sb.sigma: {BridgeParams().sigma})")
+    defaults = Config()
+    for section, key in _BRIDGE_UNREAD:
+        value, default = getattr(getattr(cfg, section), key), getattr(getattr(defaults, section), key)
+        if value != default:
+            raise ValueError(f"{section}.{key} does not apply to method.name: schrodinger_bridge, which trains its two "
+                             f"drifts in one process and samples by walking them over method.sb.num_steps steps "
+                             f"(leave {section}.{key}: {default})")
 
 
 # The 2-D sets with classes (pipeline.data.toy2d.toy_label_splits); every image set has labels.

@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING, Optional, Sequence
 if TYPE_CHECKING:  # the rules run when params load, in every stage: torch (processes) only where a process is built
     from pipeline.processes import Process
 
-METHODS = ("ncsnv2", "ncsn", "exact_score", "ddpm", "sde", "sohl_dickstein", "edm")
+METHODS = ("ncsnv2", "ncsn", "exact_score", "ddpm", "sde", "sohl_dickstein", "edm", "schrodinger_bridge")
+# The Schrödinger bridge's plan: its process is a reference chosen by method.sb (pipeline.bridge), its loss and
+# sampler are its own loop and walk (pipeline.bridge_train), and its networks output drifts.
+BRIDGE = "bridge"
 SDES = ("vp", "ve", "subvp", "ou")
 # Process kinds with continuous time (and an SDE): the SDEs and EDM's own x0 + σ z.
 CONTINUOUS_KINDS = (*SDES, "edm")
@@ -65,6 +68,11 @@ def _process_kind(name: str, sde: str) -> str:
         return "noise_scales"
     if name == "sde":
         return "vp" if sde == "auto" else sde
+    if name == "schrodinger_bridge":
+        if sde != "auto":
+            raise ValueError(f"method.sde: {sde} does not apply to method.name: schrodinger_bridge, whose reference "
+                             f"process is method.sb.reference (brownian or vp); leave method.sde: auto")
+        return BRIDGE
     if name == "edm":
         if sde != "auto":
             raise ValueError(f"method.sde: {sde} does not apply to method.name: edm, which has its own process "
@@ -78,6 +86,11 @@ def _loss(name: str, kind: str, loss: str) -> Optional[str]:
         if loss != "auto":
             raise ValueError("method.name: exact_score trains nothing (the score is analytic); leave method.loss: auto")
         return None
+    if name == "schrodinger_bridge":
+        if loss != "auto":
+            raise ValueError(f"method.name: schrodinger_bridge trains with its solver's own regression "
+                             f"(method.sb.solver: ipf or dsbm); leave method.loss: auto, got {loss}")
+        return BRIDGE
     if name == "edm":
         if loss != "auto":
             raise ValueError(f"method.name: edm trains on its own loss (Karras et al.'s weighted denoising loss with "
@@ -107,6 +120,11 @@ def _parameterization(name: str, loss: Optional[str], parameterization: str, sca
     if parameterization == "kernel":
         raise ValueError("method.parameterization: kernel (a learned mean and variance) is Sohl-Dickstein's; "
                          f"for method.name: {name} use one of {', '.join(SCORE_PARAMETERIZATIONS)}")
+    if name == "schrodinger_bridge":
+        if parameterization not in ("auto", "drift"):
+            raise ValueError(f"method.name: schrodinger_bridge's two networks output drifts; leave "
+                             f"method.parameterization: auto (or drift), got {parameterization}")
+        return "drift"
     if name == "edm":
         if parameterization not in ("auto", "x0"):
             raise ValueError(f"method.name: edm's preconditioned network outputs the denoised x0 (c_skip x + c_out F); "
@@ -128,6 +146,12 @@ def _parameterization(name: str, loss: Optional[str], parameterization: str, sca
 
 
 def _sampler(name: str, kind: str, sampler: str) -> str:
+    if name == "schrodinger_bridge":
+        if sampler != "auto":
+            raise ValueError(f"sample.sampler: {sampler} walks a score model from noise; a Schrödinger bridge is "
+                             f"sampled by walking its learned drift from one data set to the other (leave "
+                             f"sample.sampler: auto, and pick the way with sample.direction)")
+        return BRIDGE
     if sampler == "auto":
         if name == "edm":
             return "edm_heun"
@@ -171,6 +195,9 @@ def plan(name: str, sde: str = "auto", loss: str = "auto", weighting: str = "sig
     if t_sampling == "importance" and not (kind == "vp" and registry_loss in ("dsm", "ism", "ssm", "huang_elbo")):
         raise ValueError("method.t_sampling: importance (Huang et al.'s q(t) ∝ g^2/std^2) is derived for the VP SDE: "
                          "use method.name: sde, method.sde: vp with method.loss dsm, ism, ssm or elbo")
+    if likelihood and kind == BRIDGE:
+        raise ValueError("eval.likelihood: true computes a score model's likelihood; method.name: schrodinger_bridge "
+                         "is evaluated by cd / emd at its end and the cost of its coupling (leave eval.likelihood: false)")
     if likelihood and kind == "noise_scales":
         raise ValueError("eval.likelihood: true needs a model with a likelihood: the probability-flow ODE of an SDE "
                          "(method.name: sde, or exact_score with method.sde vp/ve/subvp/ou) or an ELBO "
@@ -208,6 +235,18 @@ def build_process(kind: str, *, sigmas: Sequence[float], num_steps: Optional[int
     if kind not in builders:
         raise ValueError(f"unknown process kind {kind!r}")
     return builders[kind]()
+
+
+def bridge_reference(reference: str, sigma: float) -> Process:
+    """A Schrödinger bridge's reference process (method.sb.reference): Brownian motion dX = sigma dW on [0, 1], or
+    the VP SDE (beta 0.1 -> 20 on [0, 1], as method.name: sde), whose bridge to N(0, I) is close to the score SDE."""
+    from pipeline.processes import VPSDE, BrownianMotion
+
+    if reference == "brownian":
+        return BrownianMotion(sigma)
+    if reference == "vp":
+        return VPSDE(t_min=0.0)
+    raise ValueError(f"unknown bridge reference {reference!r}; allowed: brownian, vp")
 
 
 def loss_options(loss: str, weighting: str, t_sampling: str, decoder: Optional[dict] = None,
@@ -311,6 +350,9 @@ def check_sigma_data(name: str, sigma_data: float | str) -> None:
 
 def check_conditional(name: str) -> None:
     """A class-conditional model (method.conditional) needs a score to guide; Sohl-Dickstein's kernels have none."""
+    if name == "schrodinger_bridge":
+        raise ValueError("method.conditional: a Schrödinger bridge has no class-conditional form here; use "
+                         "method.name ddpm, sde, ncsnv2, ncsn or edm for guided generation")
     if name == "sohl_dickstein":
         raise ValueError("method.conditional: Sohl-Dickstein's learned kernels have no score to guide; use "
                          "method.name ddpm, sde, ncsnv2, ncsn (or exact_score on gmm)")

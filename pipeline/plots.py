@@ -266,6 +266,23 @@ def point_paths(path: str | Path, paths: np.ndarray, data: np.ndarray, title: st
     _save(fig, path)
 
 
+def bridge_paths(path: str | Path, paths: np.ndarray, start: np.ndarray, end: np.ndarray, title: str = "") -> None:
+    """A bridge's walks (P, K, D), each a thin line from its start (circle) to its end (square), over the held-out
+    clouds of the end it starts from (blue) and of the end it reaches (orange); first two coordinates."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.scatter(start[:, 0], start[:, 1], s=1, alpha=0.15, color="tab:blue", label="start (held out)")
+    ax.scatter(end[:, 0], end[:, 1], s=1, alpha=0.15, color="tab:orange", label="end (held out)")
+    for p in paths:
+        ax.plot(p[:, 0], p[:, 1], "-", color="black", linewidth=0.5, alpha=0.6)
+        ax.plot(p[0, 0], p[0, 1], "o", color="tab:blue", markersize=3)
+        ax.plot(p[-1, 0], p[-1, 1], "s", color="tab:orange", markersize=3)
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", fontsize=7, markerscale=6)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def metric_curves(path: str | Path, x: Sequence[float], curves: Mapping[str, Sequence[float]], xlabel: str,
                   title: str = "") -> None:
     """One panel per named curve y(x) (e.g. the distance from the input and the FID against SDEdit's t0)."""

@@ -286,6 +286,37 @@ class OUProcess(Process):
         return {"kind": "ou", "t_min": self.t_min, "t_max": self.t_max}
 
 
+class BrownianMotion(Process):
+    """Brownian motion dX = sigma dW on [0, 1], the reference of a Schrödinger bridge (pipeline.bridge).
+
+    X_t | X_0 ~ N(X_0, sigma^2 t I): mean_coef 1, std sigma sqrt(t). With it, the bridge's law of (X_0, X_1) is the
+    entropic optimal-transport plan for the cost |x - y|^2 / 2 with regularisation sigma^2 (De Bortoli et al. 2021,
+    arXiv:2106.01357, sec. 3). It starts from data, not a prior: prior_std is the std of X_1 - X_0.
+    """
+
+    kind = "brownian"
+
+    def __init__(self, sigma: float = 1.0, t_min: float = 0.0, t_max: float = 1.0):
+        if not sigma > 0:
+            raise ValueError(f"Brownian motion needs sigma > 0, got {sigma}")
+        self.sigma, self.t_min, self.t_max = float(sigma), t_min, t_max
+
+    def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.ones_like(t), self.sigma * torch.sqrt(t)
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.zeros_like(x), self.sigma * torch.ones_like(t)
+
+    def prior_std(self) -> float:
+        return self.sigma
+
+    def conditioning(self, t: Tensor) -> Tensor:
+        return 1000.0 * t / self.t_max  # as VP: DDPM's timestep scale for the sinusoidal embedding
+
+    def spec(self) -> dict:
+        return {"kind": "brownian", "sigma": self.sigma, "t_min": self.t_min, "t_max": self.t_max}
+
+
 class EDMProcess(Process):
     """EDM's process x_σ = x0 + σ z with time t = σ (Karras et al. 2022, arXiv:2206.00364, sec. 2 and Table 1).
 
@@ -479,7 +510,8 @@ SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
 
 # Every process by the `kind` of its spec(): the registry process_from_spec rebuilds from.
 PROCESSES: dict[str, type[Process]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "ou": OUProcess,
-                                       "edm": EDMProcess, "noise_scales": NoiseScaleProcess, "discrete_vp": DiscreteVP}
+                                       "edm": EDMProcess, "brownian": BrownianMotion,
+                                       "noise_scales": NoiseScaleProcess, "discrete_vp": DiscreteVP}
 
 
 def process_from_spec(spec: dict) -> Process:

@@ -29,7 +29,9 @@ def render(
     """Markdown for reports/report.md; `metrics` maps a stage name to its flat metrics, `data` is the data
     record of the prepare stage (kind, shape, split sizes)."""
     ev = metrics.get("evaluate", {})
-    lines = [f"# Report: {params['method']['name']} on {params['data']['name']}", ""]
+    target = params["data"].get("target")  # a Schrödinger bridge's other end
+    sets = params["data"]["name"] + (f" -> {target}" if target else "")
+    lines = [f"# Report: {params['method']['name']} on {sets}", ""]
     if data is not None and data.get("kind") == "images":
         lines += [f"{data['kind']} of shape {data['shape']}, {data['n_train']} train / {data['n_test']} test / "
                   f"{data['n_reference']} reference; {data.get('source', '')}", ""]

@@ -39,6 +39,7 @@ TRAIN, TEST, REFERENCE = Path("data/train.npy"), Path("data/test.npy"), Path("da
 LABELS = {"train": Path("data/train_labels.npy"), "test": Path("data/test_labels.npy"),
           "reference": Path("data/reference_labels.npy")}
 DATA_RECORD = Path("data/record.json")
+TARGET = Path("data/target.npz")  # a Schrödinger bridge's target: arrays train, test, reference (none without one)
 FID_REFERENCE, FID_METRICS = Path("outputs/fid_reference.npz"), Path("metrics/fid_reference.json")
 CLASSIFIER, CLASSIFIER_METRICS = Path("models/classifier.pt"), Path("metrics/classifier.json")
 DOMAIN_REFERENCE = Path("outputs/domain_reference.npz")

@@ -220,6 +220,10 @@ TASK_METRICS = {"inpaint": _inpaint_metrics, "edit": _edit_metrics, "interpolate
 
 
 def evaluate_stage(cfg: Config, run: StageRun) -> None:
+    if cfg.method.name == "schrodinger_bridge":  # the ends and the coupling's cost (stages.bridge)
+        from stages import bridge  # here: no other method's run loads it
+
+        return bridge.evaluate_stage(cfg, run)
     e = cfg.eval
     info = data_record()
     samples = io.load_npz(SAMPLES)

@@ -14,7 +14,7 @@ import torch
 from pipeline import io, plots
 from pipeline.config import Config
 from pipeline.defaults import scaling_for
-from pipeline.methods import build_process, needs_noise_scales, num_steps_for
+from pipeline.methods import BRIDGE, bridge_reference, build_process, needs_noise_scales, num_steps_for
 from pipeline.pixels import to_model
 from pipeline.noise import choose_noise_scales
 from pipeline.samplers.langevin import annealed_step_sizes
@@ -43,7 +43,11 @@ def noise_scales(cfg: Config, run: StageRun) -> None:
         print(f"noise_scales: chose {len(scales.sigmas)} scales in {time.perf_counter() - start:.1f} s "
               f"(sigma_1 = {scales.sigma_max:.4g}: {scales.how['sigma_max']})")
         record, sigmas = scales.to_json(), scales.sigmas
-    process = build_process(kind, sigmas=sigmas, num_steps=num_steps_for(m.name, m.num_steps), schedule=m.schedule)
+    if kind == BRIDGE:  # a Schrödinger bridge's reference process
+        process = bridge_reference(m.sb.reference, m.sb.sigma)
+    else:
+        process = build_process(kind, sigmas=sigmas, num_steps=num_steps_for(m.name, m.num_steps),
+                                schedule=m.schedule)
     record["process"] = process.spec()
     if scaling is not None:
         record["scaling"] = scaling
@@ -55,8 +59,10 @@ def noise_scales(cfg: Config, run: StageRun) -> None:
     else:
         t = process.grid(None if not process.continuous else 200).flip(0)
         mean_coef, std = process.marginal(t)
+        what = f"reference {m.sb.reference}" if kind == BRIDGE else kind
         plots.process_schedule(NOISE_PLOT, t.tolist(), mean_coef.tolist(), std.tolist(),
-                               f"{m.name} ({kind}): x_t = mean_coef x0 + std z", "step i" if not process.continuous else "t")
+                               f"{m.name} ({what}): x_t = mean_coef x0 + std z",
+                               "step i" if not process.continuous else "t")
     run.log_params({"method.name": m.name, "method.sde": m.sde, "method.schedule": m.schedule,
                     "method.num_steps": m.num_steps, "noise": n.model_dump(mode="json"), "scaling": scaling})
     run.log_metrics({k: record[k] for k in NCSN_KEYS if k in record})

@@ -96,6 +96,10 @@ def load(cfg: Config) -> Loaded:
 def sample_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> None:
     """The sample stage's body; with a `group` (torchrun, N > 1) one rank's shard of it, rank 0 gathering and
     writing. sample.task other than generate: inpaint, interpolate or edit (one process)."""
+    if cfg.method.name == "schrodinger_bridge":  # a walk between two data sets (stages.bridge)
+        from stages import bridge  # here: no other method's run loads it
+
+        return bridge.sample_stage(cfg, run)
     m = load(cfg)
     if cfg.sample.task != "generate":
         try:

@@ -132,6 +132,10 @@ def _training_labels(cfg: Config, info: dict) -> Optional[torch.Tensor]:
 
 def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> None:
     """The train stage's body; with a `group` (torchrun, N > 1) one rank of it, rank 0 writing and logging."""
+    if cfg.method.name == "schrodinger_bridge":  # its own loop of two networks (stages.bridge)
+        from stages import bridge  # here: no other method's run loads it
+
+        return bridge.train_stage(cfg, run)
     t = cfg.train
     main_rank = group is None or group.is_main
     plan = plan_of(cfg)

@@ -279,6 +279,8 @@ def test_exact_score_ode_nll_matches_the_true_nll(workdir, sde):
     ({"train": {"learning_rate": 0.1}}, ["train.learning_rate: unknown key"]),
     ({"sample": {"n": "many"}}, ["sample.n", "integer"]),
     ({"data": {"name": "file", "path": "missing.npy"}}, ["data.path", "does not exist"]),
+    ({"data": {"target": "moons"}}, ["data.target", "schrodinger_bridge"]),
+    ({"method": {"name": "schrodinger_bridge"}}, ["data.target", "the distribution at t = 1"]),
 ])
 def test_bad_params_refused_before_any_work(workdir, capsys, bad, words):
     assert _run("prepare") == 0
@@ -412,6 +414,8 @@ def _back_to_baseline(repo: Path, env: dict) -> None:
     (["method.loss=ssm"], {"train", "ema", "sample", "evaluate", "report"}),
     (["sample.sampler=ddim"], {"sample", "evaluate", "report"}),
     (["method.name=ddpm", "method.num_steps=20"], {"noise_scales", "train", "ema", "sample", "evaluate", "report"}),
+    (["method.name=schrodinger_bridge", "data.target=moons", "method.sb.iterations=1"],
+     {"prepare", "noise_scales", "train", "ema", "sample", "evaluate", "report"}),
 ])
 def test_dvc_exp_run_reruns_only_the_stages_whose_keys_changed(dvc_repo, dvc_baseline, sets, expected):
     env = _dvc_env(dvc_repo)
@@ -544,3 +548,46 @@ def test_conditional_images_and_refusals(workdir, capsys):
     _write_params(Path("params.yaml"), _deep_merge(params, {"sample": {"classes": [10]}}))
     assert _run("sample") == 2
     assert "sample.classes [10] are not classes of this data (0..9)" in capsys.readouterr().err
+
+
+# A Schrödinger bridge through the stages on tiny sizes: 2 iterations of 10 updates per network, 5 grid steps.
+TINY_BRIDGE = {"data": {"name": "8gaussians", "target": "moons"},
+               "method": {"name": "schrodinger_bridge", "sb": {"iterations": 2, "num_steps": 5}},
+               "train": {"steps": 40}, "eval": {"ot_n": 200}}
+
+
+@pytest.mark.parametrize("solver", ["ipf", "dsbm"])
+def test_schrodinger_bridge_through_the_stages(workdir, solver):
+    """Every stage, both directions: the target's splits, the per-iteration rows, the ends and the coupling's cost
+    next to POT's, the paths figure, and the MLflow rows of each iteration."""
+    bridge = _deep_merge(TINY_BRIDGE, {"method": {"sb": {"solver": solver}}})
+    _write_params(Path("params.yaml"), _deep_merge(TINY, bridge))
+    for stage in STAGES:
+        assert _run(stage) == 0, stage
+    target = np.load("data/target.npz")
+    assert {k: target[k].shape for k in target.files} == {"train": (600, 2), "test": (300, 2), "reference": (300, 2)}
+    assert json.loads(Path("data/record.json").read_text())["target"]["name"] == "moons"
+    rows = Path("plots/train_eval.csv").read_text().splitlines()
+    assert rows[0] == "step,value,se,unit,iteration,cd_source,emd_target,emd_source" and len(rows) == 1 + 2
+    train = json.loads(Path("metrics/train.json").read_text())
+    assert train["steps"] == 40 and {"cd_target", "cd_source", "emd_target", "emd_source"} <= set(train)
+    samples = np.load("outputs/samples.npz")
+    assert samples["x"].shape == (300, 2) and np.isfinite(samples["x"]).all()
+    np.testing.assert_array_equal(samples["x_start"], np.load("data/test.npy"))  # forward: from the source
+    assert json.loads(Path("metrics/sample.json").read_text())["nfe"] == 5
+    metrics = json.loads(Path("metrics/evaluate.json").read_text())
+    assert {"cd", "cd_floor", "emd", "emd_floor", "ot_cost", "ot_cost_sinkhorn", "ot_cost_gap"} <= set(metrics)
+    assert metrics["ot_n"] == 200 and all(np.isfinite(v) for v in metrics.values())
+    assert "8gaussians -> moons" in Path("reports/report.md").read_text()
+    assert Path("outputs/trajectory.png").stat().st_size > 1000
+    db = sqlite3.connect("mlflow.db")
+    steps = {s for (s,) in db.execute("select step from metrics where key = 'iteration_cd_target'")}
+    assert steps == {1, 2}
+    # backward: from the target's held-out points to the source, on the same bridge
+    _write_params(Path("params.yaml"), _deep_merge(TINY, _deep_merge(bridge, {"sample": {"direction": "backward"}})))
+    for stage in ("sample", "evaluate"):
+        assert _run(stage) == 0, stage
+    samples = np.load("outputs/samples.npz")
+    np.testing.assert_array_equal(samples["x_start"], target["test"])
+    backward = json.loads(Path("metrics/evaluate.json").read_text())
+    assert backward["cd_floor"] != metrics["cd_floor"]  # compared with the source's held-out points now

@@ -84,3 +84,33 @@ def prepare_data(name: str, *, n_train, n_test, n_reference, seed: int, noise: f
     record = {"kind": "points", "name": name, "shape": list(x["train"].shape[1:]), "num_classes": len(classes),
               "classes": classes, **{f"n_{k}": int(len(x[k])) for k in SPLITS}}
     return Prepared(x, {k: y[k].astype(np.int64) for k in SPLITS}, record)
+
+
+# data.target of a Schrödinger bridge besides the 2-D sets and a file: the standard normal N(0, I) of the source's
+# dimension.
+GAUSSIAN_TARGET = "gaussian"
+
+
+def target_seed(seed: int) -> int:
+    """The seed of the target's draw: another stream than the source's, so that a set bridged to itself (swissroll
+    to swissroll) is drawn twice independently."""
+    return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
+
+
+def prepare_target(name: str, *, dim: int, n_train, n_test, n_reference, seed: int, noise: float = 0.0,
+                   gmm: "GaussianMixture | None" = None, path: Optional[str] = None) -> dict[str, np.ndarray]:
+    """The target of a Schrödinger bridge (method.name: schrodinger_bridge): {split: float32 (n, dim)} in the sizes
+    of the source's splits ('auto' as for points), a 2-D set, GAUSSIAN_TARGET or a file of points, drawn with
+    target_seed(seed)."""
+    sizes = {k: _size(v, POINT_SIZES) for k, v in zip(SPLITS, (n_train, n_test, n_reference))}
+    if name == GAUSSIAN_TARGET:
+        x = np.random.default_rng(target_seed(seed)).standard_normal((sum(sizes.values()), dim))
+        bounds = np.cumsum([0] + [sizes[k] for k in SPLITS])
+        splits = {k: x[bounds[i]:bounds[i + 1]] for i, k in enumerate(SPLITS)}
+    else:
+        splits = prepare_splits(name, n_train=sizes["train"], n_test=sizes["test"], n_reference=sizes["reference"],
+                                seed=target_seed(seed), noise=noise, gmm=gmm, path=path)
+    if splits["train"].shape[1:] != (dim,):
+        raise DataError(f"data.target ({name}) holds points of shape {list(splits['train'].shape[1:])}, but the "
+                        f"source data.name has {dim} coordinates: a bridge joins two sets of the same dimension")
+    return {k: np.ascontiguousarray(splits[k], dtype=np.float32) for k in SPLITS}
