@@ -94,6 +94,16 @@ def transport(drift: Callable, process: Process, x: Tensor, direction: str, num_
                 record=record, progress=progress, desc=f"bridge ({direction})")
 
 
+def denoised_variance(process: Process, num_steps: int, direction: str) -> float:
+    """The per-coordinate variance g(t)² |dt| of the noise the last step leaves out with denoise (t: where that
+    step starts). It is independent of both ends, so E|X_0 - X_1|² of the noisy walk is the denoised pairs' mean
+    squared distance plus D times this, exactly."""
+    grid = time_grid(num_steps, direction)
+    t_last, dt = float(grid[-2]), abs(float(grid[-1] - grid[-2]))
+    _, g = process.sde(torch.zeros(1, 1, dtype=torch.float64), torch.tensor([t_last], dtype=torch.float64))
+    return float(g[0]) ** 2 * dt
+
+
 # --------------------------------------------------------------------------- training targets
 
 
@@ -122,7 +132,8 @@ def bridge_sample(process: Process, x0: Tensor, x1: Tensor, t: Tensor, z: Tensor
     """
     m, s = (append_dims(v, x0.ndim).to(x0.dtype) for v in process.marginal(t))
     a, c = (append_dims(v, x0.ndim).to(x0.dtype) for v in process.transition(torch.ones_like(t), t))
-    # The posterior in variance form, so that the ends (s = 0 at t = 0, c = 0 at t = 1) give x0 and x1 exactly.
+    # The posterior in variance form, so that the ends (s = 0 at t = 0, c = 0 at t = 1) give x0 and x1 (up to one
+    # rounding where σ² is not exact in binary) instead of 0/0.
     denominator = c**2 + a**2 * s**2
     mean = (c**2 * m * x0 + a * s**2 * x1) / denominator
     return mean + z * s * c / denominator.sqrt()

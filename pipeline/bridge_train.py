@@ -9,7 +9,9 @@ targets). They differ in what they take from the other direction's walk:
   The fixed point of these half-steps is the Schrödinger bridge (De Bortoli et al. 2021, sec. 3; Chen et al. 2022,
   arXiv:2110.11291, reach the same fixed point by likelihood training).
 - dsbm: only the path's two ends, a coupling; the network fits the drift of the reference's bridges between them
-  (a Markovian projection). The first coupling is the independent one, p0 x p1 (Shi et al. 2023, Alg. 1, DSBM-IPF).
+  (a Markovian projection of the coupling's reciprocal process). Shi et al. 2023, Alg. 1, alternating the forward
+  and backward fits, started from the independent coupling p0 x p1 as their DSBM-IMF is: every iterate then keeps
+  both marginals. (Started from the reference's coupling it would repeat IPF's iterates, their DSBM-IPF.)
 
 Each half-iteration regresses the drift on rows (x, t, target) redrawn every `refresh` updates from `paths` walks
 (or couplings); the walks use the other network's EMA, as De Bortoli et al.'s cache does.
@@ -183,9 +185,11 @@ def load_bridge(path, device: torch.device | str = "cpu", dtype: torch.dtype = t
                 ) -> tuple[Process, int, dict[str, Drift]]:
     """(reference process, num_steps, {direction: Drift}) of a bridge model file, the networks frozen on `device`."""
     obj = io.load_torch(path)
-    config, state = obj["config"], obj["state_dict"]
-    if config.get("kind") != MODEL_KIND:
-        raise ValueError(f"{path} is a {config.get('kind')!r} model, not a Schrödinger bridge; re-run train")
+    config = obj.get("config") if isinstance(obj, dict) else None
+    kind = config.get("kind") if isinstance(config, dict) else None
+    if kind != MODEL_KIND or "state_dict" not in obj:
+        raise ValueError(f"{path} is not a Schrödinger bridge's model file (its kind: {kind!r}); re-run train")
+    state = obj["state_dict"]
     process = process_from_spec(config["process"])
     drifts = {}
     for d in DIRECTIONS:

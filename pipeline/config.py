@@ -467,12 +467,13 @@ def _check_bridge(cfg: "Config") -> None:
     if d.target_path is not None and d.target != "file":
         raise ValueError("data.target_path names the file of data.target: file; leave it null")
     if m.name != "schrodinger_bridge":
-        for key, value, default in (("data.target", d.target, None), ("method.sb", m.sb, BridgeParams()),
-                                    ("sample.direction", cfg.sample.direction, "forward")):
+        for key, value, default, leave in (("data.target", d.target, None, "data.target: null"),
+                                           ("method.sb", m.sb, BridgeParams(), "method.sb at its defaults"),
+                                           ("sample.direction", cfg.sample.direction, "forward",
+                                            "sample.direction: forward")):
             if value != default:
                 raise ValueError(f"{key} is for method.name: schrodinger_bridge (a bridge between data.name and "
-                                 f"data.target); method.name: {m.name} is a score model from noise (leave {key} at "
-                                 f"its default)")
+                                 f"data.target); method.name: {m.name} is a score model from noise (leave {leave})")
         return
     if d.kind == "images":  # a data.name: file of images is refused by the train stage, once prepare has read it
         raise ValueError(f"method.name: schrodinger_bridge runs between point sets (N, D); data.name: {d.name} is "

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipeline import defaults, io, plots
-from pipeline.bridge import DIRECTIONS, coupling_cost, opposite, sinkhorn_cost, transport
+from pipeline.bridge import DIRECTIONS, coupling_cost, denoised_variance, opposite, sinkhorn_cost, transport
 from pipeline.bridge_train import BridgeSettings, load_bridge, model_file, train_bridge
 from pipeline.config import Config
 from pipeline.errors import DataError
@@ -161,7 +161,9 @@ def sample_stage(cfg: Config, run: StageRun) -> None:
                 paths = np.stack([v[:PATHS_SHOWN].cpu().numpy() for _, v in out.trajectory], axis=1)
             nfe = max(nfe, out.nfe)
     x = np.concatenate(chunks).astype(np.float32)
-    io.save_npz(SAMPLES, x=x, x_start=start[:n].astype(np.float32))
+    # The variance of the noise the denoised last step left out: evaluate adds it back to the coupling's cost.
+    left_out = denoised_variance(process, num_steps, direction) if s.denoise else 0.0
+    io.save_npz(SAMPLES, x=x, x_start=start[:n].astype(np.float32), denoised_variance=np.array(left_out))
     io.write_json(SAMPLE_METRICS, {"nfe": nfe, "n": n})
     end = _splits()[_end(direction)]["test"]
     title = f"Schrödinger bridge, {direction}: {_start(direction)} -> {_end(direction)}, nfe={nfe}"
@@ -182,7 +184,9 @@ def evaluate_stage(cfg: Config, run: StageRun) -> None:
         raise DataError(f"samples.npz holds {len(x)} points but eval.n is {n}; re-run sample")
     end = _splits()[_end(direction)]
     metrics = _end_metrics(x[:n], end["test"], end["reference"], e.cloud_size, e.emd_n)
-    metrics["ot_cost"] = coupling_cost(x_start[:n], x[:n])
+    # The cost of the walk's own coupling, its noisy last step included: the denoised pairs' cost plus the left-out
+    # noise's variance in every coordinate (pipeline.bridge.denoised_variance; exact, the noise being independent).
+    metrics["ot_cost"] = coupling_cost(x_start[:n], x[:n]) + x[0].size * float(samples["denoised_variance"])
     sinkhorn: Optional[float] = None
     if cfg.method.sb.reference == "brownian":  # the entropic plan is the bridge's for Brownian motion only
         m = min(e.ot_n, n)

@@ -574,6 +574,7 @@ def test_schrodinger_bridge_through_the_stages(workdir, solver):
     samples = np.load("outputs/samples.npz")
     assert samples["x"].shape == (300, 2) and np.isfinite(samples["x"]).all()
     np.testing.assert_array_equal(samples["x_start"], np.load("data/test.npy"))  # forward: from the source
+    assert float(samples["denoised_variance"]) == pytest.approx(1.0 / 5)  # sigma^2 / N, left out of the last step
     assert json.loads(Path("metrics/sample.json").read_text())["nfe"] == 5
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
     assert {"cd", "cd_floor", "emd", "emd_floor", "ot_cost", "ot_cost_sinkhorn", "ot_cost_gap"} <= set(metrics)
