@@ -17,7 +17,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -122,17 +122,28 @@ def table(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", choices=list(MODELS), help="models to run (default: all)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"), help="where to write the rows")
-    args = parser.parse_args()
+def bench_parser(doc: str, models: list[str], out: str) -> argparse.ArgumentParser:
+    """The arguments every stage benchmark takes: --only (some of `models`) and --out (its rows, JSON)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=models, help="models to run (default: all)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / out), help="where to write the rows")
+    return parser
+
+
+def run_models(run: Callable[[str, Path], list[dict[str, Any]]], names: list[str]) -> list[dict[str, Any]]:
+    """run(name, scratch) for each model, logged to this repo's MLflow store, in a scratch folder removed after."""
     track_in_repo()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
-        for name in args.only or list(MODELS):
-            rows.extend(run_model(name, Path(scratch)))
+        for name in names:
+            rows.extend(run(name, Path(scratch)))
         os.chdir(REPO)
+    return rows
+
+
+def main() -> None:
+    args = bench_parser(__doc__, list(MODELS), "results.json").parse_args()
+    rows = run_models(run_model, args.only or list(MODELS))
     Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     print(table(rows))
     for r in rows:

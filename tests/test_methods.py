@@ -77,7 +77,9 @@ def test_undefined_combination_refused_with_what_works(raw, words):
 
 
 @pytest.mark.parametrize("raw", [
-    {"method": {"name": name}} for name in METHODS if name != "exact_score"
+    {"method": {"name": name}} for name in METHODS if name not in ("exact_score", "schrodinger_bridge")
+] + [
+    {"method": {"name": "schrodinger_bridge"}, "data": {"target": target}} for target in ("moons", "gaussian")
 ] + [
     {"method": {"name": "exact_score", "sde": sde}, "data": {"name": "gmm"}, "eval": {"likelihood": True}}
     for sde in ("vp", "ve", "subvp", "ou")

@@ -14,6 +14,7 @@ import torch
 
 from pipeline.processes import (
     PROCESSES,
+    BrownianMotion,
     DiscreteVP,
     EDMProcess,
     NoiseScaleProcess,
@@ -28,7 +29,8 @@ from pipeline.processes import (
 )
 
 F64 = torch.float64
-CONTINUOUS = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(), "ou": OUProcess(), "edm": EDMProcess()}
+CONTINUOUS = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(), "ou": OUProcess(), "edm": EDMProcess(),
+              "brownian": BrownianMotion(0.7)}
 ALL = {**CONTINUOUS, "ncsn": NoiseScaleProcess([5.0, 1.0, 0.2, 0.05]), "ddpm": DiscreteVP(linear_betas(100))}
 
 
@@ -229,7 +231,7 @@ def test_spec_rebuilds_the_same_process(name):
     for a, b in zip(p.marginal(t), q.marginal(t)):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="unknown process kind"):
-        process_from_spec({"kind": "brownian"})
+        process_from_spec({"kind": "wiener"})
 
 
 # --------------------------------------------------------------------------- devices
@@ -273,7 +275,7 @@ def test_prior_sample_is_drawn_where_the_generator_lives():
 
 # One instance of every registered process (pipeline.processes.PROCESSES), by kind.
 REGISTERED = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(), "ou": OUProcess(), "edm": EDMProcess(),
-              "noise_scales": NoiseScaleProcess([5.0, 1.0, 0.2, 0.05]), "discrete_vp": DiscreteVP(linear_betas(20))}
+              "brownian": BrownianMotion(0.7), "noise_scales": NoiseScaleProcess([5.0, 1.0, 0.2, 0.05]), "discrete_vp": DiscreteVP(linear_betas(20))}
 CAPABILITIES = ("continuous", "has_sde", "has_importance_sampling", "has_discrete_elbo")
 
 
