@@ -494,9 +494,10 @@ def _check_bridge(cfg: "Config") -> None:
     for section, key in _BRIDGE_UNREAD:
         value, default = getattr(getattr(cfg, section), key), getattr(getattr(defaults, section), key)
         if value != default:
+            shown = str(default).lower() if isinstance(default, bool) else default  # as YAML writes it
             raise ValueError(f"{section}.{key} does not apply to method.name: schrodinger_bridge, which trains its two "
                              f"drifts in one process and samples by walking them over method.sb.num_steps steps "
-                             f"(leave {section}.{key}: {default})")
+                             f"(leave {section}.{key}: {shown})")
 
 
 # The 2-D sets with classes (pipeline.data.toy2d.toy_label_splits); every image set has labels.

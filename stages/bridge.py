@@ -40,10 +40,10 @@ PATHS_SHOWN = 64
 def _splits() -> dict[str, dict[str, np.ndarray]]:
     """{"source": {split: (n, D)}, "target": {...}}: the points at t = 0 and t = 1."""
     info = data_record()
-    if info["kind"] != "points" or "target" not in info:
+    target = io.load_npz(TARGET)  # its own file, so that data/record.json (read by every stage) stays the source's
+    if info["kind"] != "points" or not target:
         raise DataError("method.name: schrodinger_bridge needs two point sets: re-run prepare with data.target set "
-                        f"(the prepared data are {info['kind']}{'' if 'target' in info else ' without a target'})")
-    target = io.load_npz(TARGET)
+                        f"(the prepared data are {info['kind']}{'' if target else ', with no target'})")
     source = {k: np.load(p) for k, p in (("train", TRAIN), ("test", TEST), ("reference", REFERENCE))}
     return {"source": source, "target": {k: target[k] for k in ("train", "test", "reference")}}
 

@@ -29,7 +29,6 @@ def prepare(cfg: Config, run: StageRun) -> None:
         target = prepare_target(d.target, dim=int(out.x["train"][0].size), n_train=d.n_train, n_test=d.n_test,
                                 n_reference=d.n_reference, seed=cfg.seed, noise=d.noise,
                                 gmm=mixture if d.target == "gmm" else None, path=d.target_path)
-        out.record["target"] = {"name": d.target, **{f"n_{k}": int(len(v)) for k, v in target.items()}}
     io.save_npz(TARGET, **target)
     io.write_json(DATA_RECORD, out.record)
     run.log_params({"seed": cfg.seed, "data": d.model_dump(mode="json")})
