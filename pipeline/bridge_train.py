@@ -118,10 +118,9 @@ def train_bridge(networks: Mapping[str, nn.Module], process: Process, source: Te
                  on_log: Optional[Callable[[int, float, str], None]] = None, progress: bool = False) -> BridgeResult:
     """Fit the forward and backward drift networks (on source's device) between source (N0, *D) and target (N1, *D).
 
-    evaluate(iteration, step, {direction: Drift of its EMA network}) after each iteration returns a row of metrics
-    (kept in the result);
-    on_log(step, loss, direction) every settings.log_every updates. All randomness comes from settings.seed.
-    """
+    evaluate(iteration, step, {direction: Drift of its EMA network}) after each iteration returns a row of metrics,
+    kept in the result; on_log(step, loss, direction) every settings.log_every updates. All randomness comes from
+    settings.seed (one torch.Generator on the CPU; the walks draw there and move the noise to the data's device)."""
     s = settings
     generator = torch.Generator().manual_seed(s.seed)
     optimizers = {d: torch.optim.Adam(networks[d].parameters(), lr=s.lr) for d in DIRECTIONS}
