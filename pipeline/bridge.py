@@ -186,10 +186,12 @@ def gaussian_ot_cost(mean0, cov0, mean1, cov1, sigma: float) -> float:
     return float(diff @ diff + np.trace(cov0) + np.trace(cov1) - 2.0 * np.trace(c))
 
 
-def coupling_cost(x0: Tensor | np.ndarray, x1: Tensor | np.ndarray) -> float:
-    """The cost of a coupling given by its pairs (x0_i, x1_i), (N, *D) each: the mean |x0 - x1|²."""
-    diff = np.asarray(x0, dtype=np.float64).reshape(len(x0), -1) - np.asarray(x1, dtype=np.float64).reshape(len(x1), -1)
-    return float((diff**2).sum(1).mean())
+def coupling_cost(x0: Tensor | np.ndarray, x1: Tensor | np.ndarray, left_out_variance: float = 0.0) -> float:
+    """The cost of a coupling given by its pairs (x0_i, x1_i), (N, *D) each: the mean |x0 - x1|², plus D times the
+    per-coordinate variance of noise left out of x1 that is independent of both (denoised_variance): exactly the
+    cost of the pairs with that noise put back, in expectation."""
+    a, b = (np.asarray(v, dtype=np.float64).reshape(len(v), -1) for v in (x0, x1))
+    return float(((a - b) ** 2).sum(1).mean() + a.shape[1] * left_out_variance)
 
 
 def sinkhorn_cost(x0: np.ndarray, x1: np.ndarray, sigma: float, *, max_iter: int = 10_000,

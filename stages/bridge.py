@@ -184,9 +184,8 @@ def evaluate_stage(cfg: Config, run: StageRun) -> None:
         raise DataError(f"samples.npz holds {len(x)} points but eval.n is {n}; re-run sample")
     end = _splits()[_end(direction)]
     metrics = _end_metrics(x[:n], end["test"], end["reference"], e.cloud_size, e.emd_n)
-    # The cost of the walk's own coupling, its noisy last step included: the denoised pairs' cost plus the left-out
-    # noise's variance in every coordinate (pipeline.bridge.denoised_variance; exact, the noise being independent).
-    metrics["ot_cost"] = coupling_cost(x_start[:n], x[:n]) + x[0].size * float(samples["denoised_variance"])
+    # The cost of the walk's own coupling, its noisy last step included (a denoised step's noise put back).
+    metrics["ot_cost"] = coupling_cost(x_start[:n], x[:n], float(samples["denoised_variance"]))
     sinkhorn: Optional[float] = None
     if cfg.method.sb.reference == "brownian":  # the entropic plan is the bridge's for Brownian motion only
         m = min(e.ot_n, n)

@@ -538,3 +538,38 @@ def test_denoised_last_step_leaves_out_exactly_its_noise(direction):
     noisy, denoised = (((x - walks[d]) ** 2).sum(1) for d in (False, True))
     se = float(((noisy - denoised).std()) / math.sqrt(n))
     assert abs(float(noisy.mean() - denoised.mean()) - 2 * 0.64 / steps) < 5 * se
+
+
+def test_coupling_cost_puts_back_the_left_out_variance_in_every_coordinate():
+    """D times the left-out per-coordinate variance is added: (N, 2) adds 2 v, (N, 1, 4, 4) adds 16 v."""
+    x0, x1 = np.zeros((3, 2)), np.ones((3, 2))
+    assert coupling_cost(x0, x1, 0.25) == pytest.approx(2.0 + 2 * 0.25)
+    assert coupling_cost(np.zeros((3, 1, 4, 4)), np.ones((3, 1, 4, 4)), 0.25) == pytest.approx(16.0 + 16 * 0.25)
+
+
+@pytest.mark.parametrize("process", [BrownianMotion(0.7), VPSDE(t_min=0.0)], ids=["brownian", "vp"])
+def test_bridge_and_its_targets_act_per_coordinate_on_image_shapes(process):
+    """(B, 1, 4, 4) images give exactly the (B, 16) points' bridge sample, bridge targets and mean-matching targets,
+    reshaped: the bridge acts coordinate by coordinate, whatever the shape."""
+    gen = torch.Generator().manual_seed(0)
+    x0, x1, z = (torch.randn(5, 1, 4, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    t = torch.rand(5, generator=gen, dtype=torch.float64) * 0.8 + 0.1
+    flat = lambda v: v.reshape(5, 16)  # noqa: E731
+    xt = bridge_sample(process, x0, x1, t, z)
+    torch.testing.assert_close(flat(xt), bridge_sample(process, flat(x0), flat(x1), t, flat(z)), rtol=0, atol=0)
+    for direction in ("forward", "backward"):
+        torch.testing.assert_close(flat(bridge_targets(process, x0, x1, xt, t, direction)),
+                                   bridge_targets(process, flat(x0), flat(x1), flat(xt), t, direction), rtol=0, atol=0)
+    drift = Drift(None, process, "forward")
+    path = [(0.25, x0), (0.5, x1)]
+    images = mean_matching_targets(drift, path, 0.25)
+    points = mean_matching_targets(drift, [(s, flat(v)) for s, v in path], 0.25)
+    torch.testing.assert_close(flat(images[0]), points[0], rtol=0, atol=0)
+    torch.testing.assert_close(flat(images[2]), points[2], rtol=0, atol=0)
+
+
+def test_load_bridge_refuses_a_file_without_a_config(tmp_path):
+    path = tmp_path / "model.pt"
+    io.save_torch(path, {"state_dict": {}})
+    with pytest.raises(ValueError, match="not a Schrödinger bridge"):
+        load_bridge(path)
