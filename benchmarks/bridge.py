@@ -62,15 +62,15 @@ ORACLE_SETTINGS = {"ipf": {"iterations": 8, "steps": 2_000, "num_steps": 20},
 
 def gaussian_oracle(solver: str, seed: int = 0) -> dict[str, Any]:
     """Train `solver` between the ORACLE Gaussians and compare the coupling's cross-covariance Cov(X_0, X_1) of
-    n_test fresh pairs with the closed form (pipeline.bridge.gaussian_coupling), entry by entry in standard errors
+    n_test fresh pairs with the closed form (families.schrodinger_bridge.bridge.gaussian_coupling), entry by entry in standard errors
     sqrt((Σ0_ii Σ1_jj + C_ij²) / n); also the end's mean and covariance. One row per iteration."""
     import time
 
     import numpy as np
     import torch
 
-    from pipeline.bridge import gaussian_coupling, transport
-    from pipeline.bridge_train import BridgeSettings, train_bridge
+    from families.schrodinger_bridge.bridge import gaussian_coupling, transport
+    from families.schrodinger_bridge.solvers import BridgeSettings, train_bridge
     from pipeline.nets import build_network
     from pipeline.processes import BrownianMotion
 
@@ -103,7 +103,7 @@ def gaussian_oracle(solver: str, seed: int = 0) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The README table: one line per bridge and direction."""
+    """The table of docs/bridges.md: one line per bridge and direction."""
     head = ("| bridge | walk | cd (floor) | emd (floor) | ot_cost | ot_cost_sinkhorn | gap | train s |\n"
             "|---|---|---|---|---|---|---|---|\n")
     lines = []

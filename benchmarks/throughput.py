@@ -42,8 +42,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline import defaults, nets
 from pipeline.losses import build_loss
-from pipeline.methods import build_process
-from pipeline.train import PRECISIONS, TrainSettings, image_batches, train
+from pipeline.processes import build_process
+from pipeline.train import PRECISIONS, Checkpoints, Hooks, TrainData, TrainSettings, image_batches, train
 
 REPO = Path(__file__).resolve().parents[1]
 GRAD_CLIP = 1.0
@@ -112,8 +112,8 @@ def run_pipeline(net: nn.Module, loss: Callable, data: torch.Tensor, case: Case,
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         _sync(device)
         start = time.perf_counter()
-        train(net, loss, data, settings, Path(tmp), {"benchmark": case.name}, on_log=on_log, progress=False,
-              transform=image_batches("minus_one_one", hflip=case.hflip), device=device)
+        train(net, loss, TrainData(data, image_batches("minus_one_one", hflip=case.hflip)), settings,
+              Checkpoints(Path(tmp), {"benchmark": case.name}), Hooks(on_log=on_log, progress=False), device=device)
     return [b - a for a, b in zip([start, *stamps[:-1]], stamps)]
 
 

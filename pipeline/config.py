@@ -14,7 +14,12 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import families
+from families import NAMES
+from pipeline.defaults import DATA_PATH as DEFAULT_DATA_PATH
 from pipeline.defaults import POINT_SIZES
+from pipeline.names import (DATA_SETS, IMAGE_SETS, INPAINT_METHODS, LABELLED_POINTS, LOSSES, MASKS, PARAMETERIZATIONS,
+                            POINT_SETS, SAMPLERS, SDES, TARGETS, TASKS)
 
 Auto = Literal["auto"]
 
@@ -52,30 +57,26 @@ class GMMParams(_Section):
         return self
 
 
-POINT_SETS = ("swissroll", "moons", "checkerboard", "8gaussians", "gmm")
-IMAGE_SETS = ("digits", "fashion_mnist", "mnist", "cifar10", "folder")
-
-
 class DataParams(_Section):
     """Which data set, how many examples go to train, test and the reference sample (metric floors), and
     for images how pixels enter the model ('auto' sizes resolve per data set: pipeline/defaults.py)."""
 
-    name: Literal["swissroll", "moons", "checkerboard", "8gaussians", "gmm", "file",
-                  "digits", "fashion_mnist", "mnist", "cifar10", "folder"] = "swissroll"
+    name: Literal[DATA_SETS] = "swissroll"
     n_train: Union[Auto, int] = "auto"
     n_test: Union[Auto, int] = "auto"
     n_reference: Union[Auto, int] = "auto"
     noise: float = Field(0.0, ge=0.0)
-    path: Optional[str] = None
+    path: Optional[str] = DEFAULT_DATA_PATH
     labels_path: Optional[str] = None
     download: bool = False
     image_size: Optional[int] = Field(None, ge=2)
+    upscale: bool = False
     channels: Union[Auto, Literal[1, 3]] = "auto"
     scaling: Literal["auto", "minus_one_one", "zero_one"] = "auto"
     dequantize: bool = False
     hflip: bool = False
     gmm: GMMParams = Field(default_factory=GMMParams)
-    target: Optional[Literal["swissroll", "moons", "checkerboard", "8gaussians", "gmm", "gaussian", "file"]] = None
+    target: Optional[Literal[TARGETS]] = None
     target_path: Optional[str] = None
 
     @field_validator("n_train")
@@ -165,33 +166,22 @@ class ModelParams(_Section):
         return v
 
 
-class BridgeParams(_Section):
-    """method.name: schrodinger_bridge (pipeline.bridge): the reference process, its sigma, the solver, its
-    iterations and the time grid."""
-
-    solver: Literal["ipf", "dsbm"] = "ipf"
-    sigma: float = Field(1.0, gt=0.0)
-    reference: Literal["brownian", "vp"] = "brownian"
-    iterations: int = Field(10, ge=1)
-    num_steps: int = Field(20, ge=2)
-
-
 class MethodParams(_Section):
-    """The method and its choices; 'auto' resolves per method (pipeline/methods.py), bad combinations are refused."""
+    """The method and its choices; 'auto' resolves per method family (families/), bad combinations are refused.
+    A family's own section (method.sb) is validated by that family alone (its pydantic model)."""
 
-    name: Literal["ncsnv2", "ncsn", "exact_score", "ddpm", "sde", "sohl_dickstein", "edm",
-                  "schrodinger_bridge"] = "ncsnv2"
-    sde: Literal["auto", "vp", "ve", "subvp", "ou"] = "auto"
-    loss: Literal["auto", "dsm", "eps_mse", "ism", "ssm", "elbo"] = "auto"
+    name: Literal[NAMES] = "ncsnv2"
+    sde: Literal[("auto", *SDES)] = "auto"
+    loss: Literal[("auto", *LOSSES)] = "auto"
     weighting: Literal["sigma2", "likelihood"] = "sigma2"
-    parameterization: Literal["auto", "score", "score_over_sigma", "eps", "x0", "drift", "kernel"] = "auto"
+    parameterization: Literal[("auto", *PARAMETERIZATIONS)] = "auto"
     t_sampling: Literal["uniform", "importance"] = "uniform"
     schedule: Literal["linear", "cosine"] = "linear"
     num_steps: Union[Auto, int] = "auto"
     conditional: bool = False
     label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     sigma_data: Union[Auto, float] = "auto"
-    sb: BridgeParams = Field(default_factory=BridgeParams)
+    sb: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("num_steps")
     @classmethod
@@ -269,17 +259,12 @@ class TrainParams(_Section):
         return v
 
 
-INPAINT_METHODS = ("replace", "langevin", "repaint", "mcg")
-TASKS = ("generate", "inpaint", "interpolate", "edit")
-
-
 class InpaintParams(_Section):
     """sample.task: inpaint (pipeline.inpaint): the method(s), each run on the same items and shown side by side, the
     mask, and the methods' options."""
 
-    method: Union[Literal["replace", "langevin", "repaint", "mcg"],
-                  list[Literal["replace", "langevin", "repaint", "mcg"]]] = "replace"
-    mask: Literal["auto", "box", "half", "random", "first"] = "auto"
+    method: Union[Literal[INPAINT_METHODS], list[Literal[INPAINT_METHODS]]] = "replace"
+    mask: Literal[("auto", *MASKS)] = "auto"
     keep: float = Field(0.5, gt=0.0, lt=1.0)
     alpha: Union[Auto, float] = "auto"
     jump: int = Field(10, ge=1)
@@ -333,7 +318,7 @@ class SampleParams(_Section):
     n: Union[Auto, int] = "auto"
     seed: int = 0
     batch_size: Union[Auto, int] = "auto"
-    sampler: Literal["auto", "annealed_langevin", "ancestral", "ddim", "pc", "ode", "edm_heun", "dpm_solver"] = "auto"
+    sampler: Literal[("auto", *SAMPLERS)] = "auto"
     steps: Union[Auto, int] = "auto"
     denoise: bool = True
     clip_denoised: Union[Auto, bool] = "auto"
@@ -356,7 +341,7 @@ class SampleParams(_Section):
     s_tmax: Optional[float] = Field(None, gt=0.0)
     s_noise: float = Field(1.0, gt=0.0)
     devices: int = Field(1, ge=1)
-    task: Literal["generate", "inpaint", "interpolate", "edit"] = "generate"
+    task: Literal[TASKS] = "generate"
     direction: Literal["forward", "backward"] = "forward"
     inpaint: InpaintParams = Field(default_factory=InpaintParams)
     interpolate: InterpolateParams = Field(default_factory=InterpolateParams)
@@ -420,22 +405,18 @@ class Config(_Section):
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
         d, e, m, s = self.data, self.eval, self.method, self.sample
-        from pipeline import methods
-
-        p = methods.plan(m.name, m.sde, m.loss, m.weighting, m.parameterization, m.t_sampling,
-                         self.model.scale_by_sigma, s.sampler, e.likelihood)
-        chain = methods.check_chain(m.name, m.num_steps, m.schedule)
-        methods.check_sample_steps(m.name, p.process, s.steps, chain, p.sampler)
-        methods.check_data(m.name, d.name)
-        methods.check_sigma_data(m.name, m.sigma_data)
+        family = families.get(m.name)  # imports that family's package alone
+        p = family.plan(m, self.model.scale_by_sigma, s.sampler, e.likelihood)
+        family.check_data(d.name)
         _check_data(d)
-        _check_bridge(self)
+        if d.target_path is not None and d.target != "file":
+            raise ValueError("data.target_path names the file of data.target: file; leave it null")
         _check_conditional(self)
+        family.check(self, p)
         _check_task(self, p.sampler)
         if s.clip_denoised is True and d.kind == "points":
             raise ValueError(f"sample.clip_denoised clips x0_hat to the pixel range of images; data.name: {d.name} "
                              f"is a point set (leave sample.clip_denoised: auto or false)")
-        methods.check_clip_denoised(m.name, s.clip_denoised)
         if d.kind == "points":
             _check_point_sizes(self)
         if d.kind == "points" and self.model.arch == "unet":
@@ -454,60 +435,9 @@ class Config(_Section):
         return self
 
 
-# train.* and sample.* keys the bridge's own loop (pipeline.bridge_train) does not read, at their defaults.
-_BRIDGE_UNREAD = (("train", "devices"), ("train", "precision"), ("train", "compile"), ("train", "channels_last"),
-                  ("train", "accumulate"), ("train", "warmup"), ("train", "eval_every"), ("sample", "devices"),
-                  ("sample", "sampler"), ("sample", "steps"), ("sample", "task"), ("eval", "likelihood"))
-
-
-def _check_bridge(cfg: "Config") -> None:
-    """method.name: schrodinger_bridge against everything else: a target set of points, and only the keys its
-    loop reads; data.target, method.sb and sample.direction only with it."""
-    d, m = cfg.data, cfg.method
-    if d.target_path is not None and d.target != "file":
-        raise ValueError("data.target_path names the file of data.target: file; leave it null")
-    if m.name != "schrodinger_bridge":
-        for key, value, default, leave in (("data.target", d.target, None, "data.target: null"),
-                                           ("method.sb", m.sb, BridgeParams(), "method.sb at its defaults"),
-                                           ("sample.direction", cfg.sample.direction, "forward",
-                                            "sample.direction: forward")):
-            if value != default:
-                raise ValueError(f"{key} is for method.name: schrodinger_bridge (a bridge between data.name and "
-                                 f"data.target); method.name: {m.name} is a score model from noise (leave {leave})")
-        return
-    if d.kind == "images":  # a data.name: file of images is refused by the train stage, once prepare has read it
-        raise ValueError(f"method.name: schrodinger_bridge runs between point sets (N, D); data.name: {d.name} is "
-                         f"images (points: {', '.join(POINT_SETS)}, or a file of points)")
-    if d.target is None:
-        raise ValueError("method.name: schrodinger_bridge needs data.target: the distribution at t = 1 (a 2-D set: "
-                         f"{', '.join(POINT_SETS)}; gaussian, N(0, I); or file with data.target_path)")
-    if d.target == "file":
-        if d.target_path is None or not _is(Path(d.target_path), "file"):
-            raise ValueError(f"data.target: file needs data.target_path to name an existing .npy or .csv file of "
-                             f"points (N, D), got {d.target_path!r}")
-        if Path(d.target_path).suffix.lower() not in (".npy", ".csv"):
-            raise ValueError(f"data.target_path must end in .npy or .csv, got {d.target_path!r}")
-    if m.sb.reference != "brownian" and m.sb.sigma != BridgeParams().sigma:
-        raise ValueError(f"method.sb.sigma scales the Brownian reference; method.sb.reference: {m.sb.reference} has "
-                         f"its own noise schedule (leave method.sb.sigma: {BridgeParams().sigma})")
-    defaults = Config()
-    for section, key in _BRIDGE_UNREAD:
-        value, default = getattr(getattr(cfg, section), key), getattr(getattr(defaults, section), key)
-        if value != default:
-            shown = str(default).lower() if isinstance(default, bool) else default  # as YAML writes it
-            raise ValueError(f"{section}.{key} does not apply to method.name: schrodinger_bridge, which trains its two "
-                             f"drifts in one process and samples by walking them over method.sb.num_steps steps "
-                             f"(leave {section}.{key}: {shown})")
-
-
-# The 2-D sets with classes (pipeline.data.toy2d.toy_label_splits); every image set has labels.
-LABELLED_POINTS = ("moons", "8gaussians", "gmm")
-
-
 def _check_conditional(cfg: "Config") -> None:
-    """Class conditioning needs labels and a score model; guidance keys need a conditional model."""
-    from pipeline.methods import check_conditional
-
+    """Class conditioning needs labels (the family checks that it has a score to guide); guidance keys need a
+    conditional model."""
     d, m, s = cfg.data, cfg.method, cfg.sample
     if not m.conditional:
         for key, value, default in (("guidance", s.guidance, 0.0), ("classes", s.classes, "auto")):
@@ -518,15 +448,12 @@ def _check_conditional(cfg: "Config") -> None:
     if d.kind == "points" and d.name not in LABELLED_POINTS:
         raise ValueError(f"method.conditional needs class labels; data.name: {d.name} has none (labelled 2-D sets: "
                          f"{', '.join(LABELLED_POINTS)}; every image set)")
-    check_conditional(m.name)
     if s.classes != "auto" and (not s.classes or min(s.classes) < 0):
         raise ValueError(f"sample.classes must be 'auto' or a non-empty list of 0-based classes, got {s.classes}")
 
 
 def _check_task(cfg: "Config", sampler: str) -> None:
     """sample.task and its keys: each task's keys only with it, masks that fit the data, samplers a task can wrap."""
-    from pipeline.methods import check_inpaint_methods, check_task_sampler
-
     d, s = cfg.data, cfg.sample
     defaults = SampleParams()
     for task in ("inpaint", "interpolate", "edit"):
@@ -541,7 +468,10 @@ def _check_task(cfg: "Config", sampler: str) -> None:
     if s.devices > 1:
         raise ValueError(f"sample.devices: {s.devices} shards sample.task: generate only; run sample.task: {s.task} "
                          "in one process")
-    check_task_sampler(s.task, s.sampler, s.ode_method)
+    if s.task in ("inpaint", "edit") and s.sampler == "ode" and s.ode_method == "rk45":
+        # inpainting and editing wrap a step over a fixed grid, which SciPy's RK45 does not walk
+        raise ValueError(f"sample.task: {s.task} wraps a step over a fixed grid, and the rk45 ODE solver picks its own "
+                         "times: set sample.ode_method: euler or heun")
     n_test = d.n_test if d.n_test != "auto" else (POINT_SIZES if d.kind == "points" else None)
     if s.task in ("inpaint", "edit") and s.n != "auto" and n_test is not None and s.n > n_test:
         raise ValueError(f"sample.n ({s.n}) must be <= data.n_test ({n_test}): sample.task: {s.task} works on the "
@@ -554,10 +484,12 @@ def _check_task(cfg: "Config", sampler: str) -> None:
         raise ValueError(f"sample.inpaint.mask: {mask} is for images; data.name: {d.name} is points (first or random)")
     if d.kind == "images" and mask == "first":
         raise ValueError("sample.inpaint.mask: first keeps coordinate 0 of points; images take box, half or random")
-    check_inpaint_methods(p.methods, sampler)
+    if "langevin" in p.methods and sampler != "annealed_langevin":
+        raise ValueError("sample.inpaint.method langevin is Song & Ermon's Algorithm 2 around the annealed_langevin "
+                         f"sampler (NCSN's noise scales), not {sampler}; use replace, repaint or mcg")
 
 
-_IMAGE_ONLY = (("download", False), ("image_size", None), ("channels", "auto"), ("scaling", "auto"),
+_IMAGE_ONLY = (("download", False), ("image_size", None), ("upscale", False), ("channels", "auto"), ("scaling", "auto"),
                ("dequantize", False), ("hflip", False))
 
 
@@ -570,6 +502,15 @@ def _is(path: Path, kind: str) -> bool:
         return False
 
 
+def _holds_nothing(path: Optional[str]) -> bool:
+    """No data.path, or the default folder with nothing but its README: a data set that must be read from files has
+    none (a path that does not exist here may exist where the run goes, e.g. a preset for a cluster)."""
+    if path is None:
+        return True
+    p = Path(path)
+    return _is(p, "dir") and all(f.name == "README.md" for f in p.iterdir())
+
+
 def _check_data(d: DataParams) -> None:
     """Refuse data keys that cannot apply, and missing files, before any stage runs."""
     if d.kind == "points":
@@ -580,7 +521,7 @@ def _check_data(d: DataParams) -> None:
     if d.labels_path is not None and d.name != "file":
         raise ValueError("data.labels_path names the labels of a data.name: file image array; leave it null")
     if d.name == "file":
-        if d.path is None:
+        if d.path in (None, DEFAULT_DATA_PATH):
             raise ValueError("data.path must name a .npy or .csv file when data.name is file: points (N, D) or "
                              "uint8 images (N, C, H, W)")
         p = Path(d.path)
@@ -591,10 +532,10 @@ def _check_data(d: DataParams) -> None:
         if d.labels_path is not None and not _is(Path(d.labels_path), "file"):
             raise ValueError(f"data.labels_path {d.labels_path!r} does not exist or is not a file")
     if d.name == "folder":
-        if d.path is None or not _is(Path(d.path), "dir"):
+        if d.path in (None, DEFAULT_DATA_PATH) or not _is(Path(d.path), "dir"):
             raise ValueError(f"data.name: folder needs data.path to name a directory of images (class subfolders "
                              f"optional), got {d.path!r}")
-    if d.name in ("mnist", "cifar10") and d.path is None and not d.download:
+    if d.name in ("mnist", "cifar10") and not d.download and _holds_nothing(d.path):
         raise ValueError(f"data.name: {d.name} needs its official files: set data.path to the folder that holds "
                          f"them, or data.download: true on a machine with internet")
 

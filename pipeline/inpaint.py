@@ -2,7 +2,7 @@
 
 A mask is 1 where x is known and 0 where it is generated, shaped (*D) or (B, *D) against x (B, *D). Each
 method wraps the inner step `step(x, t_cur, t_next, fn, process, generator)` that `pipeline.samplers.plan`
-binds, and the one walker `pipeline.samplers.walk.walk` runs it (DESIGN.md, "The core abstraction"):
+binds, and the one walker `pipeline.samplers.walk.walk` runs it (docs/design.md, "The core abstraction"):
 
 - `replace`: Song et al. 2021 (arXiv:2011.13456, appendix I): after each step the known part is replaced
   by the known values perturbed to the step's end time, x_known m(t) + std(t) z.
@@ -30,6 +30,7 @@ from torch import Tensor
 
 from pipeline import rng
 from pipeline.gmm import GaussianMixture
+from pipeline.names import INPAINT_METHODS, MASKS
 from pipeline.parameterization import x0_from_score
 from pipeline.processes import Process, append_dims
 from pipeline.samplers import FIXED_STEP_ODE, GRID_SAMPLERS, plan
@@ -38,8 +39,7 @@ from pipeline.samplers.walk import SampleResult, walk
 
 Step = Callable[..., Tensor]
 
-MASKS = ("box", "half", "random", "first")
-METHODS = ("replace", "langevin", "repaint", "mcg")
+METHODS = INPAINT_METHODS
 # RePaint's setting (Lugmayr et al. 2022, experiments: T = 250, jump length j = 10, r = 10 resamplings).
 REPAINT_JUMP, REPAINT_RESAMPLES = 10, 10
 # MCG's step alpha has no default: the step alpha / ||r|| grad ||r||^2 has a length set by alpha alone, so its effect

@@ -13,7 +13,6 @@ from typing import Optional, Union
 import numpy as np
 from scipy import optimize, spatial, stats
 
-from pipeline.methods import noise_defaults
 
 # NCSN (Song & Ermon 2019, arXiv:1907.05600, section 5): hand-set for data in [0, 1].
 NCSN_SIGMA_MAX, NCSN_NUM_SCALES, NCSN_STEP_SIZE, NCSN_STEPS_PER_SCALE = 1.0, 10, 2e-5, 100
@@ -26,6 +25,8 @@ NCSNV2_STEPS_PER_SCALE = 5
 # (eps = sigma_L^2 / 2) brings every moment within 2 standard errors. With the true score sampling
 # is cheap, so exact_score uses the converged setting.
 EXACT_SCORE_STEPS_PER_SCALE, EXACT_SCORE_STEP_RATIO = 50, 0.5
+# Whose values noise.* 'auto' takes (families.base.Family.noise_defaults).
+NOISE_DEFAULTS = ("ncsnv2", "ncsn", "exact_score")
 
 
 def geometric_sigmas(sigma_max: float, sigma_min: float, num_scales: int) -> np.ndarray:
@@ -188,7 +189,7 @@ class NoiseScales:
 
 def choose_noise_scales(
     train: np.ndarray,
-    method: str,
+    defaults: str,
     sigma_max: Union[str, float],
     sigma_min: float,
     num_scales: Union[str, int],
@@ -198,14 +199,14 @@ def choose_noise_scales(
     max_exact_pairwise: int = 20_000,
     seed: int = 0,
 ) -> NoiseScales:
-    """Resolve every 'auto' value: NCSN's hand-set constants for `ncsn`, NCSNv2 techniques otherwise.
-
-    `exact_score` takes sigma_1 and L like ncsnv2 but a converged T and eps (see EXACT_SCORE_*); which
-    method takes which is pipeline.methods.noise_defaults.
+    """Resolve every 'auto' value by `defaults` (a family's noise_defaults): NCSN's hand-set constants for `ncsn`,
+    NCSNv2 techniques for `ncsnv2`; `exact_score` takes sigma_1 and L like ncsnv2 but a converged T and eps (see
+    EXACT_SCORE_*).
     """
+    if defaults not in NOISE_DEFAULTS:
+        raise ValueError(f"unknown noise defaults {defaults!r}; allowed: {', '.join(NOISE_DEFAULTS)}")
     how: dict[str, str] = {"sigma_min": "set in params (noise.sigma_min)"}
     dim = int(np.prod(train.shape[1:]))
-    defaults = noise_defaults(method)
     hand_set = defaults == "ncsn"
 
     if sigma_max != "auto":

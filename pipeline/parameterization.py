@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from pipeline.names import SCORE_PARAMETERIZATIONS
 from pipeline.processes import Process, append_dims
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -19,7 +20,7 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 # "eps": the noise, s = -eps / std (Ho et al. 2020, eq. (11); Song et al. 2021, appendix C).
 # "x0": the clean data, s = (mean_coef x0 - x) / std^2 (Tweedie).
 # "drift": Huang et al. 2021's a = g s (arXiv:2106.02808, sec. 4; sdeflow-light), s = a / g.
-PARAMETERIZATIONS = ("score", "score_over_sigma", "eps", "x0", "drift")
+PARAMETERIZATIONS = SCORE_PARAMETERIZATIONS
 
 
 def _b(v: Tensor, like: Tensor) -> Tensor:

@@ -522,3 +522,23 @@ def process_from_spec(spec: dict) -> Process:
     if kind == "discrete_vp":
         return DiscreteVP(torch.tensor(args["betas"], dtype=torch.float64))
     return PROCESSES[kind](**args)
+
+
+def build_process(kind: str, *, sigmas: Sequence[float] = (), num_steps: Optional[int] = None,
+                  schedule: str = "linear") -> Process:
+    """The process of a plan's kind (families.base.Plan.process). `sigmas`: NCSN's noise scales from the noise_scales
+    stage; VE takes its sigma_max (technique 1, as Song et al. 2021 do) and sigma_min from them. VP and sub-VP use
+    beta 0.1 -> 20 with eps 1e-3, VE eps 1e-5 (Song et al. 2021, appendix C). A family with a process of its own
+    (EDM's, a bridge's reference) builds it itself."""
+    if kind == "noise_scales":
+        return NoiseScaleProcess(sigmas)
+    if kind == "discrete_vp":
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown beta schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        return DiscreteVP(SCHEDULES[schedule](num_steps))
+    if kind == "ve":
+        return VESDE(sigma_min=float(sigmas[-1]), sigma_max=float(sigmas[0]))
+    builders = {"vp": VPSDE, "subvp": SubVPSDE, "ou": OUProcess}
+    if kind not in builders:
+        raise ValueError(f"unknown process kind {kind!r}; allowed: noise_scales, discrete_vp, ve, {', '.join(builders)}")
+    return builders[kind]()

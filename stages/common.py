@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Optional, Sequence
 
@@ -30,8 +31,8 @@ from pipeline.tracking import StageRun, open_tracker, pipeline_key, resolve_root
 if TYPE_CHECKING:  # torch and what imports it load only in the stages that use them: report and ema start in < 2 s
     import torch
 
+    from families.base import Family, Plan
     from pipeline import distributed
-    from pipeline.methods import Plan
     from pipeline.processes import Process
 
 # The files dvc.yaml declares, relative to the repository root.
@@ -57,13 +58,21 @@ REPORT, REPORT_FIGURES = Path("reports/report.md"), Path("reports/figures")
 StageBody = Callable[[config.Config, StageRun], None]
 
 
-def plan_of(cfg: config.Config) -> Plan:
-    """The method's resolved process, loss, parameterization and sampler (validated when params loaded)."""
-    from pipeline.methods import plan
+@dataclass(frozen=True)
+class Resolved:
+    """A run resolved once per stage and passed on: the config, its method family and the family's plan (process
+    kind, loss, parameterization, sampler)."""
 
-    m = cfg.method
-    return plan(m.name, m.sde, m.loss, m.weighting, m.parameterization, m.t_sampling, cfg.model.scale_by_sigma,
-                cfg.sample.sampler, cfg.eval.likelihood)
+    cfg: config.Config
+    family: Family
+    plan: Plan
+
+
+def resolve(cfg: config.Config) -> Resolved:
+    """The run's family and plan (validated when params loaded, so this never refuses)."""
+    import families
+
+    return Resolved(cfg, families.get(cfg.method.name), families.plan(cfg))
 
 
 def data_record() -> dict:
@@ -180,17 +189,15 @@ def process_of(record: dict) -> Process:
     return process_from_spec(record["process"])
 
 
-def sampler_options(cfg: config.Config, process: Process, record: dict) -> tuple[Optional[int], dict]:
-    """(grid steps, options) of the method's sampler from sample.* and the noise_scales record."""
-    from pipeline.methods import sampling_steps
-
-    s = cfg.sample
+def sampler_options(r: Resolved, process: Process, record: dict) -> tuple[Optional[int], dict]:
+    """(grid steps, options) of the run's sampler from sample.* and the noise_scales record."""
+    s, sampler = r.cfg.sample, r.plan.sampler
     options = s.model_dump(include={"denoise", "variance", "eta", "predictor", "corrector", "snr", "corrector_steps",
                                     "lam", "ode_method", "rtol", "atol", "spacing", "rho", "churn", "s_tmin",
                                     "s_tmax", "s_noise"})
-    if plan_of(cfg).sampler == "annealed_langevin":
+    if sampler == "annealed_langevin":
         options.update(step_size=record["step_size"], steps_per_scale=record["steps_per_scale"])
-    return sampling_steps(process, s.steps, plan_of(cfg).sampler), options
+    return r.family.sampling_steps(process, s.steps, sampler), options
 
 
 # The stages that run on several processes, with the key saying how many; their bodies take a `group` keyword
@@ -215,6 +222,7 @@ def run_stage(name: str, body: StageBody, argv: Optional[Sequence[str]] = None) 
     except config.ConfigError as err:
         print(f"{name}: {err}", file=sys.stderr)
         return 2
+    body = _family_body(cfg, name) or body
     world = _world()
     if world is not None and world.size > 1:
         if name not in DEVICES_KEYS:
@@ -231,6 +239,19 @@ def run_stage(name: str, body: StageBody, argv: Optional[Sequence[str]] = None) 
             return 2
         return relaunch(name, args.params, n, cfg.train.device)
     return _tracked(name, cfg, lambda run: body(cfg, run))
+
+
+# The stages that ask the run's method family (its process, loss, sampler, or a body of its own); dvc.yaml lists
+# families/${method.name} among their deps. The others use the family only to validate params, which can refuse a
+# run but never change an output.
+FAMILY_STAGES = ("noise_scales", "train", "sample", "evaluate")
+
+
+def _family_body(cfg: config.Config, name: str) -> Optional[StageBody]:
+    """The body of stage `name` that the run's method family brings (families/<method.name>/), if it has its own."""
+    import families
+
+    return families.get(cfg.method.name).stage(name) if name in FAMILY_STAGES else None
 
 
 def _world() -> Optional[distributed.World]:
@@ -253,9 +274,9 @@ STALE_SECONDS = 120
 
 def parent_run_name(cfg: config.Config, key: str, env: dict) -> str:
     """The MLflow name of the pipeline's parent run: method, data and the DVC experiment (else `workspace`)."""
-    m = cfg.method
-    sde = m.sde if m.sde != "auto" else "vp" if m.name == "sde" else None  # sde's auto is vp (params.yaml)
-    method = f"{m.name}-{sde}" if sde and m.name in ("sde", "exact_score") else m.name
+    import families
+
+    method = families.label(cfg.method.name, cfg.method.sde)
     sampler = "" if cfg.sample.sampler == "auto" else f" {cfg.sample.sampler}"
     return f"{method}{sampler} · {cfg.data.name} · {env.get('DVC_EXP_NAME') or 'workspace ' + key}"
 
@@ -287,7 +308,7 @@ def _tracked(name: str, cfg: config.Config, call: Callable[[Any], None]) -> int:
 
 
 class SilentRun:
-    """The StageRun of ranks other than 0: they log nothing (DESIGN.md, "Tracking": only rank 0 logs)."""
+    """The StageRun of ranks other than 0: they log nothing (docs/design.md, "Tracking": only rank 0 logs)."""
 
     def __getattr__(self, name: str) -> Callable[..., None]:
         if name.startswith("log") or name == "flush":

@@ -13,44 +13,38 @@ import torch
 
 from pipeline import io, plots
 from pipeline.config import Config
-from pipeline.defaults import scaling_for
-from pipeline.methods import BRIDGE, bridge_reference, build_process, needs_noise_scales, num_steps_for
-from pipeline.pixels import to_model
+from pipeline.kinds import kind_of
 from pipeline.noise import choose_noise_scales
 from pipeline.samplers.langevin import annealed_step_sizes
 from pipeline.tracking import StageRun
-from stages.common import NOISE_PLOT, NOISE_SCALES, TRAIN, data_record, main, plan_of
+from stages.common import NOISE_PLOT, NOISE_SCALES, TRAIN, data_record, main, resolve
 
 NCSN_KEYS = ("sigma_max", "sigma_min", "num_scales", "step_size", "ratio", "steps_per_scale")
+# The process kinds that take NCSN's scales from the data: NCSN's own, and VE's sigma range (technique 1).
+SCALED_KINDS = ("noise_scales", "ve")
 
 
 def noise_scales(cfg: Config, run: StageRun) -> None:
     n, m = cfg.noise, cfg.method
-    kind = plan_of(cfg).process
-    images = data_record()["kind"] == "images"
-    # images: the pixel scaling the model sees, recorded here for train, sample and evaluate (DESIGN.md)
-    scaling = scaling_for(kind, cfg.data.scaling) if images else None
+    r = resolve(cfg)
+    kind = r.plan.process
+    # the data's kind; image data with the pixel scaling the model sees, recorded here for train, sample and
+    # evaluate (docs/design.md, "Images, devices, several GPUs")
+    data = kind_of(data_record()).for_process(kind, cfg.data.scaling)
     record: dict = {}
     sigmas: list[float] = []
-    if needs_noise_scales(kind):  # NCSN's scales, and VE's sigma_max (technique 1) and sigma_min
-        train = np.load(TRAIN)
-        if images:  # technique 1 measures distances where the model works
-            train = to_model(torch.from_numpy(train), scaling).numpy()
+    if kind in SCALED_KINDS:  # NCSN's scales, and VE's sigma_max (technique 1) and sigma_min
+        train = data.to_model(np.load(TRAIN)).numpy()  # technique 1 measures distances where the model works
         start = time.perf_counter()
-        scales = choose_noise_scales(train, m.name, n.sigma_max, n.sigma_min, n.num_scales,
+        scales = choose_noise_scales(train, r.family.noise_defaults, n.sigma_max, n.sigma_min, n.num_scales,
                                      n.fallback_num_scales, n.steps_per_scale, n.step_size, n.max_exact_pairwise,
                                      cfg.seed)
         print(f"noise_scales: chose {len(scales.sigmas)} scales in {time.perf_counter() - start:.1f} s "
               f"(sigma_1 = {scales.sigma_max:.4g}: {scales.how['sigma_max']})")
         record, sigmas = scales.to_json(), scales.sigmas
-    if kind == BRIDGE:  # a Schrödinger bridge's reference process
-        process = bridge_reference(m.sb.reference, m.sb.sigma)
-    else:
-        process = build_process(kind, sigmas=sigmas, num_steps=num_steps_for(m.name, m.num_steps),
-                                schedule=m.schedule)
+    process = r.family.build_process(kind, m, sigmas)
     record["process"] = process.spec()
-    if scaling is not None:
-        record["scaling"] = scaling
+    record |= data.noise_record()
     io.write_json(NOISE_SCALES, record)
     if kind == "noise_scales":
         alphas = annealed_step_sizes(torch.tensor(sigmas, dtype=torch.float64), scales.step_size).tolist()
@@ -59,12 +53,11 @@ def noise_scales(cfg: Config, run: StageRun) -> None:
     else:
         t = process.grid(None if not process.continuous else 200).flip(0)
         mean_coef, std = process.marginal(t)
-        what = f"reference {m.sb.reference}" if kind == BRIDGE else kind
         plots.process_schedule(NOISE_PLOT, t.tolist(), mean_coef.tolist(), std.tolist(),
-                               f"{m.name} ({what}): x_t = mean_coef x0 + std z",
+                               f"{m.name} ({process.spec()['kind']}): x_t = mean_coef x0 + std z",
                                "step i" if not process.continuous else "t")
     run.log_params({"method.name": m.name, "method.sde": m.sde, "method.schedule": m.schedule,
-                    "method.num_steps": m.num_steps, "noise": n.model_dump(mode="json"), "scaling": scaling})
+                    "method.num_steps": m.num_steps, "noise": n.model_dump(mode="json"), "scaling": data.scaling})
     run.log_metrics({k: record[k] for k in NCSN_KEYS if k in record})
     run.log_artifact(NOISE_PLOT)
 

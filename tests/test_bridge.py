@@ -1,4 +1,4 @@
-"""Schrödinger bridges (pipeline.bridge, pipeline.bridge_train): the Gaussian closed form of the static plan against
+"""Schrödinger bridges (families.schrodinger_bridge.bridge, families.schrodinger_bridge.solvers): the Gaussian closed form of the static plan against
 its defining kernel, Sinkhorn against the closed form, the reference's bridge and its drifts against Gaussian
 conditioning and autograd, the walk's contract, a trained DSBM bridge against the closed-form coupling, the model
 file round trip, the Brownian reference, and the params rules of method.name: schrodinger_bridge."""
@@ -13,14 +13,14 @@ import scipy.linalg
 import torch
 
 from pipeline import config, errors, io
-from pipeline.bridge import (Drift, bridge_sample, bridge_targets, coupling_cost, denoised_variance, gaussian_coupling,
+from families.schrodinger_bridge.bridge import (Drift, bridge_sample, bridge_targets, coupling_cost, denoised_variance, gaussian_coupling,
                              gaussian_ot_cost, mean_matching_targets, sinkhorn_cost, time_grid, transport)
-from pipeline.bridge_train import BridgeSettings, load_bridge, model_file, train_bridge
+from families.schrodinger_bridge.solvers import BridgeSettings, load_bridge, model_file, train_bridge
 from pipeline.config import ConfigError
 from pipeline.data import toy2d
 from pipeline.data.prepare import GAUSSIAN_TARGET, prepare_data, prepare_target, target_seed
 from pipeline.data.toy2d import prepare_splits
-from pipeline.methods import plan
+import families
 from pipeline.nets import build_network
 from pipeline.processes import VPSDE, BrownianMotion, process_from_spec
 from pipeline.rng import SampleGenerators
@@ -457,15 +457,21 @@ def test_target_path_must_be_npy_or_csv(tmp_path):
 def test_bridge_params_accepted(tmp_path):
     cfg = config.validate({"data": {"name": "8gaussians", "target": "moons"},
                            "method": {**SB, "sb": {"solver": "ipf"}}})
-    assert (cfg.data.target, cfg.method.sb.solver, cfg.method.sb.reference) == ("moons", "ipf", "brownian")
+    sb = families.get("schrodinger_bridge").params(cfg.method)  # the family's own model of method.sb
+    assert (cfg.data.target, sb.solver, sb.reference) == ("moons", "ipf", "brownian")
     cfg = config.validate({"data": {"name": "swissroll", "target": "gaussian"},
                            "method": {**SB, "sb": {"solver": "dsbm", "reference": "vp"}},
                            "sample": {"direction": "backward"}})
-    assert (cfg.method.sb.solver, cfg.method.sb.reference, cfg.sample.direction) == ("dsbm", "vp", "backward")
+    sb = families.get("schrodinger_bridge").params(cfg.method)
+    assert (sb.solver, sb.reference, cfg.sample.direction) == ("dsbm", "vp", "backward")
     path = tmp_path / "target.npy"
     np.save(path, np.zeros((10, 2)))
     cfg = config.validate({"data": {"target": "file", "target_path": str(path)}, "method": SB})
     assert cfg.data.target_path == str(path)
+
+
+def plan(name: str, **method):
+    return families.get(name).plan(config.MethodParams(name=name, **method))
 
 
 def test_plan_of_the_bridge_and_its_refusals():

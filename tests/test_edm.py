@@ -10,7 +10,8 @@ import torch
 
 from pipeline import config
 from pipeline.losses import DenoisingScoreMatching, EDMLoss
-from pipeline.methods import edm_sigma_data, plan
+import families
+from families.edm import sigma_data_of as edm_sigma_data
 from pipeline.models import build_network, network_fn
 from pipeline.nets.edm import EDMPrecond
 from pipeline.parameterization import x0_from_score
@@ -115,7 +116,7 @@ def test_sigma_data_auto_is_the_std_of_the_training_data():
 
 
 def test_method_plan_and_refusals():
-    p = plan("edm")
+    p = families.get("edm").plan(config.MethodParams(name="edm"))
     assert (p.process, p.loss, p.parameterization, p.sampler, p.ode) == ("edm", "edm", "x0", "edm_heun", True)
     assert config.validate({"method": {"name": "edm", "sigma_data": 0.5}}).method.sigma_data == 0.5
     refused = [({"method": {"name": "edm", "sde": "vp"}}, "own process"),

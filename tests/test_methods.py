@@ -1,14 +1,49 @@
-"""Contract tier for method resolution: what each method.name resolves to, and every undefined
-combination refused by params validation with a message that says what works."""
+"""Contract tier for the registry of method families (families/): what each method.name resolves to, and every
+undefined combination refused by params validation with a message that says what works."""
 
 from __future__ import annotations
+
+import importlib
+from pathlib import Path
 
 import pytest
 import torch
 
+import families
+from families.base import Family, Plan
 from pipeline import config
-from pipeline.methods import METHODS, Plan, build_process, num_steps_for, plan
-from pipeline.processes import DiscreteVP, NoiseScaleProcess, OUProcess, SubVPSDE, VESDE, VPSDE
+from pipeline.processes import DiscreteVP, NoiseScaleProcess, OUProcess, SubVPSDE, VESDE, VPSDE, build_process
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plan(name: str, sde: str = "auto", loss: str = "auto", weighting: str = "sigma2", parameterization: str = "auto",
+         t_sampling: str = "uniform", scale_by_sigma: bool = True, sampler: str = "auto",
+         likelihood: bool = False) -> Plan:
+    """The family's plan for these method.* values (the rest at their defaults)."""
+    m = config.MethodParams(name=name, sde=sde, loss=loss, weighting=weighting, parameterization=parameterization,
+                            t_sampling=t_sampling)
+    return families.get(name).plan(m, scale_by_sigma, sampler, likelihood)
+
+
+def test_registry_has_one_package_per_name_and_nothing_else():
+    """Every name is a package families/<name>/ whose FAMILY says that name, and every package is registered: dvc.yaml
+    depends on families/${method.name}, so a family must live under its own name."""
+    packages = sorted(p.name for p in (ROOT / "families").iterdir() if (p / "__init__.py").is_file())
+    assert packages == sorted(families.NAMES)
+    for name in families.NAMES:
+        family = families.get(name)
+        assert isinstance(family, Family) and family.name == name and family.paper
+        assert importlib.import_module(f"families.{name}").__doc__, name
+    with pytest.raises(ValueError, match="allowed: ncsnv2, ncsn"):
+        families.get("ddim")
+
+
+def test_config_takes_its_method_names_from_the_registry():
+    for name in families.NAMES:
+        assert config.MethodParams(name=name).name == name
+    with pytest.raises(config.ConfigError, match="method.name"):
+        config.validate({"method": {"name": "flow"}})
 
 
 @pytest.mark.parametrize("kwargs, want", [
@@ -77,7 +112,7 @@ def test_undefined_combination_refused_with_what_works(raw, words):
 
 
 @pytest.mark.parametrize("raw", [
-    {"method": {"name": name}} for name in METHODS if name not in ("exact_score", "schrodinger_bridge")
+    {"method": {"name": name}} for name in families.NAMES if name not in ("exact_score", "schrodinger_bridge")
 ] + [
     {"method": {"name": "schrodinger_bridge"}, "data": {"target": target}} for target in ("moons", "gaussian")
 ] + [
@@ -103,69 +138,123 @@ def test_build_process_per_kind():
     assert type(build_process("vp", sigmas=sigmas)) is VPSDE
     assert type(build_process("subvp", sigmas=sigmas)) is SubVPSDE
     assert type(build_process("ou", sigmas=sigmas)) is OUProcess
-    chain = build_process("discrete_vp", sigmas=sigmas, num_steps=num_steps_for("sohl_dickstein", "auto"))
+    sohl = families.get("sohl_dickstein")
+    chain = build_process("discrete_vp", sigmas=sigmas, num_steps=sohl.chain_length("auto"))
     assert isinstance(chain, DiscreteVP) and chain.num_steps == 40
-    cosine = build_process("discrete_vp", sigmas=sigmas, num_steps=num_steps_for("ddpm", 100), schedule="cosine")
+    ddpm = families.get("ddpm")
+    m = config.MethodParams(name="ddpm", num_steps=100, schedule="cosine")
+    cosine = ddpm.build_process("discrete_vp", m, sigmas)
     assert cosine.num_steps == 100 and float(cosine.alpha_bars[-1]) < 1e-4
+    assert ddpm.chain_length("auto") == 1000 and families.get("sde").chain_length("auto") is None
     with pytest.raises(ValueError, match="allowed: linear, cosine"):
         build_process("discrete_vp", sigmas=sigmas, num_steps=10, schedule="quadratic")
+    with pytest.raises(ValueError, match="unknown process kind"):
+        build_process("edm", sigmas=sigmas)  # EDM's family builds its own
 
 
 def test_loss_options_and_sampling_steps():
     from pipeline.losses import build_loss
-    from pipeline.methods import loss_options, sampling_steps
 
-    assert loss_options("dsm", "likelihood", "importance") == {"weighting": "likelihood", "t_sampling": "importance"}
-    assert loss_options("huang_elbo", "sigma2", "importance") == {"t_sampling": "importance"}
-    assert loss_options("vlb", "sigma2", "uniform") == {"variance": "beta"}
-    assert loss_options("eps_mse", "sigma2", "uniform") == {}
+    sde = families.get("sde")
+    m = config.MethodParams(name="sde", weighting="likelihood", t_sampling="importance")
+    assert sde.loss_options("dsm", m) == {"weighting": "likelihood", "t_sampling": "importance"}
+    assert sde.loss_options("huang_elbo", m) == {"t_sampling": "importance"}
+    assert sde.loss_options("vlb", m) == {"variance": "beta"}
+    assert sde.loss_options("eps_mse", m) == {}
     # every registry loss a plan can name accepts the options it is given
     for kwargs in ({"name": "sde", "loss": "ssm"}, {"name": "sde", "loss": "elbo"}, {"name": "ddpm", "loss": "elbo"},
                    {"name": "ddpm"}, {"name": "sohl_dickstein"}):
-        pl = plan(**kwargs)
-        process = build_process(pl.process, sigmas=[5.0, 0.01], num_steps=num_steps_for(kwargs["name"], 20))
-        build_loss(pl.loss, process, pl.parameterization, **loss_options(pl.loss, "sigma2", "uniform"))
-    assert sampling_steps(VPSDE(), "auto") == 1000 and sampling_steps(VPSDE(), 50) == 50
-    assert sampling_steps(DiscreteVP(torch.full((10,), 0.1)), "auto") is None
+        pl, family = plan(**kwargs), families.get(kwargs["name"])
+        m = config.MethodParams(name=kwargs["name"], num_steps=20 if family.chain_length("auto") else "auto")
+        process = family.build_process(pl.process, m, [5.0, 0.01])
+        build_loss(pl.loss, process, pl.parameterization, **family.loss_options(pl.loss, m))
+    assert sde.sampling_steps(VPSDE(), "auto", "pc") == 1000 and sde.sampling_steps(VPSDE(), 50, "pc") == 50
+    assert sde.sampling_steps(DiscreteVP(torch.full((10,), 0.1)), "auto", "ancestral") is None
     # the few-step samplers take their own default (pipeline.samplers.FAST_DEFAULT_STEPS), on NCSN's scales too
-    assert sampling_steps(VPSDE(), "auto", "edm_heun") is None and sampling_steps(VPSDE(), 7, "dpm_solver") == 7
+    assert sde.sampling_steps(VPSDE(), "auto", "edm_heun") is None and sde.sampling_steps(VPSDE(), 7, "dpm_solver") == 7
     assert config.validate({"sample": {"sampler": "dpm_solver", "steps": 10}}).sample.steps == 10
 
 
-def test_method_rules_as_plain_functions():
-    """The rules params validation asks (pipeline.config) refuse and accept without a Config."""
-    from pipeline import methods
-
-    assert methods.check_chain("ddpm", "auto", "cosine") == 1000
-    assert methods.check_chain("sde", "auto", "linear") is None
+def test_family_rules_without_a_config():
+    """The rules params validation asks refuse and accept on a family alone."""
+    get = families.get
     for call, words in [
-        (lambda: methods.check_chain("sde", 100, "linear"), "leave it 'auto'"),
-        (lambda: methods.check_chain("ncsnv2", "auto", "cosine"), "leave it 'linear'"),
-        (lambda: methods.check_sample_steps("ncsnv2", "noise_scales", 10, None), "fix the grid"),
-        (lambda: methods.check_sample_steps("sohl_dickstein", "discrete_vp", 10, 40), "chain's own steps"),
-        (lambda: methods.check_sample_steps("ddpm", "discrete_vp", 200, 100), "must be <= the chain's"),
-        (lambda: methods.check_data("exact_score", "moons"), "needs data.name: gmm"),
-        (lambda: methods.check_conditional("sohl_dickstein"), "no score to guide"),
-        (lambda: methods.check_clip_denoised("sohl_dickstein", True), "no x0_hat to clip"),
-        (lambda: methods.check_task_sampler("edit", "ode", "rk45"), "sample.ode_method: euler or heun"),
-        (lambda: methods.check_inpaint_methods(["replace", "langevin"], "pc"), "not pc"),
+        (lambda: get("ncsnv2").check_sample_steps("noise_scales", 10, None, "annealed_langevin"), "fix the grid"),
+        (lambda: get("sohl_dickstein").check_sample_steps("discrete_vp", 10, 40, "ancestral"), "chain's own steps"),
+        (lambda: get("ddpm").check_sample_steps("discrete_vp", 200, 100, "ancestral"), "must be <= the chain's"),
+        (lambda: get("exact_score").check_data("moons"), "needs data.name: gmm"),
+        (lambda: get("sohl_dickstein").check_conditional(), "no score to guide"),
+        (lambda: get("schrodinger_bridge").check_conditional(), "no class-conditional form"),
+        (lambda: get("sohl_dickstein").check_clip_denoised(), "no x0_hat to clip"),
+        (lambda: get("sde").check_owned(config.MethodParams(name="sde", num_steps=100)), "leave it 'auto'"),
+        (lambda: get("ncsnv2").check_owned(config.MethodParams(schedule="cosine")), "leave it 'linear'"),
+        (lambda: get("ddpm").check_owned(config.MethodParams(name="ddpm", sigma_data=0.5)),
+         "read by method.name edm only"),
     ]:
         with pytest.raises(ValueError, match=words):
             call()
-    methods.check_sample_steps("ddpm", "discrete_vp", 100, 100)
-    methods.check_sample_steps("ncsnv2", "noise_scales", "auto", None)
-    methods.check_data("exact_score", "gmm")
-    methods.check_conditional("ddpm")
-    methods.check_clip_denoised("sohl_dickstein", "auto")
-    methods.check_task_sampler("generate", "ode", "rk45")
-    methods.check_task_sampler("inpaint", "ode", "heun")
-    methods.check_inpaint_methods(["langevin"], "annealed_langevin")
+    get("ddpm").check_sample_steps("discrete_vp", 100, 100, "ancestral")
+    get("ncsnv2").check_sample_steps("noise_scales", "auto", None, "annealed_langevin")
+    get("exact_score").check_data("gmm")
+    get("ddpm").check_conditional()
+    get("ddpm").check_owned(config.MethodParams(name="ddpm", num_steps=100, schedule="cosine"))
+    for words, raw in [("sample.ode_method: euler or heun", {"method": {"name": "sde"}, "sample": {"task": "edit", "sampler": "ode"}}),
+                       ("not pc", {"method": {"name": "sde"}, "sample": {"task": "inpaint",
+                                                                       "inpaint": {"method": ["replace", "langevin"]}}})]:
+        with pytest.raises(config.ConfigError, match=words):
+            config.validate(raw)
 
 
-def test_noise_scale_rules():
-    from pipeline.methods import needs_noise_scales, noise_defaults
-
-    assert [noise_defaults(n) for n in ("ncsn", "ncsnv2", "exact_score", "sde")] == [
+def test_noise_defaults_per_family():
+    assert [families.get(n).noise_defaults for n in ("ncsn", "ncsnv2", "exact_score", "sde")] == [
         "ncsn", "ncsnv2", "exact_score", "ncsnv2"]
-    assert [k for k in ("noise_scales", "ve", "vp", "subvp", "ou", "discrete_vp") if needs_noise_scales(k)] == [
-        "noise_scales", "ve"]
+
+
+def test_bridge_params_are_its_own_model():
+    """method.sb is validated by the bridge's family alone (its pydantic model), and only for a bridge run."""
+    with pytest.raises(config.ConfigError, match="method.sb.solver"):
+        config.validate({"method": {"name": "schrodinger_bridge", "sb": {"solver": "sinkhorn"}},
+                         "data": {"target": "moons"}})
+    bridge = families.get("schrodinger_bridge")
+    assert bridge.params(config.MethodParams(name="schrodinger_bridge")).solver == "ipf"
+    assert bridge.params(config.MethodParams(name="schrodinger_bridge", sb={"solver": "dsbm"})).solver == "dsbm"
+
+
+def test_the_docs_describe_every_family():
+    """docs/methods.md has a row of its table and a section for every registered name (a new family is documented)."""
+    text = (ROOT / "docs" / "methods.md").read_text()
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    for name in families.NAMES:
+        assert any(f"`{name}`" in h for h in headings), name
+        assert any(line.startswith("|") and f"`{name}`" in line for line in text.splitlines()), name
+
+
+def test_the_docs_table_lists_the_samplers_each_family_accepts():
+    """The "other samplers accepted" column of docs/methods.md is what the registry accepts at each family's default
+    process (rows that say more than a list, exact_score's, are left to its own section)."""
+    import re
+
+    from pipeline.names import SAMPLERS
+
+    rows = {}
+    for line in (ROOT / "docs" / "methods.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        name = re.match(r"`(\w+)`", cells[0]) if line.startswith("| `") else None
+        if name and len(cells) == 7:
+            rows[name.group(1)] = cells[5]
+    assert set(rows) == set(families.NAMES)
+    for name, cell in rows.items():
+        if ";" in cell:
+            continue
+        if cell.startswith("as "):  # "as `ncsnv2`": that row's list
+            cell = rows[re.findall(r"`(\w+)`", cell)[0]]
+        listed = set(re.findall(r"`(\w+)`", cell))
+        family, p = families.get(name), plan(name)
+        accepted = set()
+        for sampler in SAMPLERS:
+            try:
+                family.sampler(p.process, sampler)
+            except ValueError:
+                continue
+            accepted.add(sampler)
+        assert listed == accepted - {p.sampler}, (name, listed, accepted)

@@ -1,7 +1,7 @@
 """Tests for pipeline.noise: geometric sigmas and NCSNv2 techniques 1, 2 and 4.
 
 Golden numbers come from the NCSNv2 CIFAR-10 configuration (Song & Ermon 2020,
-arXiv:2006.09011; ../shared/REFERENCES.md, "NCSN / NCSNv2 settings"):
+arXiv:2006.09011; docs/references.md, "NCSN / NCSNv2 settings"):
 D = 3*32*32 = 3072, sigma_1 = 50, sigma_L = 0.01, L = 232, T = 5, eps = 6.2e-6.
 """
 
@@ -15,7 +15,7 @@ from scipy import spatial
 
 from pipeline import noise
 
-# CIFAR-10 configuration of NCSNv2 (REFERENCES.md).
+# CIFAR-10 configuration of NCSNv2 (docs/references.md, "NCSN / NCSNv2 settings").
 CIFAR_D, CIFAR_SIGMA_MAX, CIFAR_SIGMA_MIN, CIFAR_L, CIFAR_T, CIFAR_EPS = 3072, 50.0, 0.01, 232, 5, 6.2e-6
 
 
@@ -24,7 +24,7 @@ CIFAR_D, CIFAR_SIGMA_MAX, CIFAR_SIGMA_MIN, CIFAR_L, CIFAR_T, CIFAR_EPS = 3072, 5
 
 def test_cifar_ratio_from_the_paper_configuration():
     gamma = noise.ratio_of(CIFAR_SIGMA_MAX, CIFAR_SIGMA_MIN, CIFAR_L)
-    # (50 / 0.01) ** (1 / 231) = 1.03756 (REFERENCES.md quotes gamma = 1.0376).
+    # (50 / 0.01) ** (1 / 231) = 1.03756 (docs/references.md, "NCSN / NCSNv2 settings" quotes gamma = 1.0376).
     assert gamma == pytest.approx(1.0376, abs=1e-4)
     # The geometric sequence actually has that ratio.
     sig = noise.geometric_sigmas(CIFAR_SIGMA_MAX, CIFAR_SIGMA_MIN, CIFAR_L)
@@ -60,7 +60,7 @@ def test_solve_ratio_cifar_root():
 
 @pytest.mark.parametrize("dim", [1, 2, 3, 4])
 def test_solve_ratio_has_no_root_in_low_dimension(dim):
-    # sqrt(2D) <= 3: the criterion never drops to 0.5 (REFERENCES.md, technique 2).
+    # sqrt(2D) <= 3: the criterion never drops to 0.5 (docs/references.md, "NCSN / NCSNv2 settings", technique 2).
     assert noise.solve_ratio(dim) is None
 
 
@@ -71,7 +71,7 @@ def test_solve_ratio_root_exists_just_above_the_threshold():
 
 
 def test_criterion_in_two_dimensions_stays_above_099():
-    # REFERENCES.md: for D = 2 the left side exceeds 0.99 for every gamma >= 1 (measured minimum
+    # docs/references.md, "NCSN / NCSNv2 settings": for D = 2 the left side exceeds 0.99 for every gamma >= 1 (measured minimum
     # over this grid: 0.9973).
     grid = np.linspace(1.0, 100.0, 2000)
     assert min(noise.ratio_criterion(g, 2) for g in grid) > 0.99
@@ -81,7 +81,7 @@ def test_criterion_in_two_dimensions_stays_above_099():
 
 
 def _objective_from_references(eps, sigma_l, gamma, t):
-    """REFERENCES.md, technique 4, transcribed literally."""
+    """docs/references.md, "NCSN / NCSNv2 settings", technique 4, transcribed literally."""
     sl2 = sigma_l**2
     frac = 2 * eps / (sl2 - sl2 * (1 - eps / sl2) ** 2)
     return (1 - eps / sl2) ** (2 * t) * (gamma**2 - frac) + frac
@@ -178,7 +178,7 @@ def _data_2d(n=300, seed=0):
 
 def test_ncsn_auto_is_the_hand_set_values():
     ns = noise.choose_noise_scales(_data_2d(), "ncsn", **AUTO)
-    # NCSN (Song & Ermon 2019): sigma geometric 1 -> 0.01, L = 10, eps = 2e-5, T = 100 (REFERENCES.md).
+    # NCSN (Song & Ermon 2019): sigma geometric 1 -> 0.01, L = 10, eps = 2e-5, T = 100 (docs/references.md, "NCSN / NCSNv2 settings").
     assert ns.sigma_max == pytest.approx(1.0)
     assert ns.sigma_min == pytest.approx(0.01)
     assert len(ns.sigmas) == 10

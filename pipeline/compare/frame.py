@@ -12,6 +12,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+import families
 from pipeline.report import FLOORED
 from pipeline.tracking import PARENT_TAG, finite, flatten
 
@@ -31,11 +32,9 @@ class CompareError(Exception):
 
 
 def method_label(params: Mapping[str, str]) -> str | None:
-    """method.name, with the SDE for `sde` (auto: vp) and for `exact_score` on an SDE: sde-vp, sde-ve, ..."""
-    name, sde = params.get("method.name"), params.get("method.sde", "auto")
-    if name == "sde":
-        return f"sde-{sde if sde != 'auto' else 'vp'}"
-    return f"{name}-{sde}" if name == "exact_score" and sde != "auto" else name
+    """method.name with the SDE it runs on where its family reads method.sde (families.label): sde-vp, sde-ve, ..."""
+    name = params.get("method.name")
+    return None if name is None else families.label(name, params.get("method.sde", "auto"))
 
 
 def is_bookkeeping_key(key: str) -> bool:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 from torch import Tensor
 
 from pipeline import rng
+from pipeline.names import SAMPLERS
 from pipeline.processes import Process
 from pipeline.samplers.fast import DPMSolverPP2M, dpm_solver_sampler, edm_plan, edm_sampler, fast_grid
 from pipeline.samplers.ddpm import (VARIANCES, ancestral_step, ddim_sampler, ddim_step, ddpm_sampler, kernel_sampler,
@@ -33,7 +34,7 @@ __all__ = ["SampleResult", "WalkResult", "walk", "draw", "plan", "GRID_SAMPLERS"
            "kernel_sampler", "pc_sampler", "annealed_langevin", "ode_sampler", "edm_sampler", "dpm_solver_sampler"]
 
 # The samplers that are a step walked over a grid ("ode" only with its fixed-step methods, FIXED_STEP_ODE).
-GRID_SAMPLERS = ("annealed_langevin", "ancestral", "ddim", "pc", "ode", "edm_heun", "dpm_solver")
+GRID_SAMPLERS = SAMPLERS
 # The few-step samplers' steps when none is given: EDM's 18 Heun steps (35 NFE on CIFAR-10, Karras et al. 2022,
 # Table 2) and DPM-Solver++(2M)'s 20 (Lu et al. 2022b's budget for unguided sampling).
 FAST_DEFAULT_STEPS = {"edm_heun": 18, "dpm_solver": 20}

@@ -1,4 +1,4 @@
-"""The train, sample and evaluate bodies of method.name: schrodinger_bridge (pipeline.bridge, pipeline.bridge_train).
+"""The train, sample and evaluate bodies of method.name: schrodinger_bridge (bridge.py and solvers.py beside this).
 
 The source is data.name's splits (data/*.npy), the target data.target's (data/target.npz); the reference process is
 in outputs/noise_scales.json. train fits the forward and backward drifts with method.sb.solver and logs cd / emd at
@@ -15,9 +15,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from families.schrodinger_bridge import FAMILY
 from pipeline import defaults, io, plots
-from pipeline.bridge import DIRECTIONS, coupling_cost, denoised_variance, opposite, sinkhorn_cost, transport
-from pipeline.bridge_train import BridgeSettings, load_bridge, model_file, train_bridge
+from families.schrodinger_bridge.bridge import DIRECTIONS, coupling_cost, denoised_variance, opposite, sinkhorn_cost, transport
+from families.schrodinger_bridge.solvers import BridgeSettings, load_bridge, model_file, train_bridge
 from pipeline.config import Config
 from pipeline.errors import DataError
 from pipeline.metrics import pointcloud_metrics
@@ -58,7 +59,7 @@ def _start(direction: str) -> str:
 
 
 def _steps_per_half(cfg: Config) -> int:
-    t, sb = cfg.train, cfg.method.sb
+    t, sb = cfg.train, FAMILY.params(cfg.method)
     if t.steps == "auto":
         return AUTO_STEPS_PER_HALF
     per_half = t.steps // (2 * sb.iterations)
@@ -76,7 +77,7 @@ def _end_metrics(gen: np.ndarray, test: np.ndarray, reference: np.ndarray, cloud
 
 
 def train_stage(cfg: Config, run: StageRun) -> None:
-    t, sb = cfg.train, cfg.method.sb
+    t, sb = cfg.train, FAMILY.params(cfg.method)
     data = _splits()
     process = process_of(io.read_json(NOISE_SCALES))
     resolved = defaults.train_settings(t.model_dump(), data_record())
@@ -187,9 +188,10 @@ def evaluate_stage(cfg: Config, run: StageRun) -> None:
     # The cost of the walk's own coupling, its noisy last step included (a denoised step's noise put back).
     metrics["ot_cost"] = coupling_cost(x_start[:n], x[:n], float(samples["denoised_variance"]))
     sinkhorn: Optional[float] = None
-    if cfg.method.sb.reference == "brownian":  # the entropic plan is the bridge's for Brownian motion only
+    sb = FAMILY.params(cfg.method)
+    if sb.reference == "brownian":  # the entropic plan is the bridge's for Brownian motion only
         m = min(e.ot_n, n)
-        sinkhorn = sinkhorn_cost(x_start[:m], end["test"][:m], cfg.method.sb.sigma)
+        sinkhorn = sinkhorn_cost(x_start[:m], end["test"][:m], sb.sigma)
         metrics |= {"ot_cost_sinkhorn": sinkhorn, "ot_cost_gap": abs(metrics["ot_cost"] - sinkhorn) / sinkhorn,
                     "ot_n": m}
     plots.density_comparison(EVAL_PLOT, x[:n].astype(np.float64), end["test"][:n].astype(np.float64),

@@ -2,7 +2,7 @@
 2023), and the bridge's model file.
 
 Both solvers alternate half-iterations: the backward network is fitted to paths walked forward with the current
-forward drift, then the forward network to paths walked backward, and so on (pipeline.bridge has the drifts and the
+forward drift, then the forward network to paths walked backward, and so on (families.schrodinger_bridge.bridge has the drifts and the
 targets). They differ in what they take from the other direction's walk:
 
 - ipf: every step of the path, each with its mean-matching target; the first forward walk is the reference itself.
@@ -28,7 +28,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from pipeline import io, nets
-from pipeline.bridge import (DIRECTIONS, Drift, bridge_sample, bridge_targets, mean_matching_targets, opposite,
+from families.schrodinger_bridge.bridge import (DIRECTIONS, Drift, bridge_sample, bridge_targets, mean_matching_targets, opposite,
                              time_grid, transport)
 from pipeline.processes import Process, process_from_spec
 from pipeline.train import ema_multi_avg_fn

@@ -11,7 +11,7 @@ gives f(x, t) and g(t):
 step, `bridge_step`, walked by the one walker (pipeline.samplers.walk). The training targets of both solvers are
 here: IPF's mean matching of a simulated path (De Bortoli et al. 2021, Prop. 3) and bridge matching of the
 reference's bridge between a coupling's two ends (Shi et al. 2023, arXiv:2303.16852, eq. (8)); the loops are in
-pipeline.bridge_train. With a Brownian reference the bridge's law of (X_0, X_1) is the entropic optimal-transport plan
+families.schrodinger_bridge.solvers. With a Brownian reference the bridge's law of (X_0, X_1) is the entropic optimal-transport plan
 for the cost |x - y|^2 / 2 with regularisation σ²: `sinkhorn_cost` computes it on samples (POT), and between two
 Gaussians `gaussian_coupling` gives it in closed form (Janati et al. 2020; Bunne et al. 2023, arXiv:2202.05722, Thm. 3).
 """

@@ -1,0 +1,42 @@
+"""The registry of method families: method.name -> its family, one package under families/ each.
+
+A family's package is imported only when a run of that family asks for it (`get`), so a run reads no other
+family's files, and dvc.yaml lists `families/${method.name}` as a dependency of the stages that ask: editing one
+family re-runs only that family's runs (docs/design.md, "Dependencies"). Adding a method: docs/adding-a-method.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from families.base import Family, Plan
+
+# Every method.name, in the order the docs and the comparison list them; each names its package families/<name>/.
+NAMES = ("ncsnv2", "ncsn", "exact_score", "ddpm", "sde", "sohl_dickstein", "edm", "schrodinger_bridge")
+
+
+def get(name: str) -> Family:
+    """The family of method.name `name`; ValueError naming the allowed names for another."""
+    if name not in NAMES:
+        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(NAMES)}")
+    return importlib.import_module(f"families.{name}").FAMILY
+
+
+def plan(cfg) -> Plan:
+    """The plan of a validated config (pipeline.config.Config): its family's resolution of method.* and
+    sample.sampler."""
+    return get(cfg.method.name).plan(cfg.method, cfg.model.scale_by_sigma, cfg.sample.sampler, cfg.eval.likelihood)
+
+
+def label(name: str, sde: str = "auto") -> str:
+    """method.name as runs are named and compared: a family that reads method.sde adds the SDE it runs on (sde-vp
+    for sde's auto, exact_score-ve); a name the registry does not know (an old run's) as it is."""
+    from pipeline.names import SDES
+
+    if name not in NAMES:
+        return name
+    family = get(name)
+    kind = family.process_kind(sde) if "sde" in family.reads else None
+    return f"{name}-{kind}" if kind in SDES else name

@@ -1,0 +1,32 @@
+"""The names a user picks in params.yaml, each list written once; config, the library and the docs derive from them.
+
+No torch here: every stage loads params through pipeline.config, and the short stages (report, ema) must start fast.
+The method names are the registry's (families.NAMES).
+"""
+
+# Data sets (pipeline.data): generated or analytic 2-D sets, image sets, and a user's file (points or images).
+POINT_SETS = ("swissroll", "moons", "checkerboard", "8gaussians", "gmm")
+IMAGE_SETS = ("digits", "fashion_mnist", "mnist", "cifar10", "folder")
+DATA_SETS = (*POINT_SETS, "file", *IMAGE_SETS)
+# The 2-D sets with classes (pipeline.data.toy2d.toy_label_splits); every image set has labels.
+LABELLED_POINTS = ("moons", "8gaussians", "gmm")
+# A Schrödinger bridge's other end (data.target): a 2-D set, N(0, I) or a file of points.
+TARGETS = (*POINT_SETS, "gaussian", "file")
+
+# The SDEs of method.sde (Song et al. 2021; OU: Huang et al. 2021's example).
+SDES = ("vp", "ve", "subvp", "ou")
+# Samplers (pipeline.samplers); FAST_SAMPLERS need only the marginals at the grid's times, so they walk any score
+# model's grid: a continuous process, DDPM's chain or NCSN's scales (pipeline.samplers.fast).
+SAMPLERS = ("annealed_langevin", "ancestral", "ddim", "pc", "ode", "edm_heun", "dpm_solver")
+FAST_SAMPLERS = ("edm_heun", "dpm_solver")
+# Losses a user can name (method.loss); the registry's own losses (pipeline.losses) are resolved from them.
+LOSSES = ("dsm", "eps_mse", "ism", "ssm", "elbo")
+# What a score network outputs (pipeline.parameterization); "kernel" is Sohl-Dickstein's learned mean and variance.
+SCORE_PARAMETERIZATIONS = ("score", "score_over_sigma", "eps", "x0", "drift")
+PARAMETERIZATIONS = (*SCORE_PARAMETERIZATIONS, "kernel")
+
+# sample.task: controllable generation with one unconditional (or null-label) model.
+TASKS = ("generate", "inpaint", "interpolate", "edit")
+# sample.inpaint.method and .mask (pipeline.inpaint).
+INPAINT_METHODS = ("replace", "langevin", "repaint", "mcg")
+MASKS = ("box", "half", "random", "first")
