@@ -9,7 +9,7 @@ data is then p(y) / 256^D on [0, 1) or p(y) / 128^D on [-1, 1), hence the bits/d
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -97,3 +97,17 @@ def discrete_decoder(scaling: str) -> dict[str, float]:
     (pipeline.elbo.step_term / negative_elbo / DiscreteELBO)."""
     low, high = pixel_range(scaling)
     return {"bin_width": bin_width(scaling), "low": low, "high": high}
+
+
+def image_batches(scaling: str, *, dequantize: bool = False, hflip: bool = False) -> Callable[[Tensor, torch.Generator], Tensor]:
+    """The training transform of uint8 image batches (B, C, H, W): pixels to model space (pipeline.pixels), with
+    uniform dequantisation (score_sde) and random horizontal flips (Ho et al. 2020, appendix B), drawn from the
+    training generator: the dequantisation noise first, then one flip bit per example."""
+    def transform(x: Tensor, generator: torch.Generator) -> Tensor:
+        out = to_model(x, scaling, dequantize=dequantize, generator=generator)
+        if hflip:
+            flip = torch.rand(x.shape[0], generator=generator) < 0.5
+            out = torch.where(flip.reshape(-1, *([1] * (out.ndim - 1))).to(out.device), out.flip(-1), out)
+        return out
+
+    return transform

@@ -18,20 +18,20 @@ import numpy as np
 import torch
 
 from pipeline import defaults, io, models, pixels, plots
+from pipeline.kinds import kind_of
 from pipeline.config import Config, TrainParams
-from pipeline.data import DataError
 from pipeline.distributed import Group
-from pipeline.gmm import GaussianMixture
+from pipeline.errors import DataError
 from pipeline.guidance import guided_score
 from pipeline.losses import build_loss
-from pipeline.methods import edm_sigma_data, loss_options
 from pipeline.rng import SampleGenerators, sample_seed
 from pipeline.samplers import draw
-from pipeline.train import (NO_COMPILE_LOSSES, Preempted, TrainSettings, held_out_evaluator, image_batches,
-                            train)
+from pipeline.train import (NO_COMPILE_LOSSES, Checkpoints, Hooks, Preempted, TrainData, TrainSettings,
+                            held_out_evaluator, train)
 from pipeline.tracking import StageRun
 from stages.common import (CHECKPOINTS, EMA_MODEL, EVAL_CSV, LABELS, LOSS_CSV, NOISE_SCALES, RAW_MODEL, TEST, TRAIN,
-                           TRAIN_METRICS, choose_device, data_record, main, plan_of, process_of, sampler_options)
+                           TRAIN_METRICS, Resolved, choose_device, data_record, main, process_of, resolve,
+                           sampler_options)
 
 # Held-out examples the training-time evaluation averages over, and images in its sample grid (train.eval_every).
 EVAL_EXAMPLES, TRAIN_GRID = 512, 16
@@ -55,14 +55,15 @@ def _write_eval(rows: list[dict], unit: str) -> None:
                                                             for r in rows))
 
 
-def _log_sample_grid(cfg: Config, run: StageRun, net: torch.nn.Module, process, record: dict, plan, info: dict,
+def _log_sample_grid(r: Resolved, run: StageRun, net: torch.nn.Module, process, record: dict, info: dict,
                      device, step: int) -> None:
     """TRAIN_GRID samples of the network so far with the method's sampler, as a PNG on the stage's MLflow run."""
+    cfg, plan = r.cfg, r.plan
     kind, fn = models.network_fn(net, process, plan.parameterization)
     if cfg.method.conditional:  # a conditional network is sampled with labels, as the sample stage does
         fn = guided_score(fn, defaults.sample_classes(cfg.sample.classes, TRAIN_GRID, info["num_classes"]).to(device),
                           cfg.sample.guidance)
-    steps, options = sampler_options(cfg, process, record)
+    steps, options = sampler_options(r, process, record)
     out = draw(plan.sampler, kind, fn, process, (TRAIN_GRID, *info["shape"]), SampleGenerators(cfg.sample.seed,
                range(TRAIN_GRID)), steps, options, device=device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,45 +133,24 @@ def _training_labels(cfg: Config, info: dict) -> Optional[torch.Tensor]:
 
 def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> None:
     """The train stage's body; with a `group` (torchrun, N > 1) one rank of it, rank 0 writing and logging."""
-    if cfg.method.name == "schrodinger_bridge":  # its own loop of two networks (stages.bridge)
-        from stages import bridge  # here: no other method's run loads it
-
-        return bridge.train_stage(cfg, run)
     t = cfg.train
     main_rank = group is None or group.is_main
-    plan = plan_of(cfg)
+    r = resolve(cfg)
+    plan = r.plan
     run.log_params({"seed": cfg.seed, "method": cfg.method.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
                     "train": t.model_dump(mode="json"), "loss": plan.loss, "parameterization": plan.parameterization})
-    if plan.loss is None:
-        if not main_rank:
-            return
-        g = cfg.data.gmm
-        exact = models.gmm_model_file(GaussianMixture.from_params(g.weights, g.means, g.covs))
-        for path in (RAW_MODEL, EMA_MODEL):
-            io.save_torch(path, exact)
-        _write_curve([])
-        _write_eval([], "none")
-        io.write_json(TRAIN_METRICS, {"steps": 0, "num_params": 0, "final_loss": None})
-        CHECKPOINTS.mkdir(exist_ok=True)
-        return
-
     info = data_record()
     data = np.load(TRAIN)
     record = io.read_json(NOISE_SCALES)
     process = process_of(record)
-    images = info["kind"] == "images"
-    scaling = record.get("scaling")
+    kind = kind_of(info, record.get("scaling"))
     resolved = defaults.train_settings(t.model_dump(), info)
     labels = _training_labels(cfg, info)
     spec = defaults.network_spec(cfg.model.model_dump(), info, plan.parameterization,
                                  num_classes=info["num_classes"] if labels is not None else 0)
-    decoder = pixels.discrete_decoder(scaling) if images else None
-    sigma_data = None
-    if plan.loss == "edm":  # EDM's preconditioning wraps the network, with σ_d from the data in model units
-        model_units = pixels.to_model(torch.from_numpy(data), scaling) if images else torch.from_numpy(data)
-        sigma_data = edm_sigma_data(cfg.method.sigma_data, model_units)
-        spec = defaults.edm_spec(spec, sigma_data)
-    options = loss_options(plan.loss, cfg.method.weighting, cfg.method.t_sampling, decoder, sigma_data)
+    # the family's wrapper around the network (EDM's preconditioning), which may measure the data in model units
+    spec, extra = r.family.network_spec(spec, cfg.method, lambda: kind.to_model(data))
+    options = r.family.loss_options(plan.loss, cfg.method, kind.decoder()) | extra
     loss = build_loss(plan.loss, process, plan.parameterization, **options)
     _check_train(t, resolved["batch_size"], plan.loss, group.world_size if group else 1)
     settings = TrainSettings(resolved["steps"], resolved["batch_size"], resolved["lr"], t.grad_clip, t.ema_decay,
@@ -180,7 +160,7 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
     # Everything that must match for a checkpoint to be resumed; steps, logging and the device may change.
     setup = {"spec": spec, "process": record["process"], "loss": plan.loss, "options": options, "seed": cfg.seed,
              "data": hashlib.sha256(data.tobytes()).hexdigest(), "resolved": {**resolved, "steps": None},
-             "augment": {"dequantize": cfg.data.dequantize, "hflip": cfg.data.hflip} if images else None,
+             "augment": kind.augmentation(cfg.data.dequantize, cfg.data.hflip),
              "train": fingerprinted_train(t)}
     if labels is not None:  # only then, so unconditional checkpoints keep their fingerprint
         setup["labels"] = {"sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest(),
@@ -191,28 +171,30 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
     # Dropout draws from the global RNG: seeded here, so the masks are the same in every run (and each rank its
     # own under torchrun); a resume restores the state the checkpoint saved.
     torch.manual_seed(sample_seed(cfg.seed, group.rank if group is not None else 0))
-    transform = image_batches(scaling, dequantize=cfg.data.dequantize, hflip=cfg.data.hflip) if images else None
+    transform = kind.batch_transform(cfg.data.dequantize, cfg.data.hflip)
     evaluator, unit = None, "none"
     if t.eval_every and main_rank:  # rank 0 alone evaluates, logs and writes the rows
         held_out = torch.from_numpy(np.load(TEST)[:EVAL_EXAMPLES])
         held_out_labels = torch.from_numpy(np.load(LABELS["test"])[:EVAL_EXAMPLES]) if labels is not None else None
         held_out_eval, unit = held_out_evaluator(loss, plan.loss, held_out, transform=transform, device=device,
-                                                 seed=cfg.seed, scaling=scaling if images else None,
+                                                 seed=cfg.seed, scaling=kind.scaling,
                                                  labels=held_out_labels)
 
         def evaluator(step: int, ema_net: torch.nn.Module) -> dict:
             row = held_out_eval(step, ema_net)
             run.log_metrics({"held_out": row["value"], "held_out_se": row["se"]}, step=step)
-            if images:  # a small grid of the EMA network's samples, to MLflow only (the DVC record is the curve)
-                _log_sample_grid(cfg, run, ema_net, process, record, plan, info, device, step)
+            if kind.shows_samples:  # a small grid of the EMA network's samples, to MLflow only (the DVC record is
+                # the curve)
+                _log_sample_grid(r, run, ema_net, process, record, info, device, step)
             return row
     try:
         with stop_on_sigterm() as should_stop:
-            result = train(net, loss, torch.from_numpy(data), settings, CHECKPOINTS, setup,
-                           on_log=lambda step, loss: run.log_metric_buffered("train_loss", loss, step),
-                           transform=transform, device=device, evaluator=evaluator, eval_every=t.eval_every,
-                           should_stop=should_stop, group=group, progress=main_rank, labels=labels,
-                           label_dropout=cfg.method.label_dropout)
+            result = train(net, loss, TrainData(torch.from_numpy(data), transform, labels, cfg.method.label_dropout),
+                           settings, Checkpoints(CHECKPOINTS, setup),
+                           Hooks(on_log=lambda step, loss: run.log_metric_buffered("train_loss", loss, step),
+                                 evaluator=evaluator, eval_every=t.eval_every, should_stop=should_stop,
+                                 progress=main_rank),
+                           device=device, group=group)
     except Preempted as stop:
         if not main_rank:
             raise SystemExit(PREEMPTED_EXIT) from None
@@ -230,9 +212,8 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
     _write_eval(result.eval_rows, unit)
     final = result.loss_rows[-1][1] if result.loss_rows else None
     num_params = sum(p.numel() for p in net.parameters())
-    metrics = {"steps": resolved["steps"], "num_params": num_params, "final_loss": final}
-    if images:  # the 2-D record keeps its keys; MLflow gets the resolved values of every run
-        metrics.update(batch_size=resolved["batch_size"], lr=resolved["lr"], arch=spec.get("net", spec)["kind"])
+    metrics = {"steps": resolved["steps"], "num_params": num_params, "final_loss": final,
+               **kind.train_record(resolved, spec.get("net", spec)["kind"])}  # MLflow: every run's resolved values
     io.write_json(TRAIN_METRICS, metrics)
     run.flush()
     run.log_params({"resolved": {**resolved, "arch": spec.get("net", spec)["kind"], "device": str(device),

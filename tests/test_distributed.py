@@ -29,7 +29,8 @@ from pipeline.losses import build_loss  # noqa: E402
 from pipeline.nets.mlp import ConditionalMLP  # noqa: E402
 from pipeline.nets.unet import UNet  # noqa: E402
 from pipeline.processes import VPSDE  # noqa: E402
-from pipeline.train import Preempted, TrainSettings, image_batches, train  # noqa: E402
+from pipeline.train import (Checkpoints, Hooks, Preempted, TrainData, TrainSettings, image_batches,  # noqa: E402
+                            train)
 
 # Final weights of N processes against one (max |difference|, float32 weights of size ~0.5 .. 17), measured here:
 # the tiny MLP 1.2e-7 after 200 Adam steps; the tiny U-Net 3.9e-5 after 12. Not bit-identical: the all_reduce adds
@@ -123,8 +124,9 @@ def _rank_main(case: str, rank: int, world: int, store: str, out: str) -> None:
 
     def run():
         torch.manual_seed(0)
-        return train(make(), build_loss("dsm", VPSDE(), "eps"), data, settings, ckpt_dir, {"case": case},
-                     progress=False, transform=transform, should_stop=should_stop, group=group)
+        return train(make(), build_loss("dsm", VPSDE(), "eps"), TrainData(data, transform), settings,
+                     Checkpoints(ckpt_dir, {"case": case}), Hooks(should_stop=should_stop, progress=False),
+                     group=group)
 
     stopped = None
     try:
@@ -208,24 +210,25 @@ def test_checkpoint_of_another_world_size_starts_over(tmp_path):
     make, data, transform, settings, _ = _case("mlp_whole")
     loss = build_loss("dsm", VPSDE(), "eps")
     torch.manual_seed(0)
-    first = train(make(), loss, data, settings, tmp_path, {"case": 1}, progress=False)
+    ckpts, quiet = Checkpoints(tmp_path, {"case": 1}), Hooks(progress=False)
+    first = train(make(), loss, TrainData(data), settings, ckpts, quiet)
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     torch.save({**ckpt, "world_size": 2}, tmp_path / "last.pt")
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match=r"written by 2 process\(es\) at step 60 and this run has 1"):
-        again = train(make(), loss, data, settings, tmp_path, {"case": 1}, progress=False)
+        again = train(make(), loss, TrainData(data), settings, ckpts, quiet)
     assert again.resumed_from == 0 and again.loss_rows == first.loss_rows
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # its own checkpoint (world size 1) resumes without a word
-        assert train(make(), loss, data, settings, tmp_path, {"case": 1}, progress=False).resumed_from == 60
+        assert train(make(), loss, TrainData(data), settings, ckpts, quiet).resumed_from == 60
 
 
 def test_library_refuses_uneven_shares():
     _, data, _, settings, _ = _case("mlp_whole")
     with pytest.raises(ValueError, match="multiple of the 3 processes"):
-        train(ConditionalMLP(2, 8, 1, 8), build_loss("dsm", VPSDE(), "eps"), data, settings, Path("unused"), {},
-              group=Group(0, 3))
+        train(ConditionalMLP(2, 8, 1, 8), build_loss("dsm", VPSDE(), "eps"), TrainData(data), settings,
+              Checkpoints(Path("unused"), {}), group=Group(0, 3))
 
 
 # --------------------------------------------------------------------------- the stages under torchrun

@@ -21,7 +21,7 @@ from pipeline.models import build_network, exact_score_fn
 from pipeline.parameterization import make_score_fn, score_from_output
 from pipeline.processes import NoiseScaleProcess, append_dims
 from pipeline.samplers.langevin import annealed_langevin, annealed_step_sizes
-from pipeline.train import TrainSettings, train
+from pipeline.train import Checkpoints, Hooks, TrainData, TrainSettings, train
 
 SHAPES = [(2,), (1, 8, 8)]
 
@@ -123,8 +123,8 @@ def test_dsm_learns_the_analytic_gaussian_score():
     import tempfile
 
     with tempfile.TemporaryDirectory() as ckpt:
-        result = train(net, DenoisingScoreMatching(p, "score_over_sigma"), data, settings, ckpt, {"t": 1},
-                       progress=False)
+        result = train(net, DenoisingScoreMatching(p, "score_over_sigma"), TrainData(data), settings,
+                       Checkpoints(ckpt, {"t": 1}), Hooks(progress=False))
     score_fn = make_score_fn(result.ema, p, "score_over_sigma")
     gen = torch.Generator().manual_seed(1)
     for sigma in p.grid().tolist():

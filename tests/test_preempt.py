@@ -22,7 +22,7 @@ from pipeline.losses import build_loss
 from pipeline.nets.mlp import ConditionalMLP
 from pipeline.nets.unet import UNet
 from pipeline.processes import VPSDE
-from pipeline.train import Preempted, TrainSettings, image_batches, train
+from pipeline.train import Checkpoints, Hooks, Preempted, TrainData, TrainSettings, image_batches, train
 from stages.train import PREEMPTED_EXIT
 from test_stages import REPO, TINY, _deep_merge, prepared_project
 
@@ -54,13 +54,14 @@ def _case(name: str):
             image_batches("zero_one", dequantize=True, hflip=True), settings)
 
 
-def _train(make, data, transform, settings, ckpt_dir, **kw):
+def _train(make, data, transform, settings, ckpt_dir, should_stop=None):
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the same initial weights in every run
         net = make()
-    return train(net, build_loss("dsm", VPSDE(), "eps"), data, settings, ckpt_dir, {"case": 1}, progress=False,
-                 transform=transform, evaluator=lambda step, ema: {"value": float(sum(p.sum() for p in ema.parameters()))},
-                 eval_every=4, **kw)
+    hooks = Hooks(evaluator=lambda step, ema: {"value": float(sum(p.sum() for p in ema.parameters()))},
+                  eval_every=4, should_stop=should_stop, progress=False)
+    return train(net, build_loss("dsm", VPSDE(), "eps"), TrainData(data, transform), settings,
+                 Checkpoints(ckpt_dir, {"case": 1}), hooks)
 
 
 @pytest.mark.parametrize("case", ["points", "images"])

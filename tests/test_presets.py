@@ -15,9 +15,9 @@ from torch import nn
 import presets
 from pipeline import config, defaults, nets, pixels
 from pipeline.losses import build_loss
-from pipeline.methods import build_process, loss_options, num_steps_for, plan
+import families
 from pipeline.noise import choose_noise_scales
-from pipeline.train import TrainSettings, image_batches, train
+from pipeline.train import Checkpoints, Hooks, TrainData, TrainSettings, image_batches, train
 from presets.__main__ import main as presets_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,9 +53,7 @@ def _resolved(name: str) -> config.Config:
 
 
 def _plan(cfg: config.Config):
-    m = cfg.method
-    return plan(m.name, m.sde, m.loss, m.weighting, m.parameterization, m.t_sampling, cfg.model.scale_by_sigma,
-                cfg.sample.sampler, cfg.eval.likelihood)
+    return families.plan(cfg)
 
 
 def _process(cfg: config.Config, kind: str, train_model_space: np.ndarray):
@@ -63,15 +61,15 @@ def _process(cfg: config.Config, kind: str, train_model_space: np.ndarray):
     n, m = cfg.noise, cfg.method
     sigmas: list[float] = []
     if kind in ("noise_scales", "ve"):
-        sigmas = choose_noise_scales(train_model_space, m.name, n.sigma_max, n.sigma_min, n.num_scales,
+        sigmas = choose_noise_scales(train_model_space, families.get(m.name).noise_defaults, n.sigma_max, n.sigma_min, n.num_scales,
                                      n.fallback_num_scales, n.steps_per_scale, n.step_size, n.max_exact_pairwise,
                                      cfg.seed).sigmas
-    return build_process(kind, sigmas=sigmas, num_steps=num_steps_for(m.name, m.num_steps), schedule=m.schedule)
+    return families.get(m.name).build_process(kind, m, sigmas)
 
 
 def _loss(cfg: config.Config, p, process):
     scaling = defaults.scaling_for(p.process, cfg.data.scaling)
-    options = loss_options(p.loss, cfg.method.weighting, cfg.method.t_sampling, pixels.discrete_decoder(scaling))
+    options = families.get(cfg.method.name).loss_options(p.loss, cfg.method, pixels.discrete_decoder(scaling))
     return build_loss(p.loss, process, p.parameterization, **options)
 
 
@@ -173,8 +171,9 @@ def test_preset_trains_two_steps_scaled_down(name, tmp_path):
     settings = TrainSettings(2, 4, resolved["lr"], t.grad_clip, t.ema_decay, t.checkpoint_every, 1, cfg.seed,
                              ema_warmup=resolved["ema_warmup"], precision=t.precision, channels_last=t.channels_last,
                              compile=t.compile, accumulate=t.accumulate, warmup=t.warmup)
-    result = train(net, loss, data, settings, tmp_path, {"preset": name}, progress=False,
-                   transform=image_batches(scaling, dequantize=cfg.data.dequantize, hflip=cfg.data.hflip))
+    transform = image_batches(scaling, dequantize=cfg.data.dequantize, hflip=cfg.data.hflip)
+    result = train(net, loss, TrainData(data, transform), settings, Checkpoints(tmp_path, {"preset": name}),
+                   Hooks(progress=False))
     assert [s for s, _ in result.loss_rows] == [1, 2] and all(math.isfinite(v) for _, v in result.loss_rows)
     for module in (result.model, result.ema):
         assert all(torch.isfinite(q).all() for q in module.parameters())

@@ -17,8 +17,8 @@ from pipeline.pixels import to_model
 from pipeline.processes import DiscreteVP, VPSDE, linear_betas
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipeline.train import (TrainSettings, ema_multi_avg_fn, held_out_evaluator, image_batches, micro_batches, train,
-                            warmup_factor)
+from pipeline.train import (Checkpoints, Hooks, TrainData, TrainSettings, ema_multi_avg_fn, held_out_evaluator,
+                            image_batches, micro_batches, train, warmup_factor)
 
 
 def _pixels(n: int = 64) -> torch.Tensor:
@@ -146,11 +146,12 @@ def _unet(dropout: float = 0.0) -> UNet:
         return UNet((1, 8, 8), 8, (1, 2), 1, [4], dropout)
 
 
-def _run(tmp_path, settings, net=None, data=None, loss=None, **kw):
+def _run(tmp_path, settings, net=None, data=None, loss=None, transform=None, labels=None, label_dropout=0.0):
     net = _mlp() if net is None else net
     loss = build_loss("dsm", VPSDE(), "eps") if loss is None else loss
     data = _points() if data is None else data
-    return train(net, loss, data, settings, tmp_path, {"test": 1}, progress=False, **kw)
+    return train(net, loss, TrainData(data, transform, labels, label_dropout), settings,
+                 Checkpoints(tmp_path, {"test": 1}), Hooks(progress=False))
 
 
 def _plain_loop(model, loss_fn, data, s: TrainSettings, transform=None):

@@ -1,0 +1,208 @@
+"""State and resume, part (a) of the training loop: what a run carries from step to step (weights, Adam, the EMA,
+the lr warm-up, the GradScaler, the training generator, the loss since the last row), the checkpoint that holds it
+with the global RNGs dropout draws from, and resuming from that checkpoint bit for bit.
+
+EMA of the weights is NCSNv2 technique 5 (arXiv:2006.09011, sec. 3.5), kept with
+torch.optim.swa_utils.AveragedModel; optionally with score_sde's warm-up of the decay (ema_multi_avg_fn).
+The learning-rate warm-up is DDPM's and score_sde's lr * min(1, step / warmup) (Ho et al. 2020, appendix B:
+5,000 steps; score_sde's optimization_manager).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from pipeline import io
+from pipeline.distributed import Group
+from pipeline.train.settings import TrainSettings
+
+CHECKPOINT = "last.pt"
+
+
+def ema_multi_avg_fn(decay: float, warmup: bool) -> Callable:
+    """AveragedModel's multi_avg_fn: ema <- d ema + (1 - d) w with d = decay, or with warm-up
+    d = min(decay, (1 + n) / (10 + n)) after n updates (score_sde's ExponentialMovingAverage, use_num_updates;
+    TensorFlow's num_updates). Without warm-up a run of S steps keeps decay^S of the random initial weights
+    (13 % for 2,000 steps at 0.999), which shrinks every prediction; the warm-up forgets it.
+    """
+    if not warmup:
+        return get_ema_multi_avg_fn(decay)
+
+    @torch.no_grad()
+    def update(ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor) -> None:
+        if not torch.is_floating_point(ema_params[0]):  # integer buffers (counters) follow the model
+            torch._foreach_copy_(ema_params, params)
+            return
+        # a tensor weight on the parameters' device: no host sync per step
+        n = num_averaged.to(dtype=ema_params[0].dtype)
+        torch._foreach_lerp_(ema_params, params, 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=decay))
+
+    return update
+
+
+def warmup_factor(warmup: int) -> Callable[[int], float]:
+    """LambdaLR's factor of update k = 0, 1, 2, ...: min(1, k / warmup), the linear warm-up of DDPM (Ho et al.
+    2020, appendix B; their get_warmed_up_lr) and score_sde (optimization_manager), both of which give the first
+    update lr 0: it only fills Adam's moments. The factor depends on k alone, so raising train.steps continues."""
+
+    def factor(k: int) -> float:
+        return min(1.0, k / warmup)
+
+    return factor
+
+
+@dataclass(eq=False)
+class TrainState:
+    """Everything a checkpoint holds; `model` is the module itself (never the compiled or sharded wrapper).
+
+    running: the loss summed since the last row, a float64 scalar on the device, read only at a row (no host sync
+    per step; float64 sums of float32 losses give the bits of a Python float sum); count: the steps in it.
+    rows: (step, mean loss) per row; eval_rows: {"step": step, **evaluator's row}.
+    """
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    ema: AveragedModel
+    gen: torch.Generator
+    sched: Optional[LambdaLR]
+    scaler: Optional[torch.amp.GradScaler]
+    running: Tensor
+    count: int = 0
+    step: int = 0
+    rows: list[tuple[int, float]] = field(default_factory=list)
+    eval_rows: list[dict] = field(default_factory=list)
+
+
+def new_state(model: nn.Module, settings: TrainSettings, device: torch.device) -> TrainState:
+    """Step 0 of a run of `model` (already on `device`): Adam, its lr warm-up, GradScaler, EMA and generator."""
+    gen = torch.Generator().manual_seed(settings.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    # warmup 0: no scheduler at all, so the optimizer and its checkpoints are the constant-lr loop's
+    sched = LambdaLR(opt, warmup_factor(settings.warmup)) if settings.warmup else None
+    # fp16's narrow exponent underflows small gradients: scale the loss up, unscale before clipping and stepping
+    scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
+    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(settings.ema_decay, settings.ema_warmup),
+                        use_buffers=True)
+    running = torch.zeros((), dtype=torch.float64, device=device)
+    return TrainState(model, opt, ema, gen, sched, scaler, running)
+
+
+def fingerprint(obj: Mapping[str, Any]) -> str:
+    """A stable hash of everything that must match for a checkpoint to be resumed."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where a run's checkpoint lives (directory/last.pt) and the setup it must have been written for to be
+    resumed: model, method, noise scales, data, and every train.* key but steps and the logging cadence."""
+
+    directory: Path
+    setup: Mapping[str, Any]
+
+    @property
+    def path(self) -> Path:
+        return Path(self.directory) / CHECKPOINT
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.setup)
+
+
+def _global_rng(device: torch.device) -> dict:
+    """The global RNG states dropout draws from (the CPU's, and the CUDA device's): part of an exact resume."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_global_rng(state: Mapping[str, Tensor], device: torch.device) -> None:
+    """Put the global RNGs back where a checkpoint left them (a run resumed on another device keeps its own)."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _load_compatible(path: Path, expected: str, steps: int, world_size: int = 1, warn: bool = True
+                     ) -> Optional[dict]:
+    """The checkpoint at path if it was written by the same setup, with as many processes, and is not past `steps`.
+
+    A checkpoint of another world size is not resumed: the ranks' global RNGs and partial loss sums do not map onto
+    another number of processes, and a run stitched from two world sizes could not be replayed. The run starts
+    over, with a warning saying why (checkpoints from before several processes have no world size: 1)."""
+    if not path.is_file():
+        return None
+    try:
+        ckpt = io.load_torch(path)
+    except Exception:  # unreadable: start over rather than crash
+        return None
+    if ckpt.get("fingerprint") != expected or int(ckpt["step"]) > steps:
+        return None
+    written = int(ckpt.get("world_size", 1))
+    if written != world_size:
+        if warn:  # stacklevel 4: the warning names the line that called pipeline.train.train
+            warnings.warn(f"{path} was written by {written} process(es) at step {int(ckpt['step'])} and this run has "
+                          f"{world_size} (train.devices): it cannot be resumed bit for bit with another number of "
+                          f"processes, so training starts over from step 0 and overwrites it (set train.devices: "
+                          f"{written} to resume it instead)", stacklevel=4)
+        return None
+    return ckpt
+
+
+def resume(state: TrainState, checkpoints: Checkpoints, steps: int, device: torch.device,
+           group: Optional[Group]) -> None:
+    """Load the checkpoint into `state` when it fits this run (see _load_compatible), else leave step 0."""
+    world_size = 1 if group is None else group.world_size
+    ckpt = _load_compatible(checkpoints.path, checkpoints.fingerprint, steps, world_size,
+                            warn=group is None or group.is_main)
+    if ckpt is None:
+        return
+    state.model.load_state_dict(ckpt["model"])
+    state.opt.load_state_dict(ckpt["optimizer"])
+    state.ema.load_state_dict(ckpt["ema"])
+    state.gen.set_state(ckpt["generator"])
+    if state.sched is not None:
+        state.sched.load_state_dict(ckpt["scheduler"])
+    if state.scaler is not None:
+        state.scaler.load_state_dict(ckpt["scaler"])
+    if "rng" in ckpt:  # checkpoints from before preemption support lack the partial sum and dropout's RNG
+        own = ckpt["ranks"][group.rank] if group is not None else ckpt  # each rank's own RNG and partial sum
+        _restore_global_rng(own["rng"], device)
+        state.running.copy_(own["running"])
+        state.count = int(ckpt["count"])
+    state.rows = [(int(s), float(v)) for s, v in ckpt["loss_rows"].tolist()]
+    state.eval_rows = [dict(r) for r in ckpt.get("eval_rows", [])]
+    state.step = int(ckpt["step"])
+
+
+def save_checkpoint(state: TrainState, checkpoints: Checkpoints, device: torch.device,
+                    group: Optional[Group]) -> None:
+    """Write `state` to checkpoints.path; with several processes rank 0 writes every rank's RNG and partial sum."""
+    # a collective: every rank must call it, also those that write nothing
+    ranks = group.gather({"rng": _global_rng(device), "running": state.running.cpu()}) if group is not None else None
+    if group is not None and not group.is_main:
+        return
+    out = {
+        "fingerprint": checkpoints.fingerprint, "step": state.step, "model": state.model.state_dict(),
+        "optimizer": state.opt.state_dict(), "ema": state.ema.state_dict(), "generator": state.gen.get_state(),
+        "loss_rows": torch.tensor(state.rows, dtype=torch.float64).reshape(-1, 2), "eval_rows": state.eval_rows,
+        "running": state.running.cpu(), "count": state.count, "rng": _global_rng(device),
+    }
+    if state.sched is not None:
+        out["scheduler"] = state.sched.state_dict()
+    if state.scaler is not None:
+        out["scaler"] = state.scaler.state_dict()
+    if group is not None:
+        out.update(world_size=group.world_size, ranks=ranks)
+    io.save_torch(checkpoints.path, out)
