@@ -14,6 +14,9 @@ from typing import Any, Mapping, Optional
 
 # data.n_*, sample.n, eval.n and sample.batch_size for the 2-D sets (config.POINT_SIZES).
 POINT_SIZES = 10_000
+# data.path when none is set: a folder in the repo, empty but for a README (DVC needs an existing path to depend
+# on); data.download puts MNIST and CIFAR-10 there.
+DATA_PATH = "data/raw"
 POINT_TRAIN = {"steps": 5_000, "batch_size": 512, "lr": 1e-3}
 
 

@@ -18,7 +18,8 @@ def prepare(cfg: Config, run: StageRun) -> None:
     mixture = GaussianMixture.from_params(d.gmm.weights, d.gmm.means, d.gmm.covs) if uses_gmm else None
     out = prepare_data(d.name, n_train=d.n_train, n_test=d.n_test, n_reference=d.n_reference, seed=cfg.seed,
                        noise=d.noise, gmm=mixture if d.name == "gmm" else None, path=d.path, labels_path=d.labels_path,
-                       download=d.download, image_size=d.image_size, channels=d.channels)
+                       download=d.download, image_size=d.image_size, channels=d.channels,
+                       upscale=d.upscale)
     for path, key in ((TRAIN, "train"), (TEST, "test"), (REFERENCE, "reference")):
         io.save_npy(path, out.x[key])
         io.save_npy(LABELS[key], out.y[key])

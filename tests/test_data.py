@@ -269,3 +269,15 @@ def test_sets_without_classes_have_no_labels(name):
 
 
 COUNTS_BY_SPLIT = {"train": COUNTS["n_train"], "test": COUNTS["n_test"], "reference": COUNTS["n_reference"]}
+
+
+def test_point_record_has_no_image_keys():
+    """The record of a 2-D set keeps exactly its keys, in order (data/record.json byte for byte): the image-only
+    keys (duplicates, skipped_links, converted) never appear."""
+    import json
+
+    from pipeline.data.prepare import prepare_data
+
+    record = prepare_data("swissroll", seed=0, **COUNTS).record
+    assert json.dumps(record) == ('{"kind": "points", "name": "swissroll", "shape": [2], "num_classes": 0, '
+                                  '"classes": [], "n_train": 50, "n_test": 30, "n_reference": 20}')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import re
 from collections import Counter
 
 import numpy as np
@@ -388,3 +389,63 @@ def test_split_count_validation(digits):
         split_image_data(digits, 0, 1, 1, seed=0)
     s = split_image_data(digits, 5, 0, 0, seed=0)
     assert len(s["train"]) == 5 and len(s["test"]) == 0 and s["test"].x.shape[1:] == (1, 8, 8)
+
+
+# ---------------------------------------------------------------- hardening of user files (data.name: file)
+
+
+@pytest.mark.parametrize(
+    "arr, hint",
+    [
+        (np.zeros((6, 1, 4, 4), np.float32), "scale the values to 0..255"),
+        (np.zeros((6, 4, 4), np.float64), "scale the values to 0..255"),
+        (np.zeros((6, 4, 4), np.uint8), r"x\[:, None\]"),
+        (np.zeros((6, 4, 4, 3), np.uint8), r"x.transpose\(0, 3, 1, 2\)"),
+    ],
+)
+def test_file_float_or_3d_gets_the_image_message(tmp_path, arr, hint):
+    from pipeline.data.prepare import prepare_data
+
+    np.save(tmp_path / "x.npy", arr)
+    with pytest.raises(DataError, match=r"data.path.*uint8 array \(N, C, H, W\)") as err:
+        prepare_data("file", path=str(tmp_path / "x.npy"), n_train=2, n_test=1, n_reference=1, seed=0)
+    assert "expected a 2-D array" not in str(err.value)  # the points loader's words, no help for images
+    assert re.search(hint, str(err.value))
+
+
+def test_file_two_d_float_stays_points(tmp_path):
+    from pipeline.data.prepare import prepare_data
+
+    np.save(tmp_path / "pts.npy", np.arange(20.0).reshape(10, 2))
+    p = prepare_data("file", path=str(tmp_path / "pts.npy"), n_train=6, n_test=2, n_reference=2, seed=0)
+    assert p.record["kind"] == "points" and p.x["train"].shape == (6, 2)
+
+
+def test_labels_length_mismatch_names_data_labels_path(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((5, 1, 2, 2), np.uint8))
+    np.save(tmp_path / "y.npy", np.zeros(4, np.int64))
+    with pytest.raises(DataError, match=r"data.labels_path = .*y\.npy.*4 labels for 5 images"):
+        load_uint8_file(tmp_path / "x.npy", tmp_path / "y.npy")
+
+
+def test_file_small_images_refused_unless_upscale(tmp_path):
+    from pipeline.data.prepare import prepare_data
+
+    x = np.random.default_rng(0).integers(0, 256, (6, 1, 4, 5), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    kw = dict(path=str(tmp_path / "x.npy"), n_train=4, n_test=1, n_reference=1, seed=0)
+    with pytest.raises(DataError, match=r"data.image_size = 8: .*x\.npy.* 5x4.*data.upscale: true"):
+        prepare_data("file", image_size=8, **kw)
+    p = prepare_data("file", image_size=8, upscale=True, **kw)
+    assert p.x["train"].shape == (4, 1, 8, 8) and "8x8" in p.record["source"]
+    # Without data.image_size the images stay as stored, upscale or not.
+    assert load_uint8_file(tmp_path / "x.npy", upscale=True).train.x.tobytes() == x.tobytes()
+
+
+def test_image_record_counts_duplicates(tmp_path):
+    from pipeline.data.prepare import prepare_data
+
+    p = prepare_data("digits", n_train="auto", n_test="auto", n_reference="auto", seed=0)
+    assert set(p.record["duplicates"]) == {"train_test", "train_reference", "test_reference"}
+    train = rows(p.x["train"])
+    assert p.record["duplicates"]["train_test"] == sum(img.tobytes() in train for img in p.x["test"])

@@ -4,7 +4,7 @@ Every loader returns an `ImageData`: an official train pool, an official test po
 when the set has none), the class names and one sentence saying where the pixels came
 from and how they were mapped to 8 bits. `split_image_data` turns it into the
 train / test / reference splits of the prepare stage; `reference` is a second held-out
-sample used only for the metric floors (DESIGN.md, "Metrics, defined once").
+sample used only for the metric floors (docs/design.md, "Metrics, defined once").
 
 Formats read here (no network unless data.download is true):
 - idx (MNIST, Fashion-MNIST): http://yann.lecun.com/exdb/mnist/ "FILE FORMATS", big-endian,
@@ -17,21 +17,25 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import hashlib
 import os
 import pickle
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.data.toy2d import DataError
+from pipeline.defaults import DATA_PATH
+from pipeline.names import IMAGE_SETS
 
-IMAGE_DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "folder")
+IMAGE_DATASETS = IMAGE_SETS
 # Debian package dataset-fashion-mnist: the four official idx .gz files, unchanged.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Where data.download puts mnist / fashion_mnist / cifar10 when data.path is not set
 # (relative to the working directory, the repository root for the stages).
-DOWNLOAD_ROOT = Path("data/raw")
+DOWNLOAD_ROOT = Path(DATA_PATH)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 FASHION_MNIST_CLASSES = [
@@ -78,13 +82,15 @@ class ImageData:
     """A loaded image set: the train pool, the test pool (empty if there is no official one),
     class names (len = num_classes) and `source`, one sentence on provenance and 8-bit mapping.
 
-    The test pool supplies both test and reference images (disjoint parts of it).
+    The test pool supplies both test and reference images (disjoint parts of it). `notes` are extra
+    keys for the data record (a folder's "skipped_links" and "converted"); empty for the others.
     """
 
     train: ImageSplit
     test: ImageSplit
     classes: list[str]
     source: str
+    notes: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -117,8 +123,8 @@ def _empty_like(x: np.ndarray) -> ImageSplit:
     return _split(np.zeros((0, *x.shape[1:]), np.uint8), np.zeros(0, np.int64))
 
 
-def _check_options(image_size: int | None, channels: int | None) -> None:
-    """Validate data.image_size and data.channels."""
+def _check_options(image_size: int | None, channels: int | None, upscale: bool = False) -> None:
+    """Validate data.image_size, data.channels and data.upscale."""
     if image_size is not None and (
         isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1
     ):
@@ -127,6 +133,8 @@ def _check_options(image_size: int | None, channels: int | None) -> None:
         )
     if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
         raise DataError(f"data.channels must be 1 (grayscale), 3 (RGB) or null (keep), got {channels!r}")
+    if not isinstance(upscale, (bool, np.bool_)):
+        raise DataError(f"data.upscale must be true or false, got {upscale!r}")
 
 
 def _to_gray(x: np.ndarray) -> np.ndarray:
@@ -287,7 +295,8 @@ def _load_idx_set(
     sub = "FashionMNIST" if fashion else "MNIST"  # torchvision's <root>/<sub>/raw layout
     if path is not None:
         root = Path(path)
-        candidates = [root, root / sub / "raw"]
+        # Debian's package last for the default data.path, which holds no idx files unless they were put there
+        candidates = [root, root / sub / "raw"] + ([FASHION_MNIST_DIR] if fashion and root == DOWNLOAD_ROOT else [])
     elif fashion:
         root = DOWNLOAD_ROOT
         candidates = [FASHION_MNIST_DIR, root / sub / "raw"]
@@ -454,19 +463,104 @@ def _load_cifar10(path: str | None, download: bool, image_size, channels) -> Ima
 
 # ---------------------------------------------------------------------------- folders
 
+# From this many files on, reading a folder shows a tqdm bar on stderr: a few hundred photos take seconds.
+PROGRESS_MIN_FILES = 200
+# Modes that carry transparency (besides P with a transparent index); see _flatten.
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# PIL's errors for a file that is not a readable image, besides UnidentifiedImageError and DecompressionBombError
+# (its guard on huge pictures), which are named where PIL is imported.
+_UNREADABLE = (OSError, ValueError, SyntaxError)
+# Why a symbolic link was not followed, as the stderr line words it.
+_LINK_REASONS = {
+    "outside": "lead out of the folder",
+    "loop": "lead back into a folder that holds them (a loop)",
+    "again": "lead to a folder already read",
+}
+
 
 def _is_image(p: Path) -> bool:
     """A visible file with one of IMAGE_EXTENSIONS (any case)."""
     return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _images_under(d: Path) -> list[Path]:
-    """Image files anywhere below d, sorted, hidden folders skipped."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
-        dirnames[:] = [n for n in dirnames if not n.startswith(".")]
-        found += [Path(dirpath) / n for n in filenames if _is_image(Path(dirpath) / n)]
+def _real(p: Path) -> Path | None:
+    """p with every link resolved; None when its links loop."""
+    try:
+        return p.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop, before Python 3.13
+        return None
+
+
+def _link_trouble(link: Path, root: Path) -> str | None:
+    """Why symbolic link `link` must not be followed ("outside", "loop"), None if it may be; root is resolved.
+
+    A target outside root would read pictures that are not in data.path; a folder target that holds the link
+    (`up -> ..`) would read the same pictures again and again, into every split.
+    """
+    real = _real(link)
+    if real is None:
+        return "loop"
+    if real != root and root not in real.parents:
+        return "outside"
+    here = _real(link.parent)
+    if real.is_dir() and here is not None and (here == real or real in here.parents):
+        return "loop"
+    return None
+
+
+def _images_under(d: Path, root: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
+    """Image files anywhere below d, sorted, hidden names skipped; links followed only inside root (resolved).
+
+    os.walk does not follow links; each link is judged by _link_trouble, and a folder reached twice (two
+    links, or a link to a subfolder) is read once. Links not followed go to `skipped` with their reason.
+    """
+    found: list[Path] = []
+    seen: set[Path] = set()
+    tops = [d]
+    while tops:
+        top = tops.pop(0)
+        if _real(top) in seen:
+            skipped.append((top, "again"))
+            continue
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+            here = Path(dirpath)
+            seen.add(_real(here))
+            kept = []
+            for n in dirnames:
+                p = here / n
+                if n.startswith("."):
+                    continue
+                if not p.is_symlink():
+                    kept.append(n)
+                elif (why := _link_trouble(p, root)) is not None:
+                    skipped.append((p, why))
+                else:
+                    tops.append(p)
+            dirnames[:] = kept
+            for n in filenames:
+                p = here / n
+                if not _is_image(p):
+                    continue
+                if p.is_symlink() and (why := _link_trouble(p, root)) is not None:
+                    skipped.append((p, why))
+                else:
+                    found.append(p)
     return sorted(found)
+
+
+def _skipped_line(root: Path, skipped: list[tuple[Path, str]]) -> str:
+    """The stderr line that says which symbolic links were not followed."""
+    counts = {why: sum(w == why for _, w in skipped) for why in _LINK_REASONS}
+    parts = ", ".join(f"{n} {_LINK_REASONS[why]}" for why, n in counts.items() if n)
+    first = skipped[0][0]
+    try:
+        example = f"{os.path.relpath(first, root)} -> {os.readlink(first)}"
+    except (OSError, ValueError):
+        example = os.path.relpath(first, root)
+    return (
+        f"data.path = {str(root)!r}: skipped {len(skipped)} symbolic link(s) ({parts}), e.g. {example}; "
+        "copy the pictures they lead to into the folder if they belong to the data"
+    )
 
 
 def _open_image(p: Path):
@@ -476,7 +570,7 @@ def _open_image(p: Path):
     try:
         with Image.open(p) as img:
             img.load()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, *_UNREADABLE) as err:
         raise _bad(p, f"unreadable image ({err}); remove or replace the file") from None
     if img.mode.startswith("I;16"):
         # PIL's own I;16 -> L conversion clips at 255 instead of scaling.
@@ -489,6 +583,22 @@ def _open_image(p: Path):
     return img
 
 
+def _peek(p: Path) -> tuple[tuple[int, int], bool]:
+    """((width, height), grayscale?) of an image from its header; palettes are decoded for their colours."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as img:
+            mode, size = img.mode, img.size
+            # 16-bit grayscale becomes L in _open_image; I and F are refused there.
+            gray = mode.startswith("I;16") or mode in ("I", "F") or _is_gray(img)
+    except (UnidentifiedImageError, Image.DecompressionBombError, *_UNREADABLE) as err:
+        raise _bad(p, f"unreadable image ({err}); remove or replace the file") from None
+    if mode in ("I", "F"):
+        raise _bad(p, f"PIL mode {mode} (32-bit integer or float) is not supported; save it as 8- or 16-bit")
+    return (int(size[0]), int(size[1])), gray
+
+
 def _is_gray(img) -> bool:
     """True for single-luminance modes (1, L, LA) and palettes whose colours are all grey."""
     if img.mode in ("1", "L", "LA", "La"):
@@ -499,37 +609,107 @@ def _is_gray(img) -> bool:
     return False
 
 
-def _load_folder(path: str | None, image_size, channels) -> ImageData:
-    """Images of a folder, ImageFolder style: class subfolders, or one class for a flat folder."""
+def _flatten(img, p: Path):
+    """(img without transparency or ink channels, the record's key of the rule applied or None).
+
+    The one rule: RGBA, LA, PA and P with a transparent index are composited over opaque white with PIL's
+    Image.alpha_composite (c * a / 255 + 255 * (1 - a / 255); an opaque pixel keeps its colour, a fully
+    transparent one becomes white, whatever colour it hid); CMYK goes through PIL's convert("RGB") (no colour
+    profile). Keys: the mode, "P+transparency" for a palette with a transparent index.
+    """
+    from PIL import Image
+
+    try:
+        if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+            key = "P+transparency" if img.mode == "P" else img.mode
+            rgba = img.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba), key
+        if img.mode == "CMYK":
+            return img.convert("RGB"), "CMYK"
+    except ValueError as err:  # a mode PIL cannot convert to RGBA
+        raise _bad(p, f"PIL cannot convert mode {img.mode} ({err}); save it as RGB, RGBA or gray") from None
+    return img, None
+
+
+def _converted_note(converted: dict[str, int]) -> str:
+    """The source-sentence words for _flatten's conversions ('' if none)."""
+    alpha = ", ".join(f"{m}: {n}" for m, n in converted.items() if m != "CMYK")
+    parts = []
+    if alpha:
+        parts.append(f"transparency ({alpha}) composited over opaque white with PIL's alpha_composite")
+    if "CMYK" in converted:
+        parts.append(f"CMYK ({converted['CMYK']}) by PIL's convert('RGB'), without a colour profile")
+    return "".join("; " + p for p in parts)
+
+
+def _too_small(image_size: int, p: Path, size: tuple[int, int], n_small: int) -> DataError:
+    """The refusal of a picture whose shorter side is under data.image_size."""
+    return DataError(
+        f"data.image_size = {image_size}: {str(p)!r} is {size[0]}x{size[1]} (width x height), smaller than "
+        f"{image_size} on its shorter side ({n_small} such image(s) in data.path); lower data.image_size, "
+        "remove the small images, or set data.upscale: true to enlarge them (bicubic)"
+    )
+
+
+def _list_folder(root: Path, real_root: Path) -> tuple[list[str], list[list[Path]], list[tuple[Path, str]]]:
+    """(class names, each class's image files, the links skipped): ImageFolder style, or one flat class."""
+    skipped: list[tuple[Path, str]] = []
+    direct, subdirs = [], []
+    for p in sorted(root.iterdir()):
+        image, folder = _is_image(p), (p.is_dir() and not p.name.startswith("."))
+        if (image or folder) and p.is_symlink() and (why := _link_trouble(p, real_root)) is not None:
+            skipped.append((p, why))
+        elif image:
+            direct.append(p)
+        elif folder:
+            subdirs.append(p)
+    by_class = [(d.name, _images_under(d, real_root, skipped)) for d in subdirs]
+    filled = [(c, files) for c, files in by_class if files]
+    if direct and filled:
+        raise _bad(
+            root,
+            f"images lie both directly in the folder ({direct[0].name}, ...) and in subfolders "
+            f"({filled[0][0]}/, ...); put all of them in class subfolders or all in one flat folder",
+        )
+    if direct:  # subfolders without images beside a flat folder are not classes
+        by_class = [(real_root.name or "images", direct)]
+    elif filled and len(filled) < len(by_class):
+        empty = [f"{c}/" for c, files in by_class if not files]
+        raise _bad(
+            root,
+            f"class subfolder(s) {', '.join(empty)} hold no images ({', '.join(IMAGE_EXTENSIONS)}); put "
+            "images in them or remove them (an empty class would shift the label of every class after it)",
+        )
+    if not filled and not direct:
+        raise _bad(root, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder or its subfolders")
+    return [c for c, _ in by_class], [files for _, files in by_class], skipped
+
+
+def _load_folder(path: str | None, image_size, channels, upscale: bool = False) -> ImageData:
+    """Images of a folder, ImageFolder style: class subfolders, or one class for a flat folder.
+
+    Two passes: the headers (sizes, colour) first, so that every refusal comes before any decoding; then each
+    picture decoded, flattened (_flatten), converted and resized straight into the output array, so that
+    memory holds one photo at a time besides the uint8 (N, C, H, W) result.
+    """
     if path is None:
         raise DataError("data.path must be set to a folder of images when data.name is 'folder'")
     root = Path(path)
     if not root.is_dir():
         raise _bad(root, "folder does not exist; set data.path to a folder of images")
-    direct = sorted(p for p in root.iterdir() if _is_image(p))
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    by_class = [(d.name, _images_under(d)) for d in subdirs]
-    by_class = [(c, files) for c, files in by_class if files]
-    if direct and by_class:
-        raise _bad(
-            root,
-            f"images lie both directly in the folder ({direct[0].name}, ...) and in subfolders "
-            f"({by_class[0][0]}/, ...); put all of them in class subfolders or all in one flat folder",
-        )
-    if direct:
-        by_class = [(root.resolve().name or "images", direct)]
-    if not by_class:
-        raise _bad(root, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder or its subfolders")
-    classes = [c for c, _ in by_class]
-    files = [f for _, fs in by_class for f in fs]
-    labels = np.concatenate([np.full(len(fs), k, np.int64) for k, (_, fs) in enumerate(by_class)])
-    imgs = [_open_image(f) for f in files]
+    real_root = _real(root)
+    classes, per_class, skipped = _list_folder(root, real_root)
+    if skipped:
+        print(_skipped_line(root, skipped), file=sys.stderr)
+    files = [f for fs in per_class for f in fs]
+    labels = np.concatenate([np.full(len(fs), k, np.int64) for k, fs in enumerate(per_class)])
+    heads = [_peek(f) for f in files]
     if channels is None:
-        channels = 1 if all(_is_gray(im) for im in imgs) else 3
+        channels = 1 if all(gray for _, gray in heads) else 3
     if image_size is None:
         sizes = {}
-        for f, im in zip(files, imgs):
-            sizes.setdefault(im.size, f)
+        for f, (size, _) in zip(files, heads):
+            sizes.setdefault(size, f)
         if len(sizes) > 1:
             (s1, f1), (s2, f2) = list(sizes.items())[:2]
             raise _bad(
@@ -538,23 +718,46 @@ def _load_folder(path: str | None, image_size, channels) -> ImageData:
                 f"{s2[0]}x{s2[1]} (width x height); set data.image_size to resize and centre-crop "
                 "them all to one square size",
             )
+        width, height = heads[0][0]
+    else:
+        width = height = image_size
+        small = [(f, size) for f, (size, _) in zip(files, heads) if min(size) < image_size]
+        if small and not upscale:
+            raise _too_small(image_size, small[0][0], small[0][1], len(small))
+    from tqdm import tqdm
+
     mode = "L" if channels == 1 else "RGB"
-    arrays = []
-    for im in imgs:
+    x = np.empty((len(files), channels, height, width), np.uint8)
+    converted: dict[str, int] = {}
+    bar = tqdm(files, desc="reading images", unit="image", file=sys.stderr, leave=False, mininterval=1.0,
+               disable=len(files) < PROGRESS_MIN_FILES)
+    for i, f in enumerate(bar):
+        im, key = _flatten(_open_image(f), f)
+        if key is not None:
+            converted[key] = converted.get(key, 0) + 1
         im = im.convert(mode)
         if image_size is not None:
             im = _resize_crop_pil(im, image_size)
         a = np.asarray(im)
-        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-    train = _split(np.stack(arrays), labels)
+        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        if a.shape != x.shape[1:]:  # a header that lied about the size
+            raise _bad(f, f"decodes to {a.shape[2]}x{a.shape[1]}, not the {width}x{height} of its header")
+        x[i] = a
+    converted = dict(sorted(converted.items()))
     source = (
         f"{len(files)} images in {len(classes)} class(es) from folder {str(root)!r}, decoded with PIL "
         f"and converted to 8-bit {'grayscale (L)' if channels == 1 else 'RGB'} by PIL's convert "
-        "(16-bit grayscale as round(v * 255 / 65535))"
+        f"(16-bit grayscale as round(v * 255 / 65535){_converted_note(converted)})"
     )
     if image_size is not None:
         source += f", resized (bicubic, shorter side) and centre-cropped to {image_size}x{image_size}"
-    return ImageData(train=train, test=_empty_like(train.x), classes=classes, source=source + ".")
+        if upscale and small:
+            source += f" ({len(small)} smaller image(s) enlarged, data.upscale: true)"
+    train = _split(x, labels)
+    notes = {"skipped_links": len(skipped), "converted": converted}
+    return ImageData(
+        train=train, test=_empty_like(train.x), classes=classes, source=source + ".", notes=notes
+    )
 
 
 # ---------------------------------------------------------------------------- public
@@ -568,6 +771,7 @@ def load_image_data(
     image_size: int | None = None,
     channels: int | None = None,
     seed: int = 0,
+    upscale: bool = False,
 ) -> ImageData:
     """Load image set `name` (one of IMAGE_DATASETS) as uint8 (N, C, H, W) pools.
 
@@ -580,14 +784,19 @@ def load_image_data(
     - cifar10: the official python batches in <path>/cifar-10-batches-py/ or <path> itself
       (path defaults to DOWNLOAD_ROOT); 50,000 + 10,000 images (3, 32, 32).
     - folder: the images under data.path (see _load_folder); all in `train`, `test` empty.
+      Class subfolders must each hold an image; symbolic links are followed only inside
+      data.path and never into a folder that holds them (notes["skipped_links"]); RGBA, LA,
+      PA and P with transparency are composited over white, CMYK goes through PIL's
+      convert("RGB") (notes["converted"], see _flatten).
 
     download: fetch mnist / fashion_mnist / cifar10 with torchvision into data.path (or
     DOWNLOAD_ROOT) when they are not found. channels (1 or 3) and image_size (S) convert
     every image: channels first, then shorter side to S (bicubic) and a centre S x S crop.
-    Sets with an empty `test` get their test and reference images from the train pool in
-    split_image_data.
+    upscale (folder only): enlarge pictures whose shorter side is under S instead of refusing
+    them. Sets with an empty `test` get their test and reference images from the train pool
+    in split_image_data.
     """
-    _check_options(image_size, channels)
+    _check_options(image_size, channels, upscale)
     if name == "digits":
         return _load_digits(seed, image_size, channels)
     if name in ("fashion_mnist", "mnist"):
@@ -595,55 +804,159 @@ def load_image_data(
     if name == "cifar10":
         return _load_cifar10(path, download, image_size, channels)
     if name == "folder":
-        return _load_folder(path, image_size, channels)
+        return _load_folder(path, image_size, channels, upscale)
     raise DataError(
         f"data.name must be one of {IMAGE_DATASETS} for images (a uint8 .npy file goes through "
         f"load_uint8_file), got {name!r}"
     )
 
 
+# What a data.name: file of images must hold, for the refusals of load_uint8_file.
+IMAGE_FILE_FORM = "a uint8 array (N, C, H, W) with C = 1 or 3 channels and values 0..255"
+
+
 def load_uint8_file(
-    path: str | os.PathLike, labels_path: str | os.PathLike | None = None
+    path: str | os.PathLike,
+    labels_path: str | os.PathLike | None = None,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    upscale: bool = False,
 ) -> ImageData:
     """ImageData from a uint8 .npy of shape (N, C, H, W), C in (1, 3), all in the train pool.
 
     labels_path: an optional .npy of N integers >= 0 (classes "0".."K-1" for K = max + 1);
     without it every label is 0 and the one class is "unlabelled". `test` is empty, so
-    split_image_data carves test and reference from this pool.
+    split_image_data carves test and reference from this pool. channels and image_size convert
+    as in load_image_data; images smaller than image_size are refused unless `upscale`.
     """
+    _check_options(image_size, channels, upscale)
     path = Path(path)
     if not path.is_file():
-        raise _bad(path, "file does not exist; set data.path to a uint8 .npy of shape (N, C, H, W)")
+        raise _bad(path, f"file does not exist; set data.path to a .npy holding {IMAGE_FILE_FORM}")
     try:
         x = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise _bad(path, f"not a readable .npy file ({err})") from None
-    if not isinstance(x, np.ndarray) or x.dtype != np.uint8:
-        got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
-        raise _bad(path, f"images must be uint8 (0..255), got {got}; scale them to 0..255 and save uint8")
+    if not isinstance(x, np.ndarray):
+        raise _bad(path, f"a data.name: file of images must be {IMAGE_FILE_FORM}, got {type(x).__name__}")
+    if x.dtype != np.uint8:
+        raise _bad(
+            path,
+            f"images must be uint8 (0..255), got {x.dtype} {x.shape}: a data.name: file of images must be "
+            f"{IMAGE_FILE_FORM}; scale the values to 0..255 and save x.astype(np.uint8) "
+            "(a 2-D array (N, D) is read as points)",
+        )
     if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise _bad(path, f"images must have shape (N, C, H, W) with C = 1 or 3, got {x.shape}")
+        hint = ""
+        if x.ndim == 3:
+            hint = "; for grayscale (N, H, W) save x[:, None]"
+        elif x.ndim == 4 and x.shape[3] in (1, 3):
+            hint = "; for channels-last (N, H, W, C) save x.transpose(0, 3, 1, 2)"
+        raise _bad(
+            path,
+            f"images must have shape (N, C, H, W) with C = 1 or 3, got {x.shape}: a data.name: file of "
+            f"images must be {IMAGE_FILE_FORM}{hint}",
+        )
     if x.shape[0] == 0:
         raise _bad(path, "the array holds no images")
+    if image_size is not None and min(x.shape[2:]) < image_size and not upscale:
+        h, w = x.shape[2:]
+        raise _too_small(image_size, path, (w, h), x.shape[0])
     if labels_path is None:
         y, classes = np.zeros(x.shape[0], np.int64), ["unlabelled"]
     else:
-        lp = Path(labels_path)
-        try:
-            y = np.load(lp, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
-            raise _bad(lp, f"labels are not a readable .npy file ({err})") from None
-        if not isinstance(y, np.ndarray) or not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
-            got = f"{y.dtype} {y.shape}" if isinstance(y, np.ndarray) else type(y).__name__
-            raise _bad(lp, f"labels must be a 1-D integer array, got {got}")
-        if y.shape[0] != x.shape[0]:
-            raise _bad(lp, f"{y.shape[0]} labels for {x.shape[0]} images in {path.name}")
-        if int(y.min()) < 0:
-            raise _bad(lp, f"labels must be >= 0, got {int(y.min())}")
-        classes = [str(k) for k in range(int(y.max()) + 1)]
+        y, classes = _load_labels(Path(labels_path), path, x.shape[0])
     train = _split(x, y)
-    source = f"{x.shape[0]} uint8 images {tuple(x.shape[1:])} from {str(path)!r}, used as stored"
+    if image_size is None and channels in (None, x.shape[1]):
+        source = f"{x.shape[0]} uint8 images {tuple(x.shape[1:])} from {str(path)!r}, used as stored"
+    else:
+        train = _split(_convert(x, image_size, channels), y)
+        source = f"{x.shape[0]} uint8 images {tuple(x.shape[1:])} from {str(path)!r}" + _conversion_note(
+            image_size, channels
+        )
     return ImageData(train=train, test=_empty_like(train.x), classes=classes, source=source + ".")
+
+
+def _load_labels(lp: Path, path: Path, n: int) -> tuple[np.ndarray, list[str]]:
+    """(labels (n,), class names "0".."K-1") from data.labels_path, checked against the n images of path."""
+
+    def bad(what: str) -> DataError:
+        return DataError(f"data.labels_path = {str(lp)!r} (for data.path = {str(path)!r}): {what}")
+
+    try:
+        y = np.load(lp, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise bad(f"labels are not a readable .npy file ({err})") from None
+    if not isinstance(y, np.ndarray) or not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
+        got = f"{y.dtype} {y.shape}" if isinstance(y, np.ndarray) else type(y).__name__
+        raise bad(f"labels must be a 1-D integer array, got {got}")
+    if y.shape[0] != n:
+        raise bad(
+            f"{y.shape[0]} labels for {n} images in {path.name}; data.labels_path must hold one integer "
+            "label per image, in the order of the images"
+        )
+    if n and int(y.min()) < 0:
+        raise bad(f"labels must be >= 0, got {int(y.min())}")
+    return y, [str(k) for k in range(int(y.max()) + 1)]
+
+
+def _digests(x: np.ndarray) -> list[bytes]:
+    """A 16-byte BLAKE2b digest of each image of x (N, C, H, W): equal bytes, equal digests.
+
+    Digests, not the bytes themselves, so that a set of large images is not held twice in memory.
+    """
+    x = np.ascontiguousarray(x)
+    return [hashlib.blake2b(img, digest_size=16).digest() for img in x]
+
+
+def split_duplicates(splits: dict[str, ImageSplit]) -> dict[str, int]:
+    """Images of one split that are byte for byte an image of another split, counted.
+
+    {"train_test": test images found in train, "train_reference": reference images found in train,
+    "test_reference": reference images found in test}.
+    """
+    d = {k: _digests(splits[k].x) for k in ("train", "test", "reference")}
+    train, test = set(d["train"]), set(d["test"])
+    return {
+        "train_test": sum(h in train for h in d["test"]),
+        "train_reference": sum(h in train for h in d["reference"]),
+        "test_reference": sum(h in test for h in d["reference"]),
+    }
+
+
+def check_held_out(
+    data: ImageData, splits: dict[str, ImageSplit], duplicates: dict[str, int], where: str
+) -> None:
+    """Refuse a test split that is not held out: every test image a copy of a training image, or (a pool
+    without an official test split) every image of the pool present at least twice, so that any split leaks.
+
+    where: "data.path = '...'" (or the data.name), the start of the message.
+    """
+    n_test = len(splits["test"])
+    if n_test == 0:
+        return
+    hint = (
+        "look for symbolic links back into the folder and for subfolders holding the same files (a folder's "
+        "subfolders are classes, not splits: train/ and test/ would be two classes), remove the copies"
+    )
+    if duplicates["train_test"] == n_test:
+        raise DataError(
+            f"{where}: every one of the {n_test} test images is byte for byte a training image, so the test "
+            f"split is not held out (and {duplicates['train_reference']} of {len(splits['reference'])} "
+            f"reference images too); {hint}"
+        )
+    if len(data.test) == 0:
+        counts: dict[bytes, int] = {}
+        for h in _digests(data.train.x):
+            counts[h] = counts.get(h, 0) + 1
+        if min(counts.values()) > 1:
+            raise DataError(
+                f"{where}: every one of the {len(data.train)} images appears at least twice "
+                f"({len(counts)} distinct images), so no test image can be held out of training "
+                f"({duplicates['train_test']} of {n_test} test images are training images in this split); "
+                f"{hint}"
+            )
 
 
 def _check_count(key: str, v) -> int:

@@ -1,20 +1,21 @@
 """The prepare stage's library call: any data set -> train / test / reference splits, labels and the data record.
 
-Two kinds (DESIGN.md, "Images, devices, several GPUs"): points, float arrays (N, D); images, uint8
+Two kinds (docs/design.md, "Images, devices, several GPUs"): points, float arrays (N, D); images, uint8
 arrays (N, C, H, W) with integer labels. The record says which, once, and every later stage reads
 it instead of guessing from a shape.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from pipeline.data.images import (IMAGE_DATASETS, ImageData, default_split_sizes, load_image_data, load_uint8_file,
-                                  split_image_data)
+from pipeline.data.images import (IMAGE_DATASETS, ImageData, check_held_out, default_split_sizes, load_image_data,
+                                  load_uint8_file, split_duplicates, split_image_data)
 from pipeline.data.toy2d import DataError, prepare_splits, toy_label_splits
 from pipeline.defaults import POINT_SIZES
 
@@ -35,43 +36,58 @@ class Prepared:
 
 
 def _is_image_file(path: Optional[str]) -> bool:
-    """A data.name: file is images when it holds a uint8 array of 4 dimensions."""
+    """A data.name: file is images when its .npy array has 3 or more dimensions: points are (N, D), so a float or
+    3-D array is a failed image file, and the image loader's message (uint8 (N, C, H, W)) is the one that helps."""
     if path is None or Path(path).suffix.lower() != ".npy":
         return False
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError):
         return False  # let the point loader give its error
-    return arr.dtype == np.uint8 and arr.ndim == 4
+    return isinstance(arr, np.ndarray) and arr.ndim >= 3
 
 
 def _size(value, auto: int) -> int:
     return auto if value == "auto" else int(value)
 
 
-def _images(data: ImageData, name: str, n_train, n_test, n_reference, seed: int) -> Prepared:
+def _images(data: ImageData, name: str, n_train, n_test, n_reference, seed: int, path: Optional[str]) -> Prepared:
     auto = default_split_sizes(name, data)
     sizes = [_size(v, a) for v, a in zip((n_train, n_test, n_reference), auto)]
     splits = split_image_data(data, *sizes, seed=seed)
+    # Copies across splits are common in users' folders: counted always, refused when the test split is all copies.
+    duplicates = split_duplicates(splits)
+    where = f"data.path = {str(path)!r}" if path is not None else f"data.name = {name!r}"
+    check_held_out(data, splits, duplicates, where)
+    if duplicates["train_test"] or duplicates["train_reference"]:
+        print(f"{where}: {duplicates['train_test']} of {len(splits['test'])} test and {duplicates['train_reference']} "
+              f"of {len(splits['reference'])} reference images are byte for byte training images (the data record's "
+              "'duplicates')", file=sys.stderr)
     record = {"kind": "images", "name": name, "shape": list(data.shape), "num_classes": data.num_classes,
               "classes": list(data.classes), "source": data.source, "pixels": "uint8 (N, C, H, W), 0..255",
-              **{f"n_{k}": int(len(splits[k].x)) for k in SPLITS}}
+              **{f"n_{k}": int(len(splits[k].x)) for k in SPLITS}, "duplicates": duplicates, **data.notes}
     return Prepared({k: splits[k].x for k in SPLITS}, {k: splits[k].y.astype(np.int64) for k in SPLITS}, record)
 
 
 def prepare_data(name: str, *, n_train, n_test, n_reference, seed: int, noise: float = 0.0,
                  gmm: "GaussianMixture | None" = None, path: Optional[str] = None, labels_path: Optional[str] = None,
-                 download: bool = False, image_size: Optional[int] = None, channels=None) -> Prepared:
+                 download: bool = False, image_size: Optional[int] = None, channels=None,
+                 upscale: bool = False) -> Prepared:
     """Load or draw data set `name` and split it; 'auto' sizes resolve per data set (pipeline.defaults and
     pipeline.data.images.default_split_sizes). Points are float32 (N, D); their labels are the classes of moons,
-    8gaussians and gmm (pipeline.data.toy2d.toy_label_splits), NO_LABEL for the sets without classes."""
+    8gaussians and gmm (pipeline.data.toy2d.toy_label_splits), NO_LABEL for the sets without classes.
+
+    Images are uint8 (N, C, H, W); their record adds "duplicates" (images of one split byte for byte in another,
+    pipeline.data.images.split_duplicates) and, for a folder, "skipped_links" and "converted". upscale (data.upscale):
+    a folder's or file's images smaller than image_size are enlarged instead of refused."""
     channels = None if channels == "auto" else channels
     if name in IMAGE_DATASETS:
         data = load_image_data(name, path=path, download=download, image_size=image_size, channels=channels,
-                               seed=seed)
-        return _images(data, name, n_train, n_test, n_reference, seed)
+                               seed=seed, upscale=upscale)
+        return _images(data, name, n_train, n_test, n_reference, seed, path)
     if name == "file" and _is_image_file(path):
-        return _images(load_uint8_file(path, labels_path), name, n_train, n_test, n_reference, seed)
+        data = load_uint8_file(path, labels_path, image_size=image_size, channels=channels, upscale=upscale)
+        return _images(data, name, n_train, n_test, n_reference, seed, path)
     if labels_path is not None:
         raise DataError("data.labels_path is for a uint8 image array (N, C, H, W); points carry no labels")
     sizes = {k: _size(v, POINT_SIZES) for k, v in zip(SPLITS, (n_train, n_test, n_reference))}

@@ -3,7 +3,7 @@
 Every generator takes an explicit integer seed; the same seed gives the same bytes.
 `prepare_splits` is what the prepare stage calls: it returns train / test / reference
 arrays, where `reference` is an independent held-out sample of the true distribution
-used only for the metric floors (DESIGN.md, "Metrics, defined once").
+used only for the metric floors (docs/design.md, "Metrics, defined once").
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from pipeline.errors import DataError  # noqa: F401  (re-exported: pipeline.data.DataError)
+from pipeline.names import POINT_SETS
 
 if TYPE_CHECKING:  # only for annotations: the mixture is built by the caller
     from pipeline.gmm import GaussianMixture
 
-DATASETS = ("swissroll", "moons", "checkerboard", "8gaussians", "gmm", "file")
+DATASETS = (*POINT_SETS, "file")
 GENERATIVE = DATASETS[:-1]
 FILE_EXTENSIONS = (".npy", ".csv")
 
