@@ -13,7 +13,7 @@ Across sample.batch_size the noise is the same (per-sample seeds), but two sampl
 and change with the batching: the PC sampler's Langevin corrector (its step size uses norms averaged over the batch,
 as score_sde) and the ODE sampler's RK45 (one adaptive step size for the batch). The others change only by the
 float rounding of the network on another number of rows (CPU GEMM kernels are chosen by the row count: float32
-points may differ in their last bits; uint8 image pixels almost never do).
+coordinates may differ in their last bits; uint8 pixels almost never do).
 """
 
 from __future__ import annotations
@@ -24,82 +24,70 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from pipeline import defaults, io, models, pixels, plots
+from pipeline import defaults, io, models
 from pipeline.config import Config
 from pipeline.distributed import Group
-from pipeline.data import DataError
+from pipeline.errors import DataError
 from pipeline.edit import sdedit
 from pipeline.guidance import guided_score
 from pipeline.inpaint import inpaint, make_mask
 from pipeline.interpolate import auto_scheme, interpolate
+from pipeline.kinds import DataKind, kind_of
 from pipeline.parameterization import clip_denoised
 from pipeline.processes import Process
 from pipeline.rng import SampleGenerators
 from pipeline.samplers import draw
 from pipeline.tracking import StageRun
 from stages.common import (MODEL, NOISE_SCALES, SAMPLE_METRICS, SAMPLES, SAMPLES_PLOT, TEST, TRAJECTORY_PLOT,
-                           choose_device, data_record, main, plan_of, process_of, sampler_options)
+                           choose_device, data_record, main, process_of, resolve, sampler_options)
 
-# Grid points of the first batch kept for the trajectory figure ("x at 8 times").
+# Grid times of the first batch kept for the trajectory figure ("x at 8 times").
 TRAJECTORY_FRAMES = 8
-GRID_IMAGES = 64
-# Items shown side by side in the figures of inpainting and editing.
-SIDE_BY_SIDE = 8
 
 
 @dataclass
 class Loaded:
-    """What every task of the stage starts from: the data record, the process, the model and the sampler's options."""
+    """What every task of the stage starts from: the data record and kind, the process, the model and the sampler's
+    options."""
 
     info: dict
+    data: DataKind
     process: Process
     sampler: str
     device: torch.device
     model_kind: str
     fn: Callable
-    scaling: Optional[str]
     clip: bool
     steps: Optional[int]
     options: dict
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.info["shape"])
+        return self.data.shape
 
     def score(self, fn: Callable) -> Callable:
-        """fn, its x0_hat clipped to the pixel range where sample.clip_denoised says so (outside any guidance: the
+        """fn, its x0_hat clipped to the data's range where sample.clip_denoised says so (outside any guidance: the
         guided x0_hat is the one clipped)."""
-        return clip_denoised(fn, self.process, *pixels.pixel_range(self.scaling)) if self.clip else fn
+        return clip_denoised(fn, self.process, *self.data.value_range()) if self.clip else fn
 
     def to_model(self, data: np.ndarray) -> torch.Tensor:
-        """Held-out items (uint8 pixels or float points) in model space on the device."""
-        x = pixels.to_model(torch.from_numpy(data), self.scaling) if self.scaling else torch.from_numpy(data).float()
-        return x.to(self.device)
-
-    def to_output(self, x: torch.Tensor) -> np.ndarray:
-        """Model-space samples as stored: uint8 pixels for images, float32 points."""
-        return (pixels.to_pixels(x, self.scaling) if self.scaling else x.float()).cpu().numpy()
+        """Held-out items as stored in model space on the device."""
+        return self.data.to_model(data, self.device)
 
 
 def load(cfg: Config) -> Loaded:
-    info = data_record()
-    record = io.read_json(NOISE_SCALES)
-    process = process_of(record)
-    sampler = plan_of(cfg).sampler
-    device = choose_device(cfg.train.device)
+    info, record, r = data_record(), io.read_json(NOISE_SCALES), resolve(cfg)
+    process, sampler, device = process_of(record), r.plan.sampler, choose_device(cfg.train.device)
     model_kind, fn = models.load_model(MODEL, process, device=device)
     clip = defaults.clip_denoised(cfg.sample.clip_denoised, sampler, model_kind, info)
-    steps, options = sampler_options(cfg, process, record)
-    return Loaded(info, process, sampler, device, model_kind, fn, record.get("scaling"), clip, steps, options)
+    steps, options = sampler_options(r, process, record)
+    return Loaded(info, kind_of(info, record.get("scaling")), process, sampler, device, model_kind, fn, clip, steps,
+                  options)
 
 
 def sample_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> None:
     """The sample stage's body; with a `group` (torchrun, N > 1) one rank's shard of it, rank 0 gathering and
     writing. sample.task other than generate: inpaint, interpolate or edit (one process)."""
-    if cfg.method.name == "schrodinger_bridge":  # a walk between two data sets (stages.bridge)
-        from stages import bridge  # here: no other method's run loads it
-
-        return bridge.sample_stage(cfg, run)
     m = load(cfg)
     if cfg.sample.task != "generate":
         try:
@@ -110,23 +98,13 @@ def sample_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> N
     s = cfg.sample
     n, batch_size = defaults.sample_sizes(s.n, s.batch_size, cfg.eval.fid_n, m.info)
     classes = _classes(cfg, n, m.info)
-    chunks, nfe, trajectory = [], 0, []
-    starts = range(0, n, batch_size)  # the batches of one process
-    if group is not None:  # this rank's run of them
-        starts = starts[group.rows(len(starts))]
-    with torch.no_grad():
-        for start in starts:
-            b = min(batch_size, n - start)
-            gens = SampleGenerators(s.seed, range(start, start + b))
-            batch_fn = m.fn if classes is None else guided_score(m.fn, classes[start:start + b].to(m.device),
-                                                                 s.guidance)
-            out = draw(m.sampler, m.model_kind, m.score(batch_fn), m.process, (b, *m.shape), gens, m.steps,
-                       m.options, progress=group is None or group.is_main,
-                       record=TRAJECTORY_FRAMES if start == 0 else None, device=m.device)
-            _check_finite(out.x)
-            chunks.append(m.to_output(out.x))
-            trajectory = trajectory or [(t, x[:TRAJECTORY_FRAMES].cpu()) for t, x in out.trajectory]
-            nfe = max(nfe, out.nfe)
+
+    def batch(rows: slice, gens: SampleGenerators, record: Optional[int]):
+        fn = m.fn if classes is None else guided_score(m.fn, classes[rows].to(m.device), s.guidance)
+        return draw(m.sampler, m.model_kind, m.score(fn), m.process, (rows.stop - rows.start, *m.shape), gens,
+                    m.steps, m.options, progress=group is None or group.is_main, record=record, device=m.device)
+
+    chunks, nfe, trajectory = _batched(m, n, batch_size, s.seed, batch, group)
     if group is not None:
         x, nfe, trajectory = _gather(group, chunks, nfe, trajectory)
         if not group.is_main:
@@ -136,11 +114,8 @@ def sample_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> N
     io.save_npz(SAMPLES, x=x, **({} if classes is None else {"y": classes.numpy()}))
     io.write_json(SAMPLE_METRICS, {"nfe": nfe, "n": int(len(x))})
     title = f"{cfg.method.name}: {m.sampler}, nfe={nfe}"
-    if m.info["kind"] == "images":
-        plots.image_grid(SAMPLES_PLOT, x[:GRID_IMAGES], title)
-    else:
-        plots.scatter_samples(SAMPLES_PLOT, x, np.load(TEST)[: len(x)], title)
-    _trajectory_plot(m, trajectory, title)
+    m.data.samples_figure(SAMPLES_PLOT, x, np.load(TEST), title)
+    m.data.trajectory_figure(TRAJECTORY_PLOT, trajectory, title)
     _log(cfg, run, m, {"n": n, "batch_size": batch_size}, nfe)
 
 
@@ -148,15 +123,6 @@ def _check_finite(x: torch.Tensor) -> None:
     if not torch.isfinite(x).all():
         raise FloatingPointError("sampling diverged: non-finite samples (try a smaller noise.step_size or "
                                  "more sample.steps)")
-
-
-def _trajectory_plot(m: Loaded, trajectory: list, title: str) -> None:
-    if m.info["kind"] == "images":
-        frames = [(t, pixels.to_pixels(v, m.scaling).numpy()) for t, v in trajectory]
-        plots.image_trajectory(TRAJECTORY_PLOT, frames, f"{title}: x at {len(frames)} times")
-    else:
-        plots.point_trajectory(TRAJECTORY_PLOT, [(t, v.numpy()) for t, v in trajectory],
-                               f"{title}: x at {len(trajectory)} times")
 
 
 def _log(cfg: Config, run: StageRun, m: Loaded, resolved: dict, nfe: int) -> None:
@@ -175,20 +141,25 @@ def _held_out(n: int) -> np.ndarray:
     return test[:n]
 
 
-def _batched(n: int, batch_size: int, seed: int, body: Callable) -> tuple[np.ndarray, int, list]:
-    """body(rows, generators, record) over the batches of n items (per-sample generators, as generate draws), the
-    outputs concatenated, the largest nfe and the first batch's recorded trajectory."""
+def _batched(m: Loaded, n: int, batch_size: int, seed: int, body: Callable,
+             group: Optional[Group] = None) -> tuple[list[np.ndarray], int, list]:
+    """body(rows, generators, record) over the batches of n items (per-sample generators; with a group, this rank's
+    run of the batches): the outputs as stored, batch by batch, the largest nfe and the recorded trajectory of the
+    batch that starts at item 0."""
     chunks, nfe, trajectory = [], 0, []
+    starts = range(0, n, batch_size)
+    if group is not None:
+        starts = starts[group.rows(len(starts))]
     with torch.no_grad():
-        for start in range(0, n, batch_size):
+        for start in starts:
             rows = slice(start, min(start + batch_size, n))
             out = body(rows, SampleGenerators(seed, range(rows.start, rows.stop)),
                        TRAJECTORY_FRAMES if start == 0 else None)
             _check_finite(out.x)
-            chunks.append(out.x)
+            chunks.append(m.data.to_output(out.x))
             trajectory = trajectory or [(t, x[:TRAJECTORY_FRAMES].cpu()) for t, x in out.trajectory]
             nfe = max(nfe, out.nfe)
-    return torch.cat(chunks), nfe, trajectory
+    return chunks, nfe, trajectory
 
 
 def inpaint_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
@@ -207,10 +178,10 @@ def inpaint_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
     for method in p.methods:
         options = {"repaint": {"jump": p.jump, "resamples": p.resamples},
                    "mcg": {"alpha": defaults.mcg_alpha(p.alpha, m.info)}}.get(method, {})
-        x, nfes[method], traj = _batched(n, batch_size, s.seed, lambda rows, gens, record: inpaint(
+        chunks, nfes[method], traj = _batched(m, n, batch_size, s.seed, lambda rows, gens, record: inpaint(
             m.sampler, m.model_kind, m.score(m.fn), m.process, x_known[rows], mask[rows], gens, m.steps, m.options,
             method, progress=True, record=record, **options))
-        results.append(m.to_output(x))
+        results.append(np.concatenate(chunks))
         trajectory = trajectory or traj
     x = np.stack(results)
     mask_out = mask.to(torch.uint8).cpu().numpy()
@@ -219,15 +190,8 @@ def inpaint_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
     io.write_json(SAMPLE_METRICS, {"nfe": nfe, "n": n, "task": "inpaint", "mask": kind,
                                    **{f"nfe_{k}": v for k, v in nfes.items()}})
     title = f"{cfg.method.name}: {m.sampler}, {kind} mask, inpainting"
-    if m.info["kind"] == "images":
-        shown = slice(0, SIDE_BY_SIDE)
-        hidden = np.where(mask_out[shown] != 0, known[shown], 128).astype(np.uint8)  # mid-grey where generated
-        plots.image_columns(SAMPLES_PLOT, [("original", known[shown]), ("input", hidden)]
-                            + [(name, xm[shown]) for name, xm in zip(p.methods, x)], title)
-    else:
-        plots.point_panels(SAMPLES_PLOT, [(f"{name} (nfe {nfes[name]})", xm) for name, xm in zip(p.methods, x)],
-                           known, f"{title}: completions (orange) over the held-out items (grey)")
-    _trajectory_plot(m, trajectory, f"{title} ({p.methods[0]})")
+    m.data.inpaint_figure(SAMPLES_PLOT, known, mask_out, p.methods, x, nfes, title)
+    m.data.trajectory_figure(TRAJECTORY_PLOT, trajectory, f"{title} ({p.methods[0]})")
     _log(cfg, run, m, {"n": n, "batch_size": batch_size, "mask": kind}, nfe)
 
 
@@ -241,18 +205,14 @@ def interpolate_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
                           p.frames, scheme, m.steps, m.options, progress=True, record=TRAJECTORY_FRAMES,
                           device=m.device)
     _check_finite(out.x)
-    x = m.to_output(out.x).reshape(p.pairs, p.frames, *m.shape)
+    x = m.data.to_output(out.x).reshape(p.pairs, p.frames, *m.shape)
     alpha = np.linspace(0.0, 1.0, p.frames)
     io.save_npz(SAMPLES, x=x, alpha=alpha, scheme=np.array(scheme))
     io.write_json(SAMPLE_METRICS, {"nfe": out.nfe, "n": int(p.pairs * p.frames), "task": "interpolate",
                                    "scheme": scheme})
     title = f"{cfg.method.name}: {m.sampler}, {scheme} interpolation"
-    if m.info["kind"] == "images":
-        plots.image_columns(SAMPLES_PLOT, [(f"{a:.2f}", x[:, k]) for k, a in enumerate(alpha)],
-                            f"{title}: each row from sample 2j to 2j + 1")
-    else:
-        plots.point_paths(SAMPLES_PLOT, x, np.load(TEST), f"{title}: {p.pairs} paths of {p.frames} frames")
-    _trajectory_plot(m, [(t, v) for t, v in out.trajectory], title)
+    m.data.interpolation_figure(SAMPLES_PLOT, x, alpha, np.load(TEST), title)
+    m.data.trajectory_figure(TRAJECTORY_PLOT, out.trajectory, title)
     _log(cfg, run, m, {"n": p.pairs * p.frames, "scheme": scheme}, out.nfe)
 
 
@@ -266,10 +226,10 @@ def edit_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
     x_in = m.to_model(inputs)
     results, nfes, trajectory = [], {}, []
     for t0 in times:
-        x, nfes[t0], traj = _batched(n, batch_size, s.seed, lambda rows, gens, record: sdedit(
+        chunks, nfes[t0], traj = _batched(m, n, batch_size, s.seed, lambda rows, gens, record: sdedit(
             m.sampler, m.model_kind, m.score(m.fn), m.process, x_in[rows], t0, gens, m.steps, m.options,
             progress=True, record=record))
-        results.append(m.to_output(x))
+        results.append(np.concatenate(chunks))
         trajectory = traj if t0 == max(times) else trajectory
     x = np.stack(results)
     io.save_npz(SAMPLES, x=x, t0=np.array(times, dtype=np.float64), x_known=inputs)
@@ -277,14 +237,8 @@ def edit_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
     io.write_json(SAMPLE_METRICS, {"nfe": nfe, "n": n, "task": "edit",
                                    **{f"nfe_t0_{t0:g}": v for t0, v in nfes.items()}})
     title = f"{cfg.method.name}: {m.sampler}, SDEdit"
-    if m.info["kind"] == "images":
-        shown = slice(0, SIDE_BY_SIDE)
-        plots.image_columns(SAMPLES_PLOT, [("input", inputs[shown])]
-                            + [(f"t0 = {t0:g}", xt[shown]) for t0, xt in zip(times, x)], title)
-    else:
-        plots.point_panels(SAMPLES_PLOT, [(f"t0 = {t0:g}", xt) for t0, xt in zip(times, x)], inputs,
-                           f"{title}: edits (orange) of the held-out items (grey)")
-    _trajectory_plot(m, trajectory, f"{title} from t0 = {max(times):g}")
+    m.data.edit_figure(SAMPLES_PLOT, inputs, times, x, title)
+    m.data.trajectory_figure(TRAJECTORY_PLOT, trajectory, f"{title} from t0 = {max(times):g}")
     _log(cfg, run, m, {"n": n, "batch_size": batch_size}, nfe)
 
 
