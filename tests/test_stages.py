@@ -330,13 +330,15 @@ def _sh(args: list[str], cwd: Path, env: dict) -> str:
 def dvc_repo(tmp_path_factory) -> Path:
     """A git + DVC repo holding a copy of the project with tiny params."""
     tmp = tmp_path_factory.mktemp("dvcrepo")
-    for item in ("pipeline", "stages"):
+    for item in ("pipeline", "stages", "families"):
         shutil.copytree(REPO / item, tmp / item, ignore=shutil.ignore_patterns("__pycache__"))
     for item in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / item, tmp / item)
     for sub in ("data", "models", "outputs", "reports"):
         (tmp / sub).mkdir()
         shutil.copy(REPO / sub / ".gitignore", tmp / sub / ".gitignore")
+    (tmp / "data" / "raw").mkdir()  # the default data.path, a dependency of prepare
+    shutil.copy(REPO / "data" / "raw" / "README.md", tmp / "data" / "raw" / "README.md")
     _write_params(tmp / "params.yaml", TINY)
     env = _dvc_env(tmp)
     _sh(["git", "init", "-q"], tmp, env)
@@ -592,3 +594,54 @@ def test_schrodinger_bridge_through_the_stages(workdir, solver):
     np.testing.assert_array_equal(samples["x_start"], target["test"])
     backward = json.loads(Path("metrics/evaluate.json").read_text())
     assert backward["cd_floor"] != metrics["cd_floor"]  # compared with the source's held-out points now
+
+
+def _stale(repo: Path, env: dict) -> str:
+    """`dvc status` of the repo: '' when every stage is up to date."""
+    out = _sh([sys.executable, "-m", "dvc", "status"], repo, env)
+    return "" if "up to date" in out else out
+
+
+@pytest.mark.xdist_group("dvc")
+def test_editing_another_family_leaves_the_run_up_to_date_and_a_shared_file_does_not(dvc_repo, dvc_baseline):
+    """The baseline is an ncsnv2 run: every Schrödinger-bridge file edited leaves `dvc status` clean (its package
+    is a dependency of bridge runs only, families/${method.name}); an edit of pipeline/rng.py, the noise of every
+    loss and sampler, marks train and what follows it changed."""
+    env = _dvc_env(dvc_repo)
+    _back_to_baseline(dvc_repo, env)
+    assert _stale(dvc_repo, env) == ""
+    bridge = sorted((dvc_repo / "families" / "schrodinger_bridge").glob("*.py"))
+    assert len(bridge) >= 4
+    for path in [*bridge, dvc_repo / "families" / "ddpm" / "__init__.py"]:
+        path.write_text(path.read_text() + "\n# an edit of another family\n")
+    assert _stale(dvc_repo, env) == ""
+    rng = dvc_repo / "pipeline" / "rng.py"
+    rng.write_text(rng.read_text() + "\n# an edit of a shared file\n")
+    stale = _stale(dvc_repo, env)
+    assert all(f"{stage}:" in stale for stage in ("train", "sample", "evaluate")), stale
+    assert "prepare:" in stale  # every stage loads params through stages/common.py, which may import it
+    _back_to_baseline(dvc_repo, env)
+
+
+@pytest.mark.xdist_group("dvc")
+def test_a_folder_of_images_is_a_dependency_of_prepare(dvc_repo, dvc_baseline):
+    """data.name: folder: adding an image to the folder makes `dvc status` report prepare changed."""
+    from PIL import Image
+
+    env = _dvc_env(dvc_repo)
+    _back_to_baseline(dvc_repo, env)
+    folder = dvc_repo.parent / f"{dvc_repo.name}-images"
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(6):
+            Image.new("L", (8, 8), 40 * i + (100 if c == "b" else 0)).save(folder / c / f"{i}.png")
+    params = yaml.safe_load((dvc_repo / "params.yaml").read_text())
+    params["data"].update(name="folder", path=str(folder), n_train="auto", n_test=2, n_reference=2)
+    params["eval"].update(n="auto", emd_n=2000, cloud_size=100, likelihood_n=1000)
+    params["sample"].update(n="auto", batch_size="auto")
+    _write_params(dvc_repo / "params.yaml", params)
+    _sh([sys.executable, "-m", "dvc", "repro", "prepare"], dvc_repo, env)
+    assert "prepare:" not in _stale(dvc_repo, env)
+    Image.new("L", (8, 8), 7).save(folder / "a" / "new.png")
+    assert "prepare:" in _stale(dvc_repo, env)
+    _back_to_baseline(dvc_repo, env)
