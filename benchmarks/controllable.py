@@ -122,7 +122,7 @@ def main() -> None:
 
 
 def report(rows: list[dict[str, Any]]) -> None:
-    """Print the README tables of the studies in `rows` and draw the guidance figure."""
+    """Print the tables (docs/benchmarks.md) of the studies in `rows` and draw the guidance figure."""
     from pipeline import plots
 
     guided = [r for r in rows if r["study"] == "guidance"]

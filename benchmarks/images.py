@@ -63,7 +63,7 @@ def run_model(name: str, data: str, scratch: Path, references: Path) -> list[dic
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The README table: one line per model and sampler, each distance next to its floor."""
+    """The table of docs/benchmarks.md: one line per model and sampler, each distance next to its floor."""
     head = ("| model | sampler | fid (floor) | fid_domain (floor) | kid (floor) | bpd | elbo_bpd | nfe | train s | "
             "sample s |\n|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []

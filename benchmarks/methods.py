@@ -109,7 +109,7 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The README table: one line per model and sampler."""
+    """The table of docs/benchmarks.md: one line per model and sampler."""
     head = ("| model | sampler | cd (floor) | emd (floor) | nll | elbo_nll | nfe | train s | sample s |\n"
             "|---|---|---|---|---|---|---|---|---|\n")
     lines = []

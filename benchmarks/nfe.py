@@ -83,8 +83,8 @@ QUICK_CLASSIFIER_STEPS = 200
 # <= 20 NFE (points: cd and emd) or <= 35 NFE (images: fid_domain); EDM's cd at <= 35 NFE.
 REFERENCE_SAMPLER, REFERENCE_NFE = "ancestral", 1000
 # Targets above this run for the reference sampler alone unless --every-sampler: 1000-step walks of every sampler
-# would take hours on the CPU, and at 1000 NFE every sampler has converged to the same model (see the ddpm run in
-# the README: 0.0765-0.0768 cd for all eight).
+# would take hours on the CPU, and at 1000 NFE every sampler has converged to the same model (the ddpm rows at
+# 1000 NFE in benchmarks/nfe_swissroll.md).
 FEW_STEP_LIMIT = 100
 WITHIN = 0.10
 POINTS_BUDGET, IMAGES_BUDGET = 20, 35

@@ -1,4 +1,4 @@
-"""Several processes on one run (torchrun; DESIGN.md, "Images, devices, several GPUs"): which rows of a global batch
+"""Several processes on one run (torchrun; docs/design.md, "Images, devices, several GPUs"): which rows of a global batch
 and which samples a rank owns, the network evaluated on those rows only, and the few collectives the training loop
 and the sample stage need.
 

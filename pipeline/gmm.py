@@ -1,7 +1,7 @@
 """Gaussian mixtures with closed-form log-density and score at every noise level.
 
 A mixture sum_k pi_k N(mu_k, Sigma_k) pushed through x_t = m(t) x0 + s(t) z is again
-a mixture sum_k pi_k N(m mu_k, m^2 Sigma_k + s^2 I) (REFERENCES.md, "Exact scores for
+a mixture sum_k pi_k N(m mu_k, m^2 Sigma_k + s^2 I) (docs/references.md, "Exact scores for
 testing"), so samplers and likelihoods can be checked without training.
 """
 

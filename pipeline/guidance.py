@@ -1,7 +1,7 @@
 """Class-conditional scores and classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598).
 
 Labels enter a network as an embedding index: 0 is the null label (the unconditional model) and class k
-(0-based) is index k + 1 (DESIGN.md, "class 0 as the null label"). One network learns both models by
+(0-based) is index k + 1 (docs/controllable.md, "Class-conditional models and guidance"). One network learns both models by
 replacing labels with the null label at random during training (`drop_labels`, their Algorithm 1).
 
 The guidance scale w is Ho & Salimans': eps~ = (1 + w) eps(x, t, c) - w eps(x, t, null) (their eq. (6)).
@@ -9,9 +9,9 @@ eps = -std * score is linear in the score, so the guided score has the same form
 (1 + w) s(x, t, c) - w s(x, t, null) = s(x, t, c) + w grad_x log p_t(c | x): the conditional score plus
 w times the gradient of the implicit classifier p_t(c | x) = p_t(x | c) p(c) / p_t(x) (their sec. 3.2).
 w = 0 is the conditional model alone, w = -1 the unconditional one; the other convention in use,
-eps_u + s (eps_c - eps_u) (REFERENCES.md, "DDPM / DDIM / CFG"), has s = 1 + w.
+eps_u + s (eps_c - eps_u) (docs/references.md, "DDPM / DDIM / CFG"), has s = 1 + w.
 
-Guidance wraps the score function; samplers are unchanged (DESIGN.md, "The core abstraction").
+Guidance wraps the score function; samplers are unchanged (docs/design.md, "The core abstraction").
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def gmm_class_score_fn(mixture: GaussianMixture, process: Process) -> ClassScore
 
     Component k of the mixture is class k: rows with index k + 1 get the score of N(mu_k, Sigma_k) pushed
     through the process, N(m mu_k, m^2 Sigma_k + s^2 I); rows with NULL_LABEL (or y=None) the whole
-    mixture's (REFERENCES.md, "Exact scores for testing"), so p_t(x | null) = p_t(x) as in CFG training.
+    mixture's (docs/references.md, "Exact scores for testing"), so p_t(x | null) = p_t(x) as in CFG training.
     """
     k = mixture.weights.shape[0]
     # Index j scores under parts[j]: the whole mixture, then each component as a one-component mixture.

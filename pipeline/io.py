@@ -1,6 +1,6 @@
 """Atomic, byte-deterministic writers and readers for every file a stage produces.
 
-A killed stage must leave the previous file or none, never half a file (DESIGN.md,
+A killed stage must leave the previous file or none, never half a file (docs/design.md,
 "Stages and their contracts"), and the same arrays must give the same bytes so that
 `dvc repro --force` twice yields identical outputs.
 """

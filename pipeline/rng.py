@@ -1,6 +1,6 @@
 """Random draws that follow the data's device and, for sampling, each sample's own stream.
 
-Every random number of the library comes from an explicit generator (DESIGN.md, "The core abstraction"):
+Every random number of the library comes from an explicit generator (docs/design.md, "The core abstraction"):
 
 - a `torch.Generator`: one stream for the whole batch, as in training (losses, time draws);
 - a `SampleGenerators`: one `torch.Generator` per sample, seeded from (seed, global sample index), so

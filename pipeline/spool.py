@@ -5,7 +5,7 @@ that draws no live curve therefore logs into a `Recorder` (no mlflow import); at
 end times, status, copies of the artifacts) is written to `<repo>/.mlflow-spool/<end time>-<pid>-<stage>.json`
 and `python -m pipeline.spool <dir>` starts detached, which `drain`s the folder: every pending record, in the order
 the stages ended, replayed with the stage's own times under the lock that live stages also take around the parent
-run. DVC files stay the record (DESIGN.md, "Tracking"): a replay that fails (a server down) warns in
+run. DVC files stay the record (docs/design.md, "Tracking"): a replay that fails (a server down) warns in
 `replay.log`, keeps its record for the next replay, and never fails a stage.
 """
 

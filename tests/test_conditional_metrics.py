@@ -101,7 +101,7 @@ def test_per_class_fid_equal_n(per_class_sets):
 @pytest.mark.parametrize("n, m, d", [(400, 300, 6), (30, 50, 64), (3, 3, 4)])
 def test_fid_by_svd_is_clean_fids_fid(n, m, d):
     """The singular-value form of Tr((Σa Σb)^½) is clean-fid's sqrtm FID: to 1e-9 with full-rank covariances
-    (N > D), and to sqrtm's own accuracy (~1e-6 relative, DESIGN.md) when N <= D makes them singular."""
+    (N > D), and to sqrtm's own accuracy (~1e-6 relative, docs/design.md, "Metrics, defined once") when N <= D makes them singular."""
     g = np.random.default_rng(n + d)
     a = g.normal(size=(n, d)) @ g.normal(size=(d, d))
     b = g.normal(size=(m, d)) @ g.normal(size=(d, d)) + 0.5

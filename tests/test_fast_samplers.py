@@ -153,7 +153,7 @@ def test_few_evaluations_recover_the_mixture(name, sampler, steps, nfe, moment_e
     """The exact-score oracle, 4,000 samples: every weight, mean and covariance entry within 5 standard errors, for
     DPM-Solver++(2M) at 20 network evaluations (issue 11's must-hold) and EDM's Heun at 35 (18 steps, the last
     Euler's into σ = 0; VE has no clean end, so 36), its CIFAR-10 budget. Heun at 19 (10 steps) is not there on
-    this mixture: 10.9 standard errors on VP, 11.1 on DDPM's chain, 9.8 on EDM's process (README)."""
+    this mixture: 10.9 standard errors on VP, 11.1 on DDPM's chain, 9.8 on EDM's process (docs/benchmarks.md)."""
     p = {"ddpm": DDPM, "edm": EDMProcess()}.get(name) or PROCESSES[name]
     nfe = nfe + 1 if name == "ve" and sampler == "edm_heun" else nfe
     g = GaussianMixture.from_params(**MIX)

@@ -1,6 +1,6 @@
 """Tests for pipeline.gmm: closed-form log-density and score of a perturbed Gaussian mixture.
 
-The perturbed mixture is sum_k pi_k N(m mu_k, m^2 Sigma_k + s^2 I) (REFERENCES.md, "Exact
+The perturbed mixture is sum_k pi_k N(m mu_k, m^2 Sigma_k + s^2 I) (docs/references.md, "Exact
 scores for testing"); scipy gives the reference density, autograd the reference score.
 """
 

@@ -3,7 +3,7 @@ label conventions, label dropout, the guided score's cost, and the contract with
 
 The oracle: a Gaussian mixture whose component k is class k has an exact conditional score at every t
 (pipeline.guidance.gmm_class_score_fn), so with w = 0 every sampler must draw component k for class k, and
-with w = -1 the whole mixture, within sampling error (REFERENCES.md, "Exact scores for testing").
+with w = -1 the whole mixture, within sampling error (docs/references.md, "Exact scores for testing").
 """
 
 from __future__ import annotations

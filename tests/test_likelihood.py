@@ -1,7 +1,7 @@
 """Probability-flow ODE likelihoods against analytic oracles.
 
 Divergences are checked on linear fields (divergence = trace A) and by averaging Hutchinson
-probes; log-likelihoods with the exact score of a Gaussian mixture (REFERENCES.md, "Exact scores
+probes; log-likelihoods with the exact score of a Gaussian mixture (docs/references.md, "Exact scores
 for testing") against the mixture's closed-form log-density. What the ODE computes differs from
 log p_0(x) in three ways, each measured here: the solver error (rtol = atol = 1e-5), the start at
 t_eps > 0 instead of 0, and the Gaussian prior standing in for the true p_T at t_max.

@@ -1,4 +1,4 @@
-"""Forward processes: closed-form marginals (REFERENCES.md, "Continuous SDEs"), the moment ODEs
+"""Forward processes: closed-form marginals (docs/references.md, "Continuous SDEs"), the moment ODEs
 that tie marginals to the SDE, a Monte Carlo run of each SDE, DDPM betas against the VP
 marginal, transitions, importance-sampled time, the shape contract on (B, 2) and (B, 1, 8, 8),
 and the capability properties (has_sde, ...) against what each registered process's methods do.
@@ -109,7 +109,7 @@ def test_euler_maruyama_monte_carlo_matches_the_marginal(name):
 
 
 def test_ddpm_discretisation_of_vp_matches_its_marginal():
-    """beta_i = beta_min/N + i (beta_max - beta_min)/(N (N-1)) (REFERENCES.md): prod(1 - beta) ~ m(t)^2."""
+    """beta_i = beta_min/N + i (beta_max - beta_min)/(N (N-1)) (docs/references.md, "Continuous SDEs"): prod(1 - beta) ~ m(t)^2."""
     n = 1000
     i = torch.arange(n, dtype=F64)
     betas = 0.1 / n + i * (20 - 0.1) / (n * (n - 1))

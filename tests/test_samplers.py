@@ -1,6 +1,6 @@
 """Samplers of the diffusion family: contracts on (B, 2) and (B, 1, 8, 8), and the exact-score oracle.
 
-With the analytic score of a Gaussian mixture at every t (REFERENCES.md, "Exact scores for
+With the analytic score of a Gaussian mixture at every t (docs/references.md, "Exact scores for
 testing"), the reverse SDE, PC, probability-flow ODE, DDPM ancestral and DDIM samplers must
 recover the mixture's weights, means and covariances within sampling error. Then the walker (one loop
 for every sampler, recorded trajectories), device-following (on every available device and on "meta",

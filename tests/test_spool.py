@@ -1,6 +1,6 @@
 """Deferred tracking (pipeline.spool): what a stage records is what MLflow holds after the replay, in the order the
 stages ended, with their own times; a failing store keeps the records; the short stages import neither torch nor
-mlflow (their fixed cost, README "Tracking")."""
+mlflow (their fixed cost, docs/tracking.md)."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def test_the_spool_command_drains_and_says_what_is_left(tmp_path):
 
 @pytest.mark.parametrize("stage", ["report", "ema"])
 def test_short_stages_import_neither_torch_nor_mlflow(stage):
-    """The fixed cost of a short stage (README: report ≤ 2 s): importing it and loading params.yaml must not pull
+    """The fixed cost of a short stage (docs/tracking.md: report ≤ 2 s): importing it and loading params.yaml must not pull
     in torch (~2 s here) or mlflow (~1.8 s, deferred to the replay)."""
     code = (f"import sys; import stages.{stage}; from pipeline import config; config.load('params.yaml'); "
             "print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))")

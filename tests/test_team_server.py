@@ -1,4 +1,4 @@
-"""A team's MLflow server with authentication (README, "A team server"): `mlflow server --app-name basic-auth` on a
+"""A team's MLflow server with authentication (docs/tracking.md, "A team server with authentication"): `mlflow server --app-name basic-auth` on a
 database backend with an artifact store, on 127.0.0.1; the pipeline logs to it with credentials from the
 environment (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD), live and deferred, and never from params.yaml."""
 
@@ -32,7 +32,7 @@ def _api(uri: str, path: str, auth: tuple[str, str], body: dict | None = None) -
 
 @pytest.fixture(scope="module")
 def team_server(tmp_path_factory):
-    """The README's team server: basic auth (users in their own sqlite db), runs in a sqlite backend, artifacts
+    """The team server of docs/tracking.md: basic auth (users in their own sqlite db), runs in a sqlite backend, artifacts
     served from a folder; a `researcher` account made by the admin. One for the module: it takes seconds to start."""
     tmp_path = tmp_path_factory.mktemp("team")
     ini = tmp_path / "auth.ini"

@@ -2,7 +2,7 @@
 
 Guidance trades sample quality for fidelity to the requested class: `cond_accuracy` measures the fidelity
 (how often a classifier gives a sample the class it was generated for), `per_class_fid` the quality class by
-class, each FID next to its floor at the same N (DESIGN.md, "Metrics, defined once"; FID is biased upwards at
+class, each FID next to its floor at the same N (docs/design.md, "Metrics, defined once"; FID is biased upwards at
 small N and only comparable at equal N, Heusel et al. 2017). The classifier is the domain classifier for
 images (pipeline.metrics.domain.predict), a k-nearest-neighbour classifier for the labelled 2-D sets (moons,
 8gaussians) and the mixture's own Bayes classifier for `gmm` data. `guidance_table` lays the metrics out

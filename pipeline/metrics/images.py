@@ -1,6 +1,6 @@
 """Image metrics against held-out data: FID/KID (clean-fid), fid_domain, the class histogram, nearest neighbours.
 
-Definitions: DESIGN.md, "Metrics, defined once". Every distance is reported next to its floor, the
+Definitions: docs/design.md, "Metrics, defined once". Every distance is reported next to its floor, the
 same distance between the reference split and the same test images at the same N, because FID is
 biased upwards at small N and only comparable at equal N (Heusel et al. 2017; Parmar et al. 2022).
 The test and reference features are computed once by their own cached stages (fid_reference,
@@ -52,7 +52,7 @@ def sample_metrics(samples: np.ndarray, fid_reference: Mapping[str, np.ndarray],
                    domain_reference: Mapping[str, np.ndarray], *, num_classes: int, device="cpu", seed: int = 0,
                    progress: bool = False) -> dict[str, float | list[float]]:
     """fid, kid, fid_domain of uint8 samples (N, C, H, W) against the test features, and the samples' class
-    histogram; N must equal the number of reference features (equal N, DESIGN.md)."""
+    histogram; N must equal the number of reference features (equal N, docs/design.md, "Metrics, defined once")."""
     features = sample_features(samples, len(fid_reference["test"]), classifier, device=device, progress=progress)
     return feature_metrics(features, fid_reference, domain_reference, num_classes=num_classes, seed=seed)
 

@@ -1,6 +1,6 @@
 """Point-cloud metrics: chamfer distance (CS492 convention) and exact W1 (EMD), with floors.
 
-Definitions are DESIGN.md, "Metrics, defined once": `cd` is the squared-Euclidean chamfer
+Definitions are docs/design.md, "Metrics, defined once": `cd` is the squared-Euclidean chamfer
 distance summed over both directions, computed on clouds of 100 points and averaged;
 `emd` is the exact 1-Wasserstein distance with uniform weights and Euclidean cost.
 Each is reported next to its floor, the same metric between two independent samples
@@ -58,7 +58,7 @@ def chamfer_distance(x: np.ndarray, y: np.ndarray) -> float:
 def chamfer_clouds(gen: np.ndarray, ref: np.ndarray, cloud_size: int = 100) -> float:
     """Mean CD over paired clouds: gen, ref (N, D) -> N // cloud_size clouds of cloud_size points.
 
-    DESIGN.md `cd`: 10,000 generated vs 10,000 held-out points give 100 clouds of 100.
+    docs/design.md, "Metrics, defined once", `cd`: 10,000 generated vs 10,000 held-out points give 100 clouds of 100.
     Points are grouped in order; a remainder of N mod cloud_size points is dropped.
     """
     gen, ref = _as_points(gen, "gen"), _as_points(ref, "ref")

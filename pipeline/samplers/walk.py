@@ -1,7 +1,7 @@
 """The one walker of every sampling grid: samplers are step functions, `walk` is their only loop.
 
 A step is `step(x, t_cur, t_next, fn, process, generator) -> x_next` with t_cur, t_next Python floats
-taken from a float64 grid walked as zip(t[:-1], t[1:]) (DESIGN.md, "The core abstraction"); options are
+taken from a float64 grid walked as zip(t[:-1], t[1:]) (docs/design.md, "The core abstraction"); options are
 bound beforehand (functools.partial). Guidance wraps `fn`; inpainting or editing wraps `step`.
 
 The walker counts the network evaluations itself: nfe is the number of network evaluations per sample,
