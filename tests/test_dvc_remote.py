@@ -1,6 +1,6 @@
 """Trained models shared between machines through a DVC remote and its run-cache.
 
-Machine A runs the tiny pipeline (the `dvc_baseline` fixture of test_stages.py) and pushes its outputs and
+Machine A runs the tiny pipeline (the session fixture `dvc_baseline`, tests/conftest.py) and pushes its outputs and
 run-cache; machine B, a fresh clone whose dvc.lock records nothing (a params variant nobody committed),
 restores every stage from the run-cache and runs none. This works only because every output in dvc.yaml is
 cached and none is persistent: DVC's run-cache neither saves nor restores a stage with a `persist: true` or
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_stages import BASELINE_FILES, STAGES, _dvc_env, _sh, dvc_baseline, dvc_repo  # noqa: F401 (fixtures)
+from test_stages import BASELINE_FILES, STAGES, _back_to_baseline, _dvc_env, _sh
 
 DVC = [sys.executable, "-m", "dvc"]
 # Beyond BASELINE_FILES: one output of every stage that writes something for 2-D data, and the plots.
@@ -27,6 +27,7 @@ ALSO_RESTORED = ["data/train.npy", "data/record.json", "outputs/noise_scales.jso
 def test_fresh_clone_restores_every_stage_from_the_pushed_run_cache(dvc_repo, dvc_baseline, tmp_path):
     remote, machine_b = tmp_path / "remote", tmp_path / "b"
     env_a = _dvc_env(dvc_repo)
+    _back_to_baseline(dvc_repo, env_a)  # the shared repo, as the other tests of the "dvc" group leave it
     # --local: the remote goes to .dvc/config.local, so the shared fixture's git history is left alone.
     _sh(DVC + ["remote", "add", "--local", "-f", "-d", "shared", str(remote)], dvc_repo, env_a)
     _sh(DVC + ["push", "--run-cache"], dvc_repo, env_a)
@@ -61,6 +62,7 @@ def test_nodes_sharing_one_cache_directory_restore_every_stage_with_a_plain_repr
     records (cache/runs) and outputs are already there, and a plain `dvc repro` restores every stage."""
     machine_b = tmp_path / "b"
     env_a = _dvc_env(dvc_repo)
+    _back_to_baseline(dvc_repo, env_a)
     _sh(["git", "clone", "-q", str(dvc_repo), str(machine_b)], tmp_path, env_a)
     env_b = _dvc_env(machine_b)
     _sh(DVC + ["cache", "dir", "--local", str(dvc_repo / ".dvc" / "cache")], machine_b, env_b)

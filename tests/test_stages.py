@@ -326,9 +326,8 @@ def _sh(args: list[str], cwd: Path, env: dict) -> str:
     return out.stdout + out.stderr
 
 
-@pytest.fixture(scope="module")
-def dvc_repo(tmp_path_factory) -> Path:
-    """A git + DVC repo holding a copy of the project with tiny params."""
+def make_dvc_repo(tmp_path_factory) -> Path:
+    """A git + DVC repo holding a copy of the project with tiny params (the session's `dvc_repo`, conftest.py)."""
     tmp = tmp_path_factory.mktemp("dvcrepo")
     for item in ("pipeline", "stages", "families"):
         shutil.copytree(REPO / item, tmp / item, ignore=shutil.ignore_patterns("__pycache__"))
@@ -354,10 +353,10 @@ def dvc_repo(tmp_path_factory) -> Path:
 BASELINE_FILES = ["outputs/samples.npz", "metrics/evaluate.json", "metrics/train.json", "models/model.pt"]
 
 
-@pytest.fixture(scope="module")
-def dvc_baseline(dvc_repo) -> dict:
-    """The tiny repo after its first `dvc repro`, committed: the baseline every `dvc exp run` test starts from
-    (a fixture, not a test, so the tests do not depend on their order across xdist workers)."""
+def run_dvc_baseline(dvc_repo) -> dict:
+    """The tiny repo after its first `dvc repro`, committed: the baseline every `dvc exp run` test starts from (the
+    session's `dvc_baseline`, conftest.py: a fixture, not a test, so the tests do not depend on their order across
+    xdist workers; built once per session, since every test of the "dvc" group runs on one worker)."""
     env = _dvc_env(dvc_repo)
     log = _sh([sys.executable, "-m", "dvc", "repro"], dvc_repo, env)
     files = {f: (dvc_repo / f).read_bytes() for f in BASELINE_FILES}
