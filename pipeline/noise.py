@@ -27,6 +27,9 @@ NCSNV2_STEPS_PER_SCALE = 5
 EXACT_SCORE_STEPS_PER_SCALE, EXACT_SCORE_STEP_RATIO = 50, 0.5
 # Whose values noise.* 'auto' takes (families.base.Family.noise_defaults).
 NOISE_DEFAULTS = ("ncsnv2", "ncsn", "exact_score")
+# The process kinds whose sigmas come from the data through these techniques: NCSN's scales, and the VE SDE's
+# sigma range (technique 1, as Song et al. 2021 set sigma_max); the noise_scales stage computes them only there.
+SCALED_KINDS = ("noise_scales", "ve")
 
 
 def geometric_sigmas(sigma_max: float, sigma_min: float, num_scales: int) -> np.ndarray:

@@ -14,14 +14,12 @@ import torch
 from pipeline import io, plots
 from pipeline.config import Config
 from pipeline.kinds import kind_of
-from pipeline.noise import choose_noise_scales
+from pipeline.noise import SCALED_KINDS, choose_noise_scales
 from pipeline.samplers.langevin import annealed_step_sizes
 from pipeline.tracking import StageRun
 from stages.common import NOISE_PLOT, NOISE_SCALES, TRAIN, data_record, main, resolve
 
 NCSN_KEYS = ("sigma_max", "sigma_min", "num_scales", "step_size", "ratio", "steps_per_scale")
-# The process kinds that take NCSN's scales from the data: NCSN's own, and VE's sigma range (technique 1).
-SCALED_KINDS = ("noise_scales", "ve")
 
 
 def noise_scales(cfg: Config, run: StageRun) -> None:

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from pipeline import defaults, io, models, pixels, plots
+from pipeline import defaults, io, models, plots
 from pipeline.kinds import kind_of
 from pipeline.config import Config, TrainParams
 from pipeline.distributed import Group
@@ -68,7 +68,7 @@ def _log_sample_grid(r: Resolved, run: StageRun, net: torch.nn.Module, process, 
                range(TRAIN_GRID)), steps, options, device=device)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"step_{step:07d}.png"
-        plots.image_grid(path, pixels.to_pixels(out.x, record["scaling"]).cpu().numpy(), f"step {step}", nrow=4)
+        plots.image_grid(path, kind_of(info, record["scaling"]).to_output(out.x), f"step {step}", nrow=4)
         run.log_artifact(path, "train_samples")
 
 

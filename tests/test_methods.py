@@ -206,8 +206,12 @@ def test_family_rules_without_a_config():
 
 
 def test_noise_defaults_per_family():
+    from pipeline.noise import SCALED_KINDS
+
     assert [families.get(n).noise_defaults for n in ("ncsn", "ncsnv2", "exact_score", "sde")] == [
         "ncsn", "ncsnv2", "exact_score", "ncsnv2"]
+    assert [k for k in ("noise_scales", "ve", "vp", "subvp", "ou", "discrete_vp") if k in SCALED_KINDS] == [
+        "noise_scales", "ve"]
 
 
 def test_bridge_params_are_its_own_model():
