@@ -9,6 +9,10 @@ from pipeline.tracking import flatten
 
 # Metrics that have a floor (the same metric between two independent true samples).
 FLOORED = ("cd", "emd", "fid", "kid", "fid_domain")
+# The titles of the sample and evaluate stages' figures of sample.task generate, by data kind (pipeline.kinds draws
+# them: a grid or a scatter over held-out points; a class histogram or the densities side by side).
+SAMPLES_TITLE = {"points": "Samples against held-out data", "images": "Samples"}
+EVAL_TITLE = {"points": "Densities", "images": "Classes of the samples"}
 
 
 def _fmt(v: Any) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pipeline import io
 from pipeline.config import Config
-from pipeline.errors import DataError
 from pipeline.data.prepare import prepare_data, prepare_target
 from pipeline.gmm import GaussianMixture
 from pipeline.tracking import StageRun
@@ -25,11 +24,9 @@ def prepare(cfg: Config, run: StageRun) -> None:
         io.save_npy(LABELS[key], out.y[key])
     target: dict = {}
     if d.target is not None:
-        if out.record["kind"] != "points":
-            raise DataError(f"data.target joins two point sets; data.name: {d.name} holds images")
         target = prepare_target(d.target, dim=int(out.x["train"][0].size), n_train=d.n_train, n_test=d.n_test,
                                 n_reference=d.n_reference, seed=cfg.seed, noise=d.noise,
-                                gmm=mixture if d.target == "gmm" else None, path=d.target_path)
+                                gmm=mixture if d.target == "gmm" else None, path=d.target_path, source=out.record)
     io.save_npz(TARGET, **target)
     io.write_json(DATA_RECORD, out.record)
     run.log_params({"seed": cfg.seed, "data": d.model_dump(mode="json")})

@@ -35,7 +35,6 @@ TASK_FIGURES = {
 def report_stage(cfg: Config, run: StageRun) -> None:
     REPORT_FIGURES.mkdir(parents=True, exist_ok=True)
     info = data_record()
-    images = info["kind"] == "images"
     rows = [(int(r["step"]), float(r["loss"])) for r in _rows(LOSS_CSV)]
     figures = []
     if rows:
@@ -48,20 +47,19 @@ def report_stage(cfg: Config, run: StageRun) -> None:
                          [float(r["value"]) for r in held_out], f"held-out {held_out[0]['unit']} during training")
         figures.append((f"Held-out {held_out[0]['unit']} during training", "figures/held_out.png"))
     shown = [("Noise schedule", NOISE_PLOT), *TASK_FIGURES.get(cfg.sample.task, [
-              ("Samples" if images else "Samples against held-out data", SAMPLES_PLOT),
+              (report.SAMPLES_TITLE[info["kind"]], SAMPLES_PLOT),
               ("Sampling trajectory", TRAJECTORY_PLOT),
-              ("Classes of the samples" if images else "Densities", EVAL_PLOT)]),
+              (report.EVAL_TITLE[info["kind"]], EVAL_PLOT)]),
              ("Nearest training examples of a few outputs (memorisation check)" if cfg.sample.task != "generate"
               else "Nearest training examples of a few samples (memorisation check)", NEIGHBOURS_PLOT)]
     for title, src in shown:
         with io.atomic_path(REPORT_FIGURES / src.name) as tmp:
             shutil.copyfile(src, tmp)
         figures.append((title, f"figures/{src.name}"))
+    # the reference stages' records are empty for points, so they add nothing there
     metrics = {"train": io.read_json(TRAIN_METRICS), "sample": io.read_json(SAMPLE_METRICS),
-               "evaluate": io.read_json(EVAL_METRICS)}
-    if images:
-        metrics["fid_reference"] = io.read_json(FID_METRICS)
-        metrics["classifier"] = io.read_json(CLASSIFIER_METRICS)
+               "evaluate": io.read_json(EVAL_METRICS), "fid_reference": io.read_json(FID_METRICS),
+               "classifier": io.read_json(CLASSIFIER_METRICS)}
     noise = io.read_json(NOISE_SCALES)
     params = to_dict(cfg)
     io.write_text(REPORT, report.render(params, metrics, noise, figures, data=info))

@@ -579,3 +579,14 @@ def test_load_bridge_refuses_a_file_without_a_config(tmp_path):
     io.save_torch(path, {"state_dict": {}})
     with pytest.raises(ValueError, match="not a Schrödinger bridge"):
         load_bridge(path)
+
+
+def test_a_target_for_image_data_is_refused():
+    """A bridge joins point sets: the target of an image source (a data.name: file of images) is refused, naming
+    data.target."""
+    images = {"kind": "images", "name": "file", "shape": [1, 8, 8]}
+    with pytest.raises(errors.DataError, match="data.target joins two point sets"):
+        prepare_target("moons", dim=64, n_train=10, n_test=5, n_reference=5, seed=0, source=images)
+    points = {"kind": "points", "name": "8gaussians", "shape": [2]}
+    assert prepare_target("moons", dim=2, n_train=10, n_test=5, n_reference=5, seed=0, source=points)["train"].shape \
+        == (10, 2)

@@ -99,6 +99,7 @@ def test_every_stage_in_process(workdir):
     assert len(Path("plots/train_loss.csv").read_text().splitlines()) == 1 + 3
     report = Path("reports/report.md").read_text()
     assert "cd" in report and "figures/samples.png" in report
+    assert "### Samples against held-out data" in report and "### Densities" in report  # the kind's figure titles
     for fig in ("loss.png", "samples.png", "noise_scales.png", "density.png"):
         assert (Path("reports/figures") / fig).stat().st_size > 1000
     # one parent run with every param and metric, one child per stage
@@ -177,6 +178,8 @@ def test_every_stage_on_images(workdir, method):
     assert train_metrics["arch"] == "unet" and train_metrics["batch_size"] == 16
     report = Path("reports/report.md").read_text()
     assert "FID protocol" in report and "fid_domain" in report
+    assert "### Samples\n" in report and "### Classes of the samples" in report  # the kind's figure titles
+    assert "fid_reference.fid_floor" in report  # the reference stages' records, read for images
     for fig in ("samples.png", "trajectory.png", "neighbours.png", "density.png"):
         assert (Path("reports/figures") / fig).stat().st_size > 1000
 

@@ -114,10 +114,13 @@ def target_seed(seed: int) -> int:
 
 
 def prepare_target(name: str, *, dim: int, n_train, n_test, n_reference, seed: int, noise: float = 0.0,
-                   gmm: "GaussianMixture | None" = None, path: Optional[str] = None) -> dict[str, np.ndarray]:
+                   gmm: "GaussianMixture | None" = None, path: Optional[str] = None,
+                   source: Optional[dict] = None) -> dict[str, np.ndarray]:
     """The target of a Schrödinger bridge (method.name: schrodinger_bridge): {split: float32 (n, dim)} in the sizes
     of the source's splits ('auto' as for points), a 2-D set, GAUSSIAN_TARGET or a file of points, drawn with
-    target_seed(seed)."""
+    target_seed(seed). source: the source's data record; a bridge joins point sets, so images are refused."""
+    if source is not None and source["kind"] != "points":
+        raise DataError(f"data.target joins two point sets; data.name: {source['name']} holds images")
     sizes = {k: _size(v, POINT_SIZES) for k, v in zip(SPLITS, (n_train, n_test, n_reference))}
     if name == GAUSSIAN_TARGET:
         x = np.random.default_rng(target_seed(seed)).standard_normal((sum(sizes.values()), dim))
