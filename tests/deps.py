@@ -81,8 +81,8 @@ def _direct(path: Path) -> frozenset[Path]:
     return frozenset(found)
 
 
-def closure(*modules: str) -> set[Path]:
-    """Every project file the modules run, transitively, themselves included."""
+@lru_cache(maxsize=None)
+def _closure(modules: tuple[str, ...]) -> frozenset[Path]:
     todo = [f for f in (_module_file(m) for m in modules) if f is not None]
     seen: set[Path] = set()
     while todo:
@@ -91,9 +91,15 @@ def closure(*modules: str) -> set[Path]:
             continue
         seen.add(f)
         todo.extend(_direct(f) - seen)
-    return seen
+    return frozenset(seen)
 
 
+def closure(*modules: str) -> set[Path]:
+    """Every project file the modules run, transitively, themselves included."""
+    return set(_closure(modules))
+
+
+@lru_cache(maxsize=None)
 def _docstring_only(path: Path) -> bool:
     """A module with nothing but a docstring (a package's marker __init__.py) runs no code that could matter."""
     body = ast.parse(path.read_text(encoding="utf-8")).body

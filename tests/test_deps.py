@@ -3,6 +3,7 @@ family the only family a stage depends on."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,12 @@ from deps import FAMILY_DEP, OUTPUT_NEUTRAL, ROOT, closure, covered, declared, n
 from stages.common import FAMILY_STAGES, STAGE_BODIES
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-FOUND = report(DVC, families.NAMES, FAMILY_STAGES)  # once: every stage of every family
+
+
+@lru_cache(maxsize=None)
+def _found() -> dict:
+    """Every stage of every family, computed once, on first use (not at collection, on every worker)."""
+    return report(DVC, families.NAMES, FAMILY_STAGES)
 
 
 def test_every_stage_of_dvc_yaml_is_a_stage_body_and_back():
@@ -24,7 +30,7 @@ def test_every_stage_of_dvc_yaml_is_a_stage_body_and_back():
 def test_every_imported_file_is_a_dependency(stage):
     """For every method family: each project file the stage runs (transitively) is among its deps, so that editing
     it re-runs the stage rather than restoring a stale result (run `python tests/deps.py` to see what to add)."""
-    missing = FOUND[stage]["missing"]
+    missing = _found()[stage]["missing"]
     assert not missing, f"{stage}: add to its deps in dvc.yaml: {', '.join(sorted(missing))}"
 
 
@@ -32,7 +38,7 @@ def test_every_imported_file_is_a_dependency(stage):
 def test_no_code_dependency_is_stale(stage):
     """A code dep that no family's run of the stage imports re-runs it for nothing (e.g. every bridge file was once a
     dependency of every score model's training)."""
-    unused = FOUND[stage]["unused"]
+    unused = _found()[stage]["unused"]
     assert not unused, f"{stage}: remove from its deps in dvc.yaml: {', '.join(sorted(unused))}"
 
 
