@@ -79,6 +79,13 @@ class DataParams(_Section):
     target: Optional[Literal[TARGETS]] = None
     target_path: Optional[str] = None
 
+    @field_validator("labels_path", "target_path")
+    @classmethod
+    def _default_folder_is_none(cls, v):
+        # params.yaml spells "no file" as the empty data folder: every path key is a DVC dependency of prepare,
+        # and DVC needs one that exists
+        return None if v is not None and Path(v) == Path(DEFAULT_DATA_PATH) else v
+
     @field_validator("n_train")
     @classmethod
     def _two_train(cls, v):

@@ -647,3 +647,34 @@ def test_a_folder_of_images_is_a_dependency_of_prepare(dvc_repo, dvc_baseline):
     Image.new("L", (8, 8), 7).save(folder / "a" / "new.png")
     assert "prepare:" in _stale(dvc_repo, env)
     _back_to_baseline(dvc_repo, env)
+
+
+@pytest.mark.xdist_group("dvc")
+def test_a_labels_file_and_a_target_file_are_dependencies_of_prepare(dvc_repo, dvc_baseline):
+    """data.labels_path (file images) and data.target_path (the bridge's target) are dependencies of prepare:
+    changing either file makes `dvc status` report prepare changed; data/raw, the default, stands for none."""
+    env = _dvc_env(dvc_repo)
+    _back_to_baseline(dvc_repo, env)
+    base = yaml.safe_load((dvc_repo / "params.yaml").read_text())
+    assert base["data"]["labels_path"] == base["data"]["target_path"] == "data/raw"
+    inputs = dvc_repo.parent / f"{dvc_repo.name}-inputs"
+    inputs.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    np.save(inputs / "x.npy", rng.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8))
+    np.save(inputs / "y.npy", np.arange(12) % 2)
+    np.save(inputs / "target.npy", rng.normal(size=(2000, 2)))
+    images = _deep_merge(base, {"data": {"name": "file", "path": str(inputs / "x.npy"),
+                                         "labels_path": str(inputs / "y.npy"), "n_train": "auto", "n_test": 2,
+                                         "n_reference": 2},
+                                "eval": {"n": "auto", "emd_n": 2000, "cloud_size": 100, "likelihood_n": 1000},
+                                "sample": {"n": "auto", "batch_size": "auto"}})
+    bridge = _deep_merge(base, _deep_merge(TINY_BRIDGE, {"data": {"target": "file",
+                                                                  "target_path": str(inputs / "target.npy")}}))
+    for params, changed in ((images, inputs / "y.npy"), (bridge, inputs / "target.npy")):
+        _write_params(dvc_repo / "params.yaml", params)
+        _sh([sys.executable, "-m", "dvc", "repro", "prepare"], dvc_repo, env)
+        assert "prepare:" not in _stale(dvc_repo, env)
+        values = np.load(changed)
+        np.save(changed, values[::-1].copy())
+        assert "prepare:" in _stale(dvc_repo, env), changed.name
+    _back_to_baseline(dvc_repo, env)
