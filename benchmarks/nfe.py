@@ -229,7 +229,8 @@ def diffusers_sample(name: str, target: int, params: dict) -> dict:
     from pipeline import config, defaults, io, pixels
     from pipeline.models import build_network
     from pipeline.rng import SampleGenerators
-    from stages.common import MODEL, NOISE_SCALES, SAMPLE_METRICS, SAMPLES, choose_device, data_record, process_of
+    from stages.common import MODEL, NOISE_SCALES, SAMPLE_METRICS, SAMPLES, data_record, process_of
+    from stages.launch import choose_device
 
     cfg = config.validate(params)
     info, record = data_record(), io.read_json(NOISE_SCALES)
@@ -339,7 +340,8 @@ def run_model(name: str, base: dict, data: str, nfes: list[int], scratch: Path, 
     print(f"\n=== {name}: training (noise_scales, train, ema)", flush=True)
     seconds = _run_stages(["noise_scales", "train", "ema"])
     print(f"=== {name}: trained in {sum(seconds.values()):.0f} s", flush=True)
-    from stages.common import SAMPLE_METRICS, choose_device
+    from stages.common import SAMPLE_METRICS
+    from stages.launch import choose_device
 
     device = choose_device(config.validate(params).train.device)
     measure = (lambda: domain_metrics(device)) if images else points_metrics

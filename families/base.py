@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Optional, Sequence, Union
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from families import OWNED_KEYS, OWNED_SECTIONS
+from pipeline.config import auto_or_at_least
 from pipeline.names import FAST_SAMPLERS, SAMPLERS, SDES
 
 if TYPE_CHECKING:
@@ -24,18 +26,35 @@ if TYPE_CHECKING:
 CONTINUOUS_KINDS = (*SDES, "edm")
 # Grid intervals when sample.steps is 'auto' on a continuous SDE (Song et al. 2021 use N = 1000).
 DEFAULT_SDE_STEPS = 1000
-# The method.* keys one family or another owns; a family that does not read one refuses it away from its default
-# (the defaults are pipeline.config.MethodParams's).
-OWNED_KEYS = ("sde", "schedule", "num_steps", "sigma_data")
-# The method.* sections a family owns, with their owner, whose pydantic model knows their defaults: another family's
-# run refuses a section away from them (validation only: it can refuse a run, never change what one writes, so the
-# owner's package is no dependency of that run, docs/design.md, "Dependencies").
-OWNED_SECTIONS = {"sb": "schrodinger_bridge"}
-
-
 def _or(names: Sequence[str]) -> str:
     """'a, b or c'."""
     return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
+
+
+class FamilyParams(BaseModel):
+    """A family's own method.* keys, validated by the family alone (none here: a family that owns none); each
+    family's Params extends it with the keys it reads, defaults from OWNED_KEYS."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class SdeParams(FamilyParams):
+    """method.sde: the SDE a continuous-time family runs on (Song et al. 2021, sec. 3.4); auto: the family's own."""
+
+    sde: Literal[("auto", *SDES)] = OWNED_KEYS["sde"]
+
+
+class ChainParams(FamilyParams):
+    """method.schedule and method.num_steps: the betas and the length N of a discrete Gaussian chain (Ho et al.
+    2020, linear; Nichol & Dhariwal 2021, cosine); auto: the family's own N."""
+
+    schedule: Literal["linear", "cosine"] = OWNED_KEYS["schedule"]
+    num_steps: Union[Literal["auto"], int] = OWNED_KEYS["num_steps"]
+
+    @field_validator("num_steps")
+    @classmethod
+    def _chain_length(cls, v):
+        return auto_or_at_least(v, 2)
 
 
 @dataclass(frozen=True)
@@ -54,17 +73,33 @@ class Plan:
 class Family:
     """A score model trained from noise: the defaults below, overridden per family (class attributes and methods).
 
-    name: method.name. paper: who, where. reads: the OWNED_KEYS it reads. noise_defaults: whose values noise.*
-    'auto' takes (pipeline.noise.choose_noise_scales). stages: the module of its own bodies `<stage>_stage` of the
-    stages named in own_stages (the others are the score model's, in stages/)."""
+    name: method.name. paper: who, where. Params: its own pydantic model of the method.* keys it reads (`reads`),
+    OWNED_KEYS or a section of OWNED_SECTIONS. noise_defaults: whose values noise.* 'auto' takes
+    (pipeline.noise.choose_noise_scales). stages: the module of its own bodies `<stage>_stage` of the stages named
+    in own_stages (the others are the score model's, in stages/)."""
 
     name: ClassVar[str]
     paper: ClassVar[str]
-    reads: ClassVar[tuple[str, ...]] = ()
+    Params: ClassVar[type[FamilyParams]] = FamilyParams
     noise_defaults: ClassVar[str] = "ncsnv2"
     stages: ClassVar[Optional[str]] = None
     own_stages: ClassVar[tuple[str, ...]] = ()
     has_score: ClassVar[bool] = True  # guidance, inpainting and editing wrap a score
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """The method.* keys this family reads: its Params model's."""
+        return tuple(self.Params.model_fields)
+
+    def params(self, m: Any) -> FamilyParams:
+        """This family's own keys of method.* (m: MethodParams; None: the defaults) as its Params model; a
+        ValueError naming each bad key and what is allowed."""
+        try:
+            return self.Params.model_validate({} if m is None else {key: getattr(m, key) for key in self.reads})
+        except ValidationError as err:
+            from pipeline.config import messages
+
+            raise ValueError("; ".join(messages(err, prefix="method", root=self.Params))) from None
 
     # ------------------------------------------------------------------ choices, each refused with what works
 
@@ -120,6 +155,7 @@ class Family:
 
     def plan(self, m: Any, scale_by_sigma: bool = True, sampler: str = "auto", likelihood: bool = False) -> Plan:
         """Resolve method.* (m: MethodParams or anything with its attributes) and sample.sampler."""
+        self.params(m)  # this family's own keys first: the rules below read them
         kind = self.process_kind(m.sde)
         loss = self.loss(kind, m.loss)
         param = self.parameterization(loss, m.parameterization, scale_by_sigma)
@@ -165,12 +201,9 @@ class Family:
 
     def check_owned(self, m: Any) -> None:
         """The method.* keys other families own stay at their defaults: this family never reads them."""
-        from pipeline.config import MethodParams
-
-        for key in OWNED_KEYS:
+        for key, default in OWNED_KEYS.items():
             if key in self.reads:
                 continue
-            default = MethodParams.model_fields[key].default
             if getattr(m, key) != default:
                 owners = [f.name for f in all_families() if key in f.reads]
                 raise ValueError(f"method.{key} is read by method.name {' and '.join(owners)} only; leave it "
@@ -247,10 +280,6 @@ class Family:
             return None
         return getattr(importlib.import_module(self.stages), f"{name}_stage")
 
-    def params(self, m: Any) -> Optional[BaseModel]:
-        """This family's own section of method.* as its pydantic model (None: it has none)."""
-        return None
-
 
 def all_families() -> list[Family]:
     """Every registered family (imports each family's module; for rules that name the owners, docs and tests)."""
@@ -278,7 +307,7 @@ class NoiseScaleFamily(Family):
 class ChainFamily(Family):
     """A model of a discrete chain of N Gaussian steps with betas (method.schedule, method.num_steps)."""
 
-    reads = ("schedule", "num_steps")
+    Params = ChainParams
     default_chain: ClassVar[int]
 
     def process_kind(self, sde: str) -> str:

@@ -15,24 +15,26 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import families
-from families import NAMES
+from families import NAMES, OWNED_KEYS
 from pipeline.defaults import DATA_PATH as DEFAULT_DATA_PATH
 from pipeline.defaults import POINT_SIZES
 from pipeline.names import (DATA_SETS, IMAGE_SETS, INPAINT_METHODS, LABELLED_POINTS, LOSSES, MASKS, PARAMETERIZATIONS,
-                            POINT_SETS, SAMPLERS, SDES, TARGETS, TASKS)
+                            POINT_SETS, SAMPLERS, TARGETS, TASKS)
 
 Auto = Literal["auto"]
+
+
+def auto_or_at_least(v: Any, minimum: int) -> Any:
+    """A field that takes 'auto' or an integer >= minimum."""
+    if v != "auto" and v < minimum:
+        raise ValueError(f"must be 'auto' or an integer >= {minimum}")
+    return v
 
 
 class ConfigError(ValueError):
     """params.yaml is invalid; the message names each bad key and what is allowed."""
 
 
-def _auto_or_at_least(v, minimum: int):
-    """A field that takes 'auto' or an integer >= minimum."""
-    if v != "auto" and v < minimum:
-        raise ValueError(f"must be 'auto' or an integer >= {minimum}")
-    return v
 
 
 class _Section(BaseModel):
@@ -89,12 +91,12 @@ class DataParams(_Section):
     @field_validator("n_train")
     @classmethod
     def _two_train(cls, v):
-        return _auto_or_at_least(v, 2)
+        return auto_or_at_least(v, 2)
 
     @field_validator("n_test", "n_reference")
     @classmethod
     def _one_held_out(cls, v):
-        return _auto_or_at_least(v, 1)
+        return auto_or_at_least(v, 1)
 
     @property
     def kind(self) -> Optional[str]:
@@ -123,12 +125,12 @@ class NoiseParams(_Section):
     @field_validator("num_scales")
     @classmethod
     def _at_least_two(cls, v):
-        return _auto_or_at_least(v, 2)
+        return auto_or_at_least(v, 2)
 
     @field_validator("steps_per_scale")
     @classmethod
     def _at_least_one(cls, v):
-        return _auto_or_at_least(v, 1)
+        return auto_or_at_least(v, 1)
 
 
 class ModelParams(_Section):
@@ -149,7 +151,7 @@ class ModelParams(_Section):
     @field_validator("channels", "num_res_blocks")
     @classmethod
     def _at_least_one(cls, v):
-        return _auto_or_at_least(v, 1)
+        return auto_or_at_least(v, 1)
 
     @field_validator("channel_mult")
     @classmethod
@@ -178,29 +180,19 @@ class MethodParams(_Section):
     A family's own section (method.sb) is validated by that family alone (its pydantic model)."""
 
     name: Literal[NAMES] = "ncsnv2"
-    sde: Literal[("auto", *SDES)] = "auto"
+    # The keys one family or another owns: each is validated by the family that reads it (its Params model,
+    # families/base.py), and a family that does not read one refuses it away from its default.
+    sde: Any = OWNED_KEYS["sde"]
+    schedule: Any = OWNED_KEYS["schedule"]
+    num_steps: Any = OWNED_KEYS["num_steps"]
+    sigma_data: Any = OWNED_KEYS["sigma_data"]
+    sb: dict[str, Any] = Field(default_factory=dict)
     loss: Literal[("auto", *LOSSES)] = "auto"
     weighting: Literal["sigma2", "likelihood"] = "sigma2"
     parameterization: Literal[("auto", *PARAMETERIZATIONS)] = "auto"
     t_sampling: Literal["uniform", "importance"] = "uniform"
-    schedule: Literal["linear", "cosine"] = "linear"
-    num_steps: Union[Auto, int] = "auto"
     conditional: bool = False
     label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    sigma_data: Union[Auto, float] = "auto"
-    sb: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("num_steps")
-    @classmethod
-    def _chain_length(cls, v):
-        return _auto_or_at_least(v, 2)
-
-    @field_validator("sigma_data")
-    @classmethod
-    def _positive(cls, v):
-        if v != "auto" and not v > 0:
-            raise ValueError("must be 'auto' or a number > 0")
-        return v
 
 
 class TrainParams(_Section):
@@ -231,7 +223,7 @@ class TrainParams(_Section):
     @field_validator("steps")
     @classmethod
     def _non_negative(cls, v):
-        return _auto_or_at_least(v, 0)
+        return auto_or_at_least(v, 0)
 
     @field_validator("accumulate")
     @classmethod
@@ -246,7 +238,7 @@ class TrainParams(_Section):
     @field_validator("batch_size")
     @classmethod
     def _at_least_one(cls, v):
-        return _auto_or_at_least(v, 1)
+        return auto_or_at_least(v, 1)
 
     @field_validator("devices")
     @classmethod
@@ -357,7 +349,7 @@ class SampleParams(_Section):
     @field_validator("steps", "n", "batch_size")
     @classmethod
     def _at_least_one(cls, v):
-        return _auto_or_at_least(v, 1)
+        return auto_or_at_least(v, 1)
 
 
 class EvalParams(_Section):
@@ -382,12 +374,12 @@ class EvalParams(_Section):
     @field_validator("n")
     @classmethod
     def _at_least_one(cls, v):
-        return _auto_or_at_least(v, 1)
+        return auto_or_at_least(v, 1)
 
     @field_validator("fid_n")
     @classmethod
     def _at_least_two(cls, v):
-        return _auto_or_at_least(v, 2)
+        return auto_or_at_least(v, 2)
 
 
 class TrackingParams(_Section):
@@ -620,7 +612,7 @@ def _key_name(key: Any) -> str:
     return key if plain else repr(key)
 
 
-def _location(err: dict[str, Any]) -> str:
+def _location(err: dict[str, Any], prefix: str = "") -> str:
     """The dotted key of a pydantic error. The last part of an unknown or non-string key is the user's own (kept
     even when it reads like a union member; a non-string key by its value, not pydantic's str of it)."""
     parts = list(err["loc"])
@@ -628,12 +620,12 @@ def _location(err: dict[str, Any]) -> str:
     if own:
         last = err["input"] if err["type"] == "invalid_key" else parts[-1]
         parts = parts[:-1]
-    path = [str(p) for p in parts if not _UNION_MEMBER.match(str(p))]
+    path = [prefix] * bool(prefix) + [str(p) for p in parts if not _UNION_MEMBER.match(str(p))]
     return ".".join(path + [_key_name(last)] if own else path)
 
 
-def _section_model(loc: tuple) -> type[BaseModel]:
-    model: type[BaseModel] = Config
+def _section_model(loc: tuple, root: type[BaseModel]) -> type[BaseModel]:
+    model = root
     for part in loc:
         field = model.model_fields.get(str(part))
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
@@ -642,17 +634,19 @@ def _section_model(loc: tuple) -> type[BaseModel]:
     return model
 
 
-def _messages(exc: ValidationError) -> list[str]:
-    """One line per bad key: 'key: what is wrong (got value)'; union alternatives joined by 'or'."""
+def messages(exc: ValidationError, prefix: str = "", root: Optional[type[BaseModel]] = None) -> list[str]:
+    """One line per bad key: 'key: what is wrong (got value)'; union alternatives joined by 'or'. For a model
+    validated on its own (a family's Params), root is that model and prefix its section ('method')."""
     by_loc: dict[str, list[dict[str, Any]]] = {}
     for err in exc.errors():
-        by_loc.setdefault(_location(err), []).append(err)
+        by_loc.setdefault(_location(err, prefix), []).append(err)
     lines = []
     for loc, errs in by_loc.items():
         if errs[0]["type"] == "extra_forbidden":
             section = errs[0]["loc"][:-1]
-            allowed = ", ".join(_section_model(section).model_fields)
-            lines.append(f"{loc}: unknown key (allowed under {'.'.join(map(str, section)) or 'the top level'}: {allowed})")
+            allowed = ", ".join(_section_model(section, root or Config).model_fields)
+            where = ".".join([prefix] * bool(prefix) + list(map(str, section))) or "the top level"
+            lines.append(f"{loc}: unknown key (allowed under {where}: {allowed})")
             continue
         msgs = " or ".join(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errs))
         got = f" (got {errs[0]['input']!r})" if loc else ""
@@ -667,7 +661,7 @@ def validate(raw: Any) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError("invalid params:\n  " + "\n  ".join(_messages(exc))) from None
+        raise ConfigError("invalid params:\n  " + "\n  ".join(messages(exc))) from None
 
 
 def load(path: str | Path = "params.yaml") -> Config:

@@ -10,7 +10,10 @@ record, the model file's spec, metrics/train.json, metrics/sample.json), so a ru
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 # data.n_*, sample.n, eval.n and sample.batch_size for the 2-D sets (config.POINT_SIZES).
 POINT_SIZES = 10_000

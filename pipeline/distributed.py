@@ -2,7 +2,7 @@
 and which samples a rank owns, the network evaluated on those rows only, and the few collectives the training loop
 and the sample stage need.
 
-The stage creates the process group (stages/common.py: NCCL on CUDA, gloo on the CPU); the library is handed a
+The stage creates the process group (stages/launch.py: NCCL on CUDA, gloo on the CPU); the library is handed a
 `Group` (this process's rank, the world size) and never looks at the environment or keeps state of its own.
 
 Why an N-process training run follows the single-process one (up to the order of float reductions):

@@ -15,7 +15,8 @@ from pipeline.metrics.domain import accuracy, class_histogram, classifier_featur
 from pipeline.metrics.fid import frechet_distance
 from pipeline.tracking import StageRun
 from stages.common import (CLASSIFIER, CLASSIFIER_METRICS, DOMAIN_REFERENCE, LABELS, REFERENCE, TEST, TRAIN,
-                           choose_device, data_record, main)
+                           data_record, main)
+from stages.launch import choose_device
 
 # Adam on batches of 128 at lr 1e-3: the classifier is a measuring instrument, not a tuned model.
 BATCH_SIZE, LR = 128, 1e-3

@@ -21,7 +21,8 @@ from pipeline.likelihood import model_likelihoods
 from pipeline.tracking import StageRun
 from stages.common import (CLASSIFIER, CLASSIFIER_METRICS, DOMAIN_REFERENCE, EVAL_METRICS, EVAL_PLOT, FID_METRICS,
                            FID_REFERENCE, LABELS, MODEL, NEIGHBOURS_PLOT, NOISE_SCALES, REFERENCE, SAMPLES, TEST, TRAIN,
-                           Resolved, choose_device, data_record, main, process_of, resolve)
+                           Resolved, data_record, main, process_of, resolve)
+from stages.launch import choose_device
 
 # The stored inputs of the metrics by name (pipeline.kinds.Files), each read on first use.
 READERS = {"train": (np.load, TRAIN), "test": (np.load, TEST), "reference": (np.load, REFERENCE),

@@ -14,7 +14,8 @@ from pipeline.config import Config
 from pipeline.metrics.fid import ensure_inception, inception_features, protocol
 from pipeline.metrics.images import reference_metrics
 from pipeline.tracking import StageRun
-from stages.common import FID_METRICS, FID_REFERENCE, REFERENCE, TEST, choose_device, data_record, main
+from stages.common import FID_METRICS, FID_REFERENCE, REFERENCE, TEST, data_record, main
+from stages.launch import choose_device
 
 
 def fid_reference_stage(cfg: Config, run: StageRun) -> None:

@@ -1,58 +1,42 @@
 """train: fit the network with the method's loss (or write the exact GMM score for exact_score).
 
-train.devices N > 1 runs N processes under torchrun (stages.common.relaunch); each rank trains on its share of every
+train.devices N > 1 runs N processes under torchrun (stages.launch.relaunch); each rank trains on its share of every
 global batch and rank 0 alone writes and logs (pipeline.distributed, pipeline.train).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from pipeline import defaults, io, models, plots
+from pipeline.devices import set_tf32
 from pipeline.kinds import kind_of
-from pipeline.config import Config, TrainParams
+from pipeline.config import Config
 from pipeline.distributed import Group
 from pipeline.errors import DataError
 from pipeline.guidance import guided_score
 from pipeline.losses import build_loss
 from pipeline.rng import SampleGenerators, sample_seed
 from pipeline.samplers import draw
-from pipeline.train import (NO_COMPILE_LOSSES, Checkpoints, Hooks, Preempted, TrainData, TrainSettings,
-                            held_out_evaluator, train)
+from pipeline.train import (Checkpoints, Hooks, Preempted, TrainData, TrainSettings, check_train, eval_csv,
+                            fingerprinted_train, held_out_evaluator, loss_csv, stop_on_sigterm, train)
 from pipeline.tracking import StageRun
 from stages.common import (CHECKPOINTS, EMA_MODEL, EVAL_CSV, LABELS, LOSS_CSV, NOISE_SCALES, RAW_MODEL, TEST, TRAIN,
-                           TRAIN_METRICS, Resolved, choose_device, data_record, main, process_of, resolve,
-                           sampler_options)
+                           TRAIN_METRICS, Resolved, data_record, main, process_of, resolve, sampler_options)
+from stages.launch import choose_device
 
 # Held-out examples the training-time evaluation averages over, and images in its sample grid (train.eval_every).
 EVAL_EXAMPLES, TRAIN_GRID = 512, 16
 # The exit status of a preempted run: 128 + SIGTERM, what a shell reports for a process SIGTERM ended.
 PREEMPTED_EXIT = 128 + signal.SIGTERM
-# train.* keys that leave the result alone (the cadence of logs, checkpoints and held-out rows, the device and
-# its TF32 switch, like the device a property of the machine) or only pick the file the ema stage copies. The
-# number of processes is checked apart (pipeline.train: another world size starts over, with a warning).
-NOT_FINGERPRINTED = {"steps", "checkpoint_every", "log_every", "ema", "device", "eval_every", "tf32", "devices"}
-# Keys added after checkpoints existed that change the bits: fingerprinted only away from their defaults, so a
-# checkpoint written before they existed still resumes.
-LATER_KEYS = ("precision", "channels_last", "compile", "accumulate", "warmup")
-
-
-def _write_curve(rows: list[tuple[int, float]]) -> None:
-    io.write_text(LOSS_CSV, "step,loss\n" + "".join(f"{s},{v:.8g}\n" for s, v in rows))
-
-
-def _write_eval(rows: list[dict], unit: str) -> None:
-    io.write_text(EVAL_CSV, f"step,value,se,unit\n" + "".join(f"{r['step']},{r['value']:.8g},{r['se']:.8g},{unit}\n"
-                                                            for r in rows))
 
 
 def _log_sample_grid(r: Resolved, run: StageRun, net: torch.nn.Module, process, record: dict, info: dict,
@@ -70,54 +54,6 @@ def _log_sample_grid(r: Resolved, run: StageRun, net: torch.nn.Module, process, 
         path = Path(tmp) / f"step_{step:07d}.png"
         plots.image_grid(path, kind_of(info, record["scaling"]).to_output(out.x), f"step {step}", nrow=4)
         run.log_artifact(path, "train_samples")
-
-
-def fingerprinted_train(t: TrainParams) -> dict:
-    """The train.* keys a checkpoint must match to be resumed (the rest may change between runs)."""
-    at_default = {k for k in LATER_KEYS if getattr(t, k) == TrainParams.model_fields[k].default}
-    return t.model_dump(exclude=NOT_FINGERPRINTED | at_default)
-
-
-def set_tf32(device: torch.device, allowed: bool) -> None:
-    """train.tf32: TF32 tensor-core matmuls and cuDNN convolutions on CUDA (10 mantissa bits in the products,
-    fp32 accumulation; Ampere and later). Process-wide switches, so the stage sets them, never the library;
-    the CPU keeps torch's defaults."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = allowed
-        torch.backends.cudnn.allow_tf32 = allowed
-
-
-@contextlib.contextmanager
-def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
-    """A should_stop for the training loop: True once SIGTERM arrived (SLURM's notice before preemption or the
-    end of the time limit; `kill`). The handler only records it; the loop ends its step, writes a checkpoint
-    and raises Preempted. The previous handler comes back on exit; off the main thread, where Python cannot
-    set handlers, nothing is installed and training is never stopped early."""
-    received: list[int] = []
-    try:
-        previous, installed = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum)), True
-    except ValueError:  # not the main thread
-        previous, installed = None, False
-    try:
-        yield lambda: bool(received)
-    finally:
-        if installed:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _check_train(t: TrainParams, batch_size: int, loss: str, world_size: int = 1) -> None:
-    """Refuse, before any training, what params validation could not see: an 'auto' batch size that
-    train.accumulate (times the processes) does not divide, and torch.compile with a loss it cannot train through."""
-    if batch_size % t.accumulate:
-        raise DataError(f"train.accumulate ({t.accumulate}) must divide train.batch_size ({batch_size}, resolved "
-                        f"from auto for this data set): each step splits its batch into equal micro-batches")
-    if batch_size % (t.accumulate * world_size):
-        raise DataError(f"train.batch_size ({batch_size}) must be a multiple of train.devices x train.accumulate "
-                        f"({world_size} x {t.accumulate}): each of the {world_size} processes takes an equal share "
-                        f"of every micro-batch")
-    if t.compile and loss in NO_COMPILE_LOSSES:
-        raise DataError(f"train.compile: the {loss} loss differentiates the network inside the loss (a divergence), "
-                        f"and torch.compile cannot train through that double backward; set train.compile: false")
 
 
 def _training_labels(cfg: Config, info: dict) -> Optional[torch.Tensor]:
@@ -152,7 +88,7 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
     spec, extra = r.family.network_spec(spec, cfg.method, lambda: kind.to_model(data))
     options = r.family.loss_options(plan.loss, cfg.method, kind.decoder()) | extra
     loss = build_loss(plan.loss, process, plan.parameterization, **options)
-    _check_train(t, resolved["batch_size"], plan.loss, group.world_size if group else 1)
+    check_train(t, resolved["batch_size"], plan.loss, group.world_size if group else 1)
     settings = TrainSettings(resolved["steps"], resolved["batch_size"], resolved["lr"], t.grad_clip, t.ema_decay,
                              t.checkpoint_every, t.log_every, cfg.seed, ema_warmup=resolved["ema_warmup"],
                              precision=t.precision, channels_last=t.channels_last, compile=t.compile,
@@ -180,13 +116,14 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
                                                  seed=cfg.seed, scaling=kind.scaling,
                                                  labels=held_out_labels)
 
-        def evaluator(step: int, ema_net: torch.nn.Module) -> dict:
+        def log_held_out(step: int, ema_net: torch.nn.Module) -> dict:
             row = held_out_eval(step, ema_net)
             run.log_metrics({"held_out": row["value"], "held_out_se": row["se"]}, step=step)
             if kind.shows_samples:  # a small grid of the EMA network's samples, to MLflow only (the DVC record is
                 # the curve)
                 _log_sample_grid(r, run, ema_net, process, record, info, device, step)
             return row
+        evaluator = log_held_out
     try:
         with stop_on_sigterm() as should_stop:
             result = train(net, loss, TrainData(torch.from_numpy(data), transform, labels, cfg.method.label_dropout),
@@ -208,8 +145,8 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
         print(f"train: resumed from the checkpoint at step {result.resumed_from}")
     models.save_model(RAW_MODEL, spec, result.model.state_dict())
     models.save_model(EMA_MODEL, spec, result.ema.state_dict())
-    _write_curve(result.loss_rows)
-    _write_eval(result.eval_rows, unit)
+    io.write_text(LOSS_CSV, loss_csv(result.loss_rows))
+    io.write_text(EVAL_CSV, eval_csv(result.eval_rows, unit))
     final = result.loss_rows[-1][1] if result.loss_rows else None
     num_params = sum(p.numel() for p in net.parameters())
     metrics = {"steps": resolved["steps"], "num_params": num_params, "final_loss": final,

@@ -457,12 +457,12 @@ def test_target_path_must_be_npy_or_csv(tmp_path):
 def test_bridge_params_accepted(tmp_path):
     cfg = config.validate({"data": {"name": "8gaussians", "target": "moons"},
                            "method": {**SB, "sb": {"solver": "ipf"}}})
-    sb = families.get("schrodinger_bridge").params(cfg.method)  # the family's own model of method.sb
+    sb = families.get("schrodinger_bridge").sb(cfg.method)  # the family's own model of method.sb
     assert (cfg.data.target, sb.solver, sb.reference) == ("moons", "ipf", "brownian")
     cfg = config.validate({"data": {"name": "swissroll", "target": "gaussian"},
                            "method": {**SB, "sb": {"solver": "dsbm", "reference": "vp"}},
                            "sample": {"direction": "backward"}})
-    sb = families.get("schrodinger_bridge").params(cfg.method)
+    sb = families.get("schrodinger_bridge").sb(cfg.method)
     assert (sb.solver, sb.reference, cfg.sample.direction) == ("dsbm", "vp", "backward")
     path = tmp_path / "target.npy"
     np.save(path, np.zeros((10, 2)))

@@ -15,10 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline import devices
 from pipeline.data import DataError
-from stages import common
-from stages.common import GpuLocks, check_gpus, choose_device, run_named
-from stages.train import _check_train
+from pipeline.devices import GpuLocks, check_gpus
+from pipeline.train import check_train
+from stages import launch
+from stages.common import run_named
+from stages.launch import choose_device
 from test_stages import TINY, _deep_merge, _write_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,8 +37,8 @@ def gpus(monkeypatch, tmp_path):
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv(common.LOCK_DIR_ENV, str(tmp_path / "locks"))
-    monkeypatch.setattr(common, "GPU_LOCKS", GpuLocks())
+    monkeypatch.setenv(devices.LOCK_DIR_ENV, str(tmp_path / "locks"))
+    monkeypatch.setattr(launch, "GPU_LOCKS", GpuLocks())
     return fake
 
 
@@ -64,12 +67,12 @@ def test_a_lock_held_by_another_process_is_skipped(gpus, tmp_path):
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
-        from stages.common import GpuLocks
+        from pipeline.devices import GpuLocks
         holder = GpuLocks()
         print(holder.acquire(2)[0], flush=True)
         sys.stdin.read()  # hold it until the test closes stdin
     """)
-    env = {**os.environ, common.LOCK_DIR_ENV: str(tmp_path / "locks")}
+    env = {**os.environ, devices.LOCK_DIR_ENV: str(tmp_path / "locks")}
     other = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                              env=env)
     try:
@@ -93,7 +96,7 @@ def test_choose_device(gpus, monkeypatch):
     with pytest.raises(DataError, match="no CUDA device"):
         choose_device("cuda")
     gpus(1)
-    assert choose_device("auto") == torch.device("cuda") and not common.GPU_LOCKS.held  # one GPU: no lock
+    assert choose_device("auto") == torch.device("cuda") and not launch.GPU_LOCKS.held  # one GPU: no lock
     assert choose_device("cpu") == torch.device("cpu")
     gpus(3)
     other = GpuLocks()
@@ -137,7 +140,7 @@ def test_batch_not_divisible_by_the_processes_is_refused(workdir, capsys):
     assert config.load("params.yaml").train.devices == 2
     # an 'auto' batch size, or a world size torchrun set, is checked once resolved
     with pytest.raises(DataError, match=r"multiple of train.devices x train.accumulate \(3 x 4\)"):
-        _check_train(config.load("params.yaml").train, 64, "dsm", world_size=3)
+        check_train(config.load("params.yaml").train, 64, "dsm", world_size=3)
 
 
 @pytest.mark.parametrize("device, count", [("cuda", 0), ("cuda", 1), ("auto", 1)])
@@ -145,11 +148,11 @@ def test_more_processes_than_gpus_is_refused_with_the_counts(workdir, gpus, monk
     gpus(count)
     _params({"train": {"device": device, "devices": 2}, "sample": {"devices": 2}})
     launched = []
-    monkeypatch.setattr(common.subprocess, "Popen", lambda *a, **k: launched.append(a))
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: launched.append(a))
     assert run_named("train", ["--params", "params.yaml"]) == 2
     assert run_named("sample", ["--params", "params.yaml"]) == 2
     err = capsys.readouterr().err
-    assert f"train.devices: 2 processes" in err and f"torch sees {count}" in err and "sample.devices: 2" in err, err
+    assert "train.devices: 2 processes" in err and f"torch sees {count}" in err and "sample.devices: 2" in err, err
     assert not launched
     with pytest.raises(DataError):
         check_gpus(device, 2, "train.devices")
@@ -174,7 +177,7 @@ class _FakeTorchrun:
     def __call__(self, cmd, env):
         self.calls.append((cmd, env))
         for rank, status in self.statuses.items():
-            Path(env[common.STATUS_DIR_ENV], f"rank{rank}").write_text(str(status))
+            Path(env[launch.STATUS_DIR_ENV], f"rank{rank}").write_text(str(status))
         fake = self
 
         class Child:
@@ -197,7 +200,7 @@ def test_relaunch_runs_torchrun_and_returns_the_ranks_status(workdir, gpus, monk
     other = GpuLocks()
     other.acquire(4)  # another stage holds GPU 0
     fake = _FakeTorchrun(statuses, returncode)
-    monkeypatch.setattr(common.subprocess, "Popen", fake)
+    monkeypatch.setattr(launch.subprocess, "Popen", fake)
     _params({"train": {"devices": 2}})
     assert run_named("train", ["--params", "params.yaml"]) == expected
     (cmd, env), = fake.calls

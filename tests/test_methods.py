@@ -220,8 +220,35 @@ def test_bridge_params_are_its_own_model():
         config.validate({"method": {"name": "schrodinger_bridge", "sb": {"solver": "sinkhorn"}},
                          "data": {"target": "moons"}})
     bridge = families.get("schrodinger_bridge")
-    assert bridge.params(config.MethodParams(name="schrodinger_bridge")).solver == "ipf"
-    assert bridge.params(config.MethodParams(name="schrodinger_bridge", sb={"solver": "dsbm"})).solver == "dsbm"
+    assert bridge.sb(config.MethodParams(name="schrodinger_bridge")).solver == "ipf"
+    assert bridge.sb(config.MethodParams(name="schrodinger_bridge", sb={"solver": "dsbm"})).solver == "dsbm"
+
+
+# A bad value of each key a family owns, and the words of its refusal (the family's Params model, not the config's).
+BAD_OWNED = {"sde": ("bm", "'auto', 'vp', 've', 'subvp' or 'ou'"), "schedule": ("quadratic", "'linear' or 'cosine'"),
+             "num_steps": (1, "integer >= 2"), "sigma_data": (0.0, "a number > 0"), "sb": ({"sigma": -1.0}, "greater than 0")}
+
+
+@pytest.mark.parametrize("name", families.NAMES)
+def test_every_family_validates_its_own_keys_with_its_own_model(name):
+    """Each family's Params model holds exactly the method.* keys it reads, their defaults are MethodParams's, and a
+    bad value of each is refused by that model, naming method.<key>; the keys it does not read are refused away
+    from their defaults by the config (check_owned), so each key is validated somewhere for every family."""
+    family = families.get(name)
+    defaults = config.MethodParams()
+    own = family.params(None)
+    assert set(family.reads) == set(type(own).model_fields) <= set(BAD_OWNED)
+    for key in family.reads:
+        assert family.params(defaults) == own
+        value, words = BAD_OWNED[key]
+        with pytest.raises(ValueError, match=f"method.{key}") as err:
+            family.params(defaults.model_copy(update={key: value}))
+        assert words in str(err.value)
+    for key in set(BAD_OWNED) - set(family.reads):
+        value = BAD_OWNED[key][0] if key != "sb" else {"iterations": 3}
+        raw = {"method": {"name": name, key: value}, "data": {"name": "gmm", "target": "moons"}}
+        with pytest.raises(config.ConfigError, match=f"method.{key}"):
+            config.validate(raw)
 
 
 def test_the_docs_describe_every_family():

@@ -325,7 +325,7 @@ def test_checkpoint_fingerprint_keeps_its_keys_at_the_defaults():
     """At their defaults the new keys stay out of the fingerprint, so checkpoints written before them resume;
     away from them the keys that change the bits enter it; tf32, like the device, never does."""
     from pipeline.config import TrainParams
-    from stages.train import fingerprinted_train
+    from pipeline.train import fingerprinted_train
 
     old = TrainParams().model_dump(exclude={"steps", "checkpoint_every", "log_every", "ema", "device", "eval_every",
                                             "precision", "tf32", "channels_last", "compile", "accumulate", "warmup", "devices"})

@@ -1,9 +1,12 @@
 """EDM (Karras et al. 2022, arXiv:2206.00364): the process x0 + sigma z with log-normal training sigma, the network
 preconditioned to output x0 (c_skip x + c_out F), their weighted denoising loss, Heun's sampler on the rho-schedule."""
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
-from families.base import Family
+from pydantic import field_validator
+
+from families import OWNED_KEYS
+from families.base import Family, FamilyParams
 
 # EDM's noise levels and training distribution (Karras et al. 2022, Table 1, "Ours").
 EDM_PROCESS = {"sigma_min": 0.002, "sigma_max": 80.0, "p_mean": -1.2, "p_std": 1.2}
@@ -21,10 +24,24 @@ def sigma_data_of(sigma_data: float | str, x) -> float:
     return value
 
 
+class EDMParams(FamilyParams):
+    """method.sigma_data: EDM's σ_d, the data's standard deviation in the preconditioning and the loss weight
+    (Karras et al. 2022, Table 1); auto: measured on the training data (sigma_data_of)."""
+
+    sigma_data: Union[Literal["auto"], float] = OWNED_KEYS["sigma_data"]
+
+    @field_validator("sigma_data")
+    @classmethod
+    def _positive(cls, v):
+        if v != "auto" and not v > 0:
+            raise ValueError("must be 'auto' or a number > 0")
+        return v
+
+
 class EDM(Family):
     name = "edm"
     paper = "Karras et al. 2022, Elucidating the design space of diffusion-based generative models"
-    reads = ("sigma_data",)
+    Params = EDMParams
 
     def process_kind(self, sde: str) -> str:
         if sde != "auto":

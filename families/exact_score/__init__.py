@@ -3,13 +3,13 @@ scales or any SDE's marginals; the oracle every sampler is checked against."""
 
 from typing import Optional
 
-from families.base import Family
+from families.base import Family, SdeParams
 
 
 class ExactScore(Family):
     name = "exact_score"
     paper = "the analytic score of a Gaussian mixture under each process's Gaussian marginals"
-    reads = ("sde",)
+    Params = SdeParams
     noise_defaults = "exact_score"
     stages = "families.exact_score.stages"
     own_stages = ("train",)

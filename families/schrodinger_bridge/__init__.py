@@ -10,7 +10,7 @@ from typing import Any, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from families.base import Family, Plan
+from families.base import Family, FamilyParams, Plan
 from pipeline.names import POINT_SETS
 
 
@@ -26,6 +26,12 @@ class BridgeParams(BaseModel):
     num_steps: int = Field(20, ge=2)
 
 
+class SchrodingerBridgeParams(FamilyParams):
+    """The bridge's own method.* keys: its section method.sb."""
+
+    sb: BridgeParams = Field(default_factory=BridgeParams)
+
+
 # train.*, sample.* and eval.* keys the bridge's own loop (solvers.py) and walk do not read, at their defaults.
 UNREAD = (("train", "devices"), ("train", "precision"), ("train", "compile"), ("train", "channels_last"),
           ("train", "accumulate"), ("train", "warmup"), ("train", "eval_every"), ("sample", "devices"),
@@ -35,7 +41,7 @@ UNREAD = (("train", "devices"), ("train", "precision"), ("train", "compile"), ("
 class SchrodingerBridge(Family):
     name = "schrodinger_bridge"
     paper = "De Bortoli et al. 2021 (IPF); Shi et al. 2023 (DSBM)"
-    reads = ("sb",)
+    Params = SchrodingerBridgeParams
     stages = "families.schrodinger_bridge.stages"
     own_stages = ("train", "sample", "evaluate")
     has_score = False
@@ -74,13 +80,9 @@ class SchrodingerBridge(Family):
         raise ValueError("method.conditional: a Schrödinger bridge has no class-conditional form here; use "
                          "method.name ddpm, sde, ncsnv2, ncsn or edm for guided generation")
 
-    def params(self, m: Any) -> BridgeParams:
-        """method.sb of `m` as BridgeParams; None: the defaults."""
-        try:
-            return BridgeParams.model_validate(m.sb if m is not None else {})
-        except ValueError as err:  # pydantic's ValidationError: name the keys under method.sb
-            bad = "; ".join(f"method.sb.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-            raise ValueError(bad) from None
+    def sb(self, m: Any) -> BridgeParams:
+        """method.sb of `m` (MethodParams; None: the defaults) as BridgeParams."""
+        return self.params(m).sb
 
     def check(self, cfg: Any, plan: Plan) -> None:
         """A target set of points, and only the keys the bridge's loop reads."""
@@ -88,7 +90,7 @@ class SchrodingerBridge(Family):
         self.check_owned(m)
         if m.conditional:
             self.check_conditional()
-        sb = self.params(m)
+        sb = self.sb(m)
         if d.kind == "images":  # a data.name: file of images is refused by the train stage, once prepare read it
             raise ValueError(f"method.name: schrodinger_bridge runs between point sets (N, D); data.name: {d.name} "
                              f"is images (points: {', '.join(POINT_SETS)}, or a file of points)")
@@ -119,7 +121,7 @@ class SchrodingerBridge(Family):
         0.1 -> 20 on [0, 1], as method.name: sde), whose bridge to N(0, I) is close to the score SDE."""
         from pipeline.processes import VPSDE, BrownianMotion
 
-        sb = self.params(m)
+        sb = self.sb(m)
         return BrownianMotion(sb.sigma) if sb.reference == "brownian" else VPSDE(t_min=0.0)
 
 

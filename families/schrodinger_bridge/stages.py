@@ -28,7 +28,8 @@ from pipeline.rng import SampleGenerators, sample_seed
 from pipeline.tracking import StageRun
 from stages.common import (EMA_MODEL, EVAL_CSV, EVAL_METRICS, EVAL_PLOT, LOSS_CSV, MODEL, NEIGHBOURS_PLOT,
                            NOISE_SCALES, RAW_MODEL, REFERENCE, SAMPLE_METRICS, SAMPLES, SAMPLES_PLOT, TARGET, TEST,
-                           TRAIN, TRAIN_METRICS, TRAJECTORY_PLOT, choose_device, data_record, process_of)
+                           TRAIN, TRAIN_METRICS, TRAJECTORY_PLOT, data_record, process_of)
+from stages.launch import choose_device
 
 # Updates of each network per half-iteration when train.steps is 'auto'.
 AUTO_STEPS_PER_HALF = 2_000
@@ -59,7 +60,7 @@ def _start(direction: str) -> str:
 
 
 def _steps_per_half(cfg: Config) -> int:
-    t, sb = cfg.train, FAMILY.params(cfg.method)
+    t, sb = cfg.train, FAMILY.sb(cfg.method)
     if t.steps == "auto":
         return AUTO_STEPS_PER_HALF
     per_half = t.steps // (2 * sb.iterations)
@@ -77,7 +78,7 @@ def _end_metrics(gen: np.ndarray, test: np.ndarray, reference: np.ndarray, cloud
 
 
 def train_stage(cfg: Config, run: StageRun) -> None:
-    t, sb = cfg.train, FAMILY.params(cfg.method)
+    t, sb = cfg.train, FAMILY.sb(cfg.method)
     data = _splits()
     process = process_of(io.read_json(NOISE_SCALES))
     resolved = defaults.train_settings(t.model_dump(), data_record())
@@ -188,7 +189,7 @@ def evaluate_stage(cfg: Config, run: StageRun) -> None:
     # The cost of the walk's own coupling, its noisy last step included (a denoised step's noise put back).
     metrics["ot_cost"] = coupling_cost(x_start[:n], x[:n], float(samples["denoised_variance"]))
     sinkhorn: Optional[float] = None
-    sb = FAMILY.params(cfg.method)
+    sb = FAMILY.sb(cfg.method)
     if sb.reference == "brownian":  # the entropic plan is the bridge's for Brownian motion only
         m = min(e.ot_n, n)
         sinkhorn = sinkhorn_cost(x_start[:m], end["test"][:m], sb.sigma)

@@ -23,18 +23,19 @@ from tqdm.auto import tqdm
 from pipeline.distributed import Group
 from pipeline.pixels import image_batches
 from pipeline.train.settings import (NO_COMPILE_LOSSES, PRECISIONS, BatchTransform, Evaluator, Hooks, LossFn,
-                                   TrainData, TrainSettings)
-from pipeline.train.evaluation import evaluate_if_due, held_out_evaluator, log_if_due
-from pipeline.train.preempt import Preempted, preempt, stop_requested
-from pipeline.train.state import (CHECKPOINT, Checkpoints, TrainState, ema_multi_avg_fn, fingerprint, new_state,
-                                  resume, save_checkpoint, warmup_factor)
+                                   TrainData, TrainSettings, check_train)
+from pipeline.train.evaluation import eval_csv, evaluate_if_due, held_out_evaluator, log_if_due, loss_csv
+from pipeline.train.preempt import Preempted, preempt, stop_on_sigterm, stop_requested
+from pipeline.train.state import (CHECKPOINT, Checkpoints, TrainState, ema_multi_avg_fn, fingerprint,
+                                  fingerprinted_train, new_state, resume, save_checkpoint, warmup_factor)
 from pipeline.train.step import (autocast, draw_batch, micro_batches, optimisation_step, to_device,
                                  training_network)
 
 __all__ = [
     "CHECKPOINT", "NO_COMPILE_LOSSES", "PRECISIONS", "BatchTransform", "Checkpoints", "Evaluator", "Hooks", "LossFn",
-    "Preempted", "TrainData", "TrainResult", "TrainSettings", "TrainState", "autocast", "ema_multi_avg_fn",
-    "fingerprint", "held_out_evaluator", "image_batches", "micro_batches", "to_device", "train", "warmup_factor",
+    "Preempted", "TrainData", "TrainResult", "TrainSettings", "TrainState", "autocast", "check_train",
+    "ema_multi_avg_fn", "eval_csv", "fingerprint", "fingerprinted_train", "held_out_evaluator", "image_batches",
+    "loss_csv", "micro_batches", "stop_on_sigterm", "to_device", "train", "warmup_factor",
 ]
 
 

@@ -1,5 +1,6 @@
 """What the training loop records and when, part (c): a loss row every log_every steps (and at the last), a
-held-out row every eval_every steps from the EMA network, and the held-out evaluator the train stage uses."""
+held-out row every eval_every steps from the EMA network, the held-out evaluator the train stage uses, and the CSV
+text of both kinds of rows (the train stage's plots/train_loss.csv and plots/train_eval.csv)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,13 @@ def held_out_evaluator(loss_fn: LossFn, loss_name: str, x: Tensor, *, transform:
         return {"value": float(values.mean()), "se": float(values.std() / math.sqrt(len(values)))}
 
     return evaluator, unit
+
+
+def loss_csv(rows: list[tuple[int, float]]) -> str:
+    """The loss rows (step, mean loss) as CSV text: step,loss."""
+    return "step,loss\n" + "".join(f"{s},{v:.8g}\n" for s, v in rows)
+
+
+def eval_csv(rows: list[dict], unit: str) -> str:
+    """The held-out rows ({"step", "value", "se"}) as CSV text: step,value,se,unit."""
+    return "step,value,se,unit\n" + "".join(f"{r['step']},{r['value']:.8g},{r['se']:.8g},{unit}\n" for r in rows)

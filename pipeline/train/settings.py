@@ -1,13 +1,19 @@
 """What the training loop (pipeline.train) is given: its knobs (TrainSettings), the data it draws batches from
-(TrainData) and the caller's hooks into it (Hooks); where its checkpoint lives is pipeline.train.state.Checkpoints."""
+(TrainData) and the caller's hooks into it (Hooks); where its checkpoint lives is pipeline.train.state.Checkpoints.
+check_train refuses the train.* values that params validation cannot see (they depend on the data and the processes)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
+
+from pipeline.errors import DataError
+
+if TYPE_CHECKING:
+    from pipeline.config import TrainParams
 
 LossFn = Callable[..., Tensor]
 # (batch drawn from the data, generator) -> what the loss sees, e.g. pixels to model space with dequantisation
@@ -20,6 +26,21 @@ PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bflo
 # Losses that differentiate the network inside the loss (the divergence of ism, ssm and Huang's ELBO, with
 # create_graph) need a double backward, which torch.compile's AOTAutograd graphs refuse (torch 2.14).
 NO_COMPILE_LOSSES = ("ism", "ssm", "huang_elbo")
+
+
+def check_train(t: TrainParams, batch_size: int, loss: str, world_size: int = 1) -> None:
+    """Refuse, before any training, what params validation could not see: an 'auto' batch size that
+    train.accumulate (times the processes) does not divide, and torch.compile with a loss it cannot train through."""
+    if batch_size % t.accumulate:
+        raise DataError(f"train.accumulate ({t.accumulate}) must divide train.batch_size ({batch_size}, resolved "
+                        f"from auto for this data set): each step splits its batch into equal micro-batches")
+    if batch_size % (t.accumulate * world_size):
+        raise DataError(f"train.batch_size ({batch_size}) must be a multiple of train.devices x train.accumulate "
+                        f"({world_size} x {t.accumulate}): each of the {world_size} processes takes an equal share "
+                        f"of every micro-batch")
+    if t.compile and loss in NO_COMPILE_LOSSES:
+        raise DataError(f"train.compile: the {loss} loss differentiates the network inside the loss (a divergence), "
+                        f"and torch.compile cannot train through that double backward; set train.compile: false")
 
 
 @dataclass(frozen=True)

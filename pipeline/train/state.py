@@ -15,7 +15,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,17 @@ from pipeline import io
 from pipeline.distributed import Group
 from pipeline.train.settings import TrainSettings
 
+if TYPE_CHECKING:
+    from pipeline.config import TrainParams
+
 CHECKPOINT = "last.pt"
+# train.* keys that leave the result alone (the cadence of logs, checkpoints and held-out rows, the device and
+# its TF32 switch, like the device a property of the machine) or only pick the file the ema stage copies. The
+# number of processes is checked apart (pipeline.train: another world size starts over, with a warning).
+NOT_FINGERPRINTED = {"steps", "checkpoint_every", "log_every", "ema", "device", "eval_every", "tf32", "devices"}
+# Keys added after checkpoints existed that change the bits: fingerprinted only away from their defaults, so a
+# checkpoint written before they existed still resumes.
+LATER_KEYS = ("precision", "channels_last", "compile", "accumulate", "warmup")
 
 
 def ema_multi_avg_fn(decay: float, warmup: bool) -> Callable:
@@ -100,6 +110,12 @@ def new_state(model: nn.Module, settings: TrainSettings, device: torch.device) -
 def fingerprint(obj: Mapping[str, Any]) -> str:
     """A stable hash of everything that must match for a checkpoint to be resumed."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprinted_train(t: TrainParams) -> dict:
+    """The train.* keys a checkpoint must match to be resumed (the rest may change between runs)."""
+    at_default = {k for k in LATER_KEYS if getattr(t, k) == type(t).model_fields[k].default}
+    return t.model_dump(exclude=NOT_FINGERPRINTED | at_default)
 
 
 @dataclass(frozen=True)

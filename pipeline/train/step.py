@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from pipeline.distributed import Group, ShardRows
 from pipeline.guidance import drop_labels, label_index
-from pipeline.train.settings import PRECISIONS, BatchTransform, LossFn, TrainData, TrainSettings
+from pipeline.train.settings import PRECISIONS, LossFn, TrainData, TrainSettings
 from pipeline.train.state import TrainState
 
 

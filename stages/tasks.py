@@ -1,0 +1,101 @@
+"""The sample stage's tasks other than generate (sample.task): inpaint, interpolate and edit (SDEdit), each on the
+model and sampler the stage loaded, one process."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipeline import defaults, io
+from pipeline.config import Config
+from pipeline.edit import sdedit
+from pipeline.inpaint import inpaint, make_mask
+from pipeline.interpolate import auto_scheme, interpolate
+from pipeline.tracking import StageRun
+from stages.common import SAMPLE_METRICS, SAMPLES, SAMPLES_PLOT, TEST, TRAJECTORY_PLOT
+from stages.sampling import TRAJECTORY_FRAMES, Loaded, batched, check_finite, held_out, log_sample
+
+def inpaint_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
+    """sample.task: inpaint: the first sample.n test items with the mask's hidden part generated, by every method of
+    sample.inpaint.method on the same items and noise seeds. samples.npz: x (M, n, *D), methods (M,), x_known and
+    mask (n, *D), 1 where known."""
+    s, p = cfg.sample, cfg.sample.inpaint
+    n, batch_size = defaults.sample_sizes(s.n, s.batch_size, cfg.eval.fid_n, m.info)
+    known = held_out(n)
+    x_known = m.to_model(known)
+    kind = defaults.inpaint_mask(p.mask, m.info)
+    # one draw for all n items (a random mask's row i does not depend on the batching)
+    mask = make_mask(kind, (n, *m.shape), torch.Generator().manual_seed(s.seed), p.keep, device=m.device,
+                     dtype=x_known.dtype)
+    results, nfes, trajectory = [], {}, []
+    for method in p.methods:
+        options = {"repaint": {"jump": p.jump, "resamples": p.resamples},
+                   "mcg": {"alpha": defaults.mcg_alpha(p.alpha, m.info)}}.get(method, {})
+        chunks, nfes[method], traj = batched(m, n, batch_size, s.seed, lambda rows, gens, record: inpaint(
+            m.sampler, m.model_kind, m.score(m.fn), m.process, x_known[rows], mask[rows], gens, m.steps, m.options,
+            method, progress=True, record=record, **options))
+        results.append(np.concatenate(chunks))
+        trajectory = trajectory or traj
+    x = np.stack(results)
+    mask_out = mask.to(torch.uint8).cpu().numpy()
+    io.save_npz(SAMPLES, x=x, methods=np.array(p.methods), x_known=known, mask=mask_out)
+    nfe = max(nfes.values())
+    io.write_json(SAMPLE_METRICS, {"nfe": nfe, "n": n, "task": "inpaint", "mask": kind,
+                                   **{f"nfe_{k}": v for k, v in nfes.items()}})
+    title = f"{cfg.method.name}: {m.sampler}, {kind} mask, inpainting"
+    m.data.inpaint_figure(SAMPLES_PLOT, known, mask_out, p.methods, x, nfes, title)
+    m.data.trajectory_figure(TRAJECTORY_PLOT, trajectory, f"{title} ({p.methods[0]})")
+    log_sample(cfg, run, m, {"n": n, "batch_size": batch_size, "mask": kind}, nfe)
+
+
+def interpolate_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
+    """sample.task: interpolate: sample.interpolate.pairs rows of `frames` samples, row j running from sample 2j to
+    sample 2j + 1 of the plain run (same sample.seed). samples.npz: x (P, K, *D), alpha (K,), scheme."""
+    s, p = cfg.sample, cfg.sample.interpolate
+    scheme = auto_scheme(m.sampler, m.options) if p.scheme == "auto" else p.scheme
+    with torch.no_grad():
+        out = interpolate(m.sampler, m.model_kind, m.score(m.fn), m.process, m.shape, s.seed, range(p.pairs),
+                          p.frames, scheme, m.steps, m.options, progress=True, record=TRAJECTORY_FRAMES,
+                          device=m.device)
+    check_finite(out.x)
+    x = m.data.to_output(out.x).reshape(p.pairs, p.frames, *m.shape)
+    alpha = np.linspace(0.0, 1.0, p.frames)
+    io.save_npz(SAMPLES, x=x, alpha=alpha, scheme=np.array(scheme))
+    io.write_json(SAMPLE_METRICS, {"nfe": out.nfe, "n": int(p.pairs * p.frames), "task": "interpolate",
+                                   "scheme": scheme})
+    title = f"{cfg.method.name}: {m.sampler}, {scheme} interpolation"
+    m.data.interpolation_figure(SAMPLES_PLOT, x, alpha, np.load(TEST), title)
+    m.data.trajectory_figure(TRAJECTORY_PLOT, out.trajectory, title)
+    log_sample(cfg, run, m, {"n": p.pairs * p.frames, "scheme": scheme}, out.nfe)
+
+
+def edit_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
+    """sample.task: edit (SDEdit): the first sample.n test items noised to each t0 of sample.edit.t0 and denoised.
+    samples.npz: x (T, n, *D), t0 (T,), x_known (n, *D) the inputs."""
+    s = cfg.sample
+    times = s.edit.times
+    n, batch_size = defaults.sample_sizes(s.n, s.batch_size, cfg.eval.fid_n, m.info)
+    inputs = held_out(n)
+    x_in = m.to_model(inputs)
+    results, nfes, trajectory = [], {}, []
+    for t0 in times:
+        chunks, nfes[t0], traj = batched(m, n, batch_size, s.seed, lambda rows, gens, record: sdedit(
+            m.sampler, m.model_kind, m.score(m.fn), m.process, x_in[rows], t0, gens, m.steps, m.options,
+            progress=True, record=record))
+        results.append(np.concatenate(chunks))
+        trajectory = traj if t0 == max(times) else trajectory
+    x = np.stack(results)
+    io.save_npz(SAMPLES, x=x, t0=np.array(times, dtype=np.float64), x_known=inputs)
+    nfe = max(nfes.values())
+    io.write_json(SAMPLE_METRICS, {"nfe": nfe, "n": n, "task": "edit",
+                                   **{f"nfe_t0_{t0:g}": v for t0, v in nfes.items()}})
+    title = f"{cfg.method.name}: {m.sampler}, SDEdit"
+    m.data.edit_figure(SAMPLES_PLOT, inputs, times, x, title)
+    m.data.trajectory_figure(TRAJECTORY_PLOT, trajectory, f"{title} from t0 = {max(times):g}")
+    log_sample(cfg, run, m, {"n": n, "batch_size": batch_size}, nfe)
+
+
+TASKS: dict[str, Callable[[Config, StageRun, Loaded], None]] = {
+    "inpaint": inpaint_stage, "interpolate": interpolate_stage, "edit": edit_stage}
