@@ -32,7 +32,11 @@ GRID_IMAGES, SIDE_BY_SIDE = 64, 8
 # The pixel level shown where inpainting generates (mid-grey).
 HIDDEN_PIXEL = 128
 # The clean-fid protocol of the reference features, reported with every image metric.
-FID_PROTOCOL = ("fid_floor", "kid_floor", "fid_n", "fid_mode", "fid_reference", "fid_weights", "fid_impl")
+FID_PROTOCOL = ("fid_floor", "kid_floor", "precision_floor", "recall_floor", "density_floor", "coverage_floor",
+                "prdc_k", "fid_n", "fid_mode", "fid_reference", "fid_weights", "fid_impl")
+# The floors on the domain classifier's features (metrics/classifier.json), reported with its metrics.
+DOMAIN_FLOORS = ("fid_domain_floor", "precision_domain_floor", "recall_domain_floor", "density_domain_floor",
+                 "coverage_domain_floor")
 
 
 class Files:
@@ -189,6 +193,20 @@ class DataKind:
         """The kind's own metrics of each named inpainting method's completions x (M, n, *D); draws the figure."""
         raise NotImplementedError
 
+    def metric_n(self, ev: Evaluation) -> int:
+        """How many generated items the metrics compare with as many held-out ones (equal N each side)."""
+        raise NotImplementedError
+
+    def memorisation(self, x: np.ndarray, ev: Evaluation) -> dict:
+        """The fraction of the first metric_n samples closer to a training item than all but MEMORISED_QUANTILE
+        of as many test items are, and its floor, the reference split's (pipeline.metrics.fidelity.memorisation;
+        the distance is the neighbours figure's: coordinates, or pixels as stored)."""
+        from pipeline.metrics.fidelity import MEMORISED_QUANTILE, memorisation
+
+        n, files = min(len(x), self.metric_n(ev)), ev.files
+        return memorisation(x[:n], files["test"][:n], files["reference"][:n], files["train"], MEMORISED_QUANTILE,
+                            ev.device)
+
     def edit_quality(self, x: np.ndarray, names: Sequence[str], ev: Evaluation) -> tuple[dict, dict]:
         """The kind's own metrics of each named edit set x (T, n, *D) and the curves they add to the figure."""
         return {}, {}
@@ -272,6 +290,9 @@ class Points(DataKind):
         plots.nearest_points(path, items.astype(np.float64), train[idx].astype(np.float64), train.astype(np.float64),
                              f"{noun}s (orange) and their nearest training points (blue)")
 
+    def metric_n(self, ev: Evaluation) -> int:
+        return defaults.POINT_SIZES if ev.settings.n == "auto" else ev.settings.n
+
     def generated_metrics(self, x: np.ndarray, requested: Optional[np.ndarray], ev: Evaluation) -> dict:
         """Chamfer and earth mover's distances against the test split, each with its floor (the reference split);
         on gmm data the mixture's moment errors; with classes the accuracy of the requested ones."""
@@ -279,7 +300,7 @@ class Points(DataKind):
         from pipeline.metrics import pointcloud_metrics
 
         e, files = ev.settings, ev.files
-        n = defaults.POINT_SIZES if e.n == "auto" else e.n
+        n = self.metric_n(ev)
         test, reference = files["test"].astype(np.float64), files["reference"].astype(np.float64)
         if len(x) < n:
             raise ValueError(f"samples.npz holds {len(x)} points but eval.n is {n}; re-run sample")
@@ -404,6 +425,9 @@ class Images(DataKind):
         plots.nearest_neighbours(path, items, train[self.nearest(items, train)],
                                  f"each row: {article} {noun}, then its nearest training images (pixel L2)")
 
+    def metric_n(self, ev: Evaluation) -> int:
+        return len(ev.files["fid_reference"]["test"])
+
     def generated_metrics(self, x: np.ndarray, requested: Optional[np.ndarray], ev: Evaluation) -> dict:
         """FID and KID against the test split, and with a classifier (two classes or more) fid_domain, the class
         histogram and for a conditional model the accuracy of the requested classes and the per-class FID; then
@@ -422,14 +446,15 @@ class Images(DataKind):
             metrics.update(fid=fid_from_features(feats, fid_ref["test"]),
                            kid=kid_from_features(feats, fid_ref["test"], ev.settings.seed))
             plots.image_grid(ev.figure, x[:GRID_IMAGES], "samples (no classes: no class histogram)")
-            return metrics | self.fid_protocol(files)
+            return metrics | self.fidelity(feats, None, files, ev.settings.seed) | self.fid_protocol(files)
         classes = self.record["classes"]
         classifier = load_classifier(files["classifier"], device=ev.device)
         features = sample_features(x, n, classifier, device=ev.device, progress=True)
         found = feature_metrics(features, fid_ref, files["domain_reference"], num_classes=self.record["num_classes"],
                                 seed=ev.settings.seed)
         histogram = found.pop("class_histogram")
-        metrics.update(found, fid_domain_floor=classifier_record["fid_domain_floor"])
+        metrics.update(found, **self.fidelity(features["inception"], features["domain"], files, ev.settings.seed),
+                       **{k: classifier_record[k] for k in DOMAIN_FLOORS})
         metrics["class_histogram"] = dict(zip(classes, histogram))
         if requested is not None:  # a class-conditional model's guided samples
             metrics["cond_accuracy"] = cond_accuracy(features["predicted"], requested[:n])
@@ -442,6 +467,19 @@ class Images(DataKind):
                               f"classes of the samples (classifier test accuracy "
                               f"{classifier_record['classifier_test_accuracy']:.3f})")
         return metrics | self.fid_protocol(files)
+
+    @staticmethod
+    def fidelity(inception: np.ndarray, domain: Optional[np.ndarray], files: Files, seed: int) -> dict:
+        """FID's bootstrap interval, and precision, recall, density and coverage against the test split on the
+        Inception features and (with a classifier) the domain classifier's: pipeline.metrics.fidelity."""
+        from pipeline.metrics.fidelity import fid_bootstrap, prdc_metrics
+
+        test = files["fid_reference"]["test"]
+        low, high = fid_bootstrap(inception, test, seed=seed)
+        found = {"fid_ci_low": low, "fid_ci_high": high, **prdc_metrics(test, inception)}
+        if domain is not None:
+            found |= prdc_metrics(files["domain_reference"]["test"], domain, "_domain")
+        return found
 
     @staticmethod
     def fid_protocol(files: Files) -> dict:

@@ -1,9 +1,9 @@
 """classifier: the small CNN behind fid_domain, trained on the train split once per data set (cached by DVC).
 
-Writes models/classifier.pt, outputs/domain_reference.npz (its features of the first eval.fid_n test
-and reference images) and metrics/classifier.json (test accuracy, fid_domain_floor, the test split's
-class histogram). Points, or images with a single class, have no classifier: an empty record.
-"""
+Writes models/classifier.pt, outputs/domain_reference.npz (its features of the first eval.fid_n test and reference
+images) and metrics/classifier.json (test accuracy, the floors of fid_domain and of precision / recall / density /
+coverage on its features, the test split's class histogram). Points, or images with a single class, have no
+classifier: an empty record."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pipeline import defaults, io
 from pipeline.config import Config
 from pipeline.metrics.domain import accuracy, class_histogram, classifier_features, classifier_file, train_classifier
 from pipeline.metrics.fid import frechet_distance
+from pipeline.metrics.fidelity import prdc_metrics
 from pipeline.tracking import StageRun
 from stages.common import (CLASSIFIER, CLASSIFIER_METRICS, DOMAIN_REFERENCE, LABELS, REFERENCE, TEST, TRAIN,
                            data_record, main)
@@ -41,6 +42,7 @@ def classifier_stage(cfg: Config, run: StageRun) -> None:
     io.save_npz(DOMAIN_REFERENCE, **feats)
     metrics = {"classifier_test_accuracy": accuracy(model, test, test_y, device=device),
                "fid_domain_floor": frechet_distance(feats["reference"], feats["test"]),
+               **prdc_metrics(feats["test"], feats["reference"], "_domain_floor"),
                "test_class_histogram": class_histogram(test_y[:n], info["num_classes"]),
                "classifier_steps": cfg.eval.classifier_steps}
     io.write_json(CLASSIFIER_METRICS, metrics)

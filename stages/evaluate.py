@@ -1,10 +1,10 @@
 """evaluate: metrics against held-out data, each next to its floor; likelihoods.
 
 The metrics of the data's kind (pipeline.kinds): chamfer and earth mover's distances of point sets; FID and KID
-(clean-fid), fid_domain and the class histogram (the classifier stage's network) of image sets. For every kind: the
-nearest training items of a few outputs (memorisation check), the metrics of sample.task's outputs, and the
-likelihoods of the method (eval.likelihood).
-"""
+(clean-fid) with FID's bootstrap interval, precision / recall / density / coverage, fid_domain and the class
+histogram (the classifier stage's network) of image sets. For every kind: the nearest training items of a few
+outputs (memorisation check) and, of generated samples, the memorised fraction; the metrics of sample.task's
+outputs; the likelihoods of the method (eval.likelihood)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ READERS = {"train": (np.load, TRAIN), "test": (np.load, TEST), "reference": (np.
 
 # Each sample.task's metrics of samples.npz.
 TASK_METRICS: dict[str, Callable[[DataKind, dict, Evaluation], dict]] = {
-    "generate": lambda data, s, ev: data.generated_metrics(s["x"], s.get("y"), ev),
+    "generate": lambda data, s, ev: data.generated_metrics(s["x"], s.get("y"), ev) | data.memorisation(s["x"], ev),
     "inpaint": lambda data, s, ev: data.inpaint_metrics(s["x"], s["x_known"], s["mask"],
                                                         [str(m) for m in s["methods"]], ev),
     "edit": lambda data, s, ev: data.edit_metrics(s["x"], s["x_known"], [float(t) for t in s["t0"]], ev),

@@ -163,8 +163,13 @@ def test_every_stage_on_images(workdir, method):
     scaling = json.loads(Path("outputs/noise_scales.json").read_text())["scaling"]
     assert scaling == ("zero_one" if method["name"] == "ncsnv2" else "minus_one_one")
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
-    for key in ("fid", "fid_floor", "kid", "kid_floor", "fid_domain", "fid_domain_floor"):
+    for key in ("fid", "fid_floor", "kid", "kid_floor", "fid_domain", "fid_domain_floor", "memorised_floor"):
         assert np.isfinite(metrics[key]), key
+    assert metrics["fid_ci_low"] < metrics["fid"] < metrics["fid_ci_high"]
+    for name in ("precision", "recall", "density", "coverage"):  # on both feature sets, each with its floor
+        for key in (name, f"{name}_floor", f"{name}_domain", f"{name}_domain_floor"):
+            assert metrics[key] >= 0 and (name == "density" or metrics[key] <= 1), key
+    assert 0 <= metrics["memorised"] <= 1 and metrics["memorised_quantile"] == 0.01
     assert metrics["fid_n"] == 20 and metrics["fid_mode"] == "clean" and "sha256" in metrics["fid_weights"]
     assert sum(metrics["class_histogram"].values()) == pytest.approx(1.0)
     if method["name"] == "ddpm":
@@ -413,7 +418,7 @@ def _back_to_baseline(repo: Path, env: dict) -> None:
     _sh([sys.executable, "-m", "dvc", "checkout", "-f", "-q"], repo, env)
 
 
-@pytest.mark.xdist_group("dvc")
+@pytest.mark.xdist_group("dvc_exp")  # its own group: the slowest dvc tests, on the other worker (its own dvc_repo)
 @pytest.mark.parametrize("sets, expected", [
     (["method.loss=ssm"], {"train", "ema", "sample", "evaluate", "report"}),
     (["sample.sampler=ddim"], {"sample", "evaluate", "report"}),

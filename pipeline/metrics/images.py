@@ -1,4 +1,5 @@
-"""Image metrics against held-out data: FID/KID (clean-fid), fid_domain, the class histogram, nearest neighbours.
+"""Image metrics against held-out data: FID/KID (clean-fid), fid_domain, precision/recall/density/coverage, the class
+histogram, nearest neighbours.
 
 Definitions: docs/design.md, "Metrics, defined once". Every distance is reported next to its floor, the
 same distance between the reference split and the same test images at the same N, because FID is
@@ -17,12 +18,15 @@ from torch import nn
 
 from pipeline.metrics.domain import class_histogram, classifier_features, predict
 from pipeline.metrics.fid import fid_from_features, frechet_distance, inception_features, kid_from_features
+from pipeline.metrics.fidelity import PRDC_K, prdc_metrics
 
 
 def reference_metrics(test_feats: np.ndarray, reference_feats: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """The floors: fid and kid of the reference split against the test split, (N, 2048) features each."""
+    """The floors: fid, kid, precision, recall, density and coverage of the reference split against the test split,
+    (N, 2048) features each."""
     return {"fid_floor": fid_from_features(reference_feats, test_feats),
-            "kid_floor": kid_from_features(reference_feats, test_feats, seed)}
+            "kid_floor": kid_from_features(reference_feats, test_feats, seed),
+            **prdc_metrics(test_feats, reference_feats, "_floor"), "prdc_k": PRDC_K}
 
 
 def sample_features(samples: np.ndarray, n: int, classifier: nn.Module, *, device="cpu",
