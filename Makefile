@@ -40,13 +40,16 @@ repro: $(STAMP)
 test: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
+# The MLflow UI over the embedded store, first printing the page of each experiment's runs with the metric columns.
+# One server process, no job runners (MLflow 3's huey workers serve GenAI jobs): ~0.5 GiB instead of ~3 GiB.
 ui: $(STAMP)
-	$(BIN)/mlflow ui --host 127.0.0.1 --port $${PORT:-5000} \
+	@$(BIN)/python -m pipeline.tracking --port $${PORT:-5000}
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --workers 1 --host 127.0.0.1 --port $${PORT:-5000} \
 		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlartifacts
 
-# Every run of the project side by side (MLflow store + `dvc exp show --json`): reports/compare.md and its figures;
-# e.g. make compare COMPARE_ARGS="--data swissroll --method ddpm".
+# Every run of the project side by side (MLflow store + `dvc exp show --json`): reports/compare.md and its figures
+# (gitignored); e.g. make compare COMPARE_ARGS="--data swissroll --method ddpm".
 compare: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m stages.compare $(COMPARE_ARGS)
 
@@ -63,9 +66,15 @@ bench-nfe: $(STAMP)
 
 # Training images/s of the pipeline's loop against a bare PyTorch loop (DDPM CIFAR-10 U-Net and digits),
 # benchmarks/throughput.json; e.g. make bench-throughput BENCH_ARGS="--device cuda --compile".
-.PHONY: bench-throughput preset
+.PHONY: bench-throughput preset gpu-check
 bench-throughput: $(STAMP)
 	$(BIN)/python -m benchmarks.throughput $(BENCH_ARGS)
+
+# On a CUDA machine, in at most 8 minutes: the CUDA tests, the throughput benchmark on CUDA, a short digits run
+# through the stages on the GPU and the two-GPU keys; gpu-check/gpu_check.{md,json} (docs/gpus.md). Without a CUDA
+# device it refuses at once. Never part of `make test`; e.g. make gpu-check GPU_CHECK_ARGS="--only digits_run".
+gpu-check: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 # A paper preset (presets/NAME.yaml, `python -m presets` lists them) written into params.yaml, validated, then
 # run as a DVC experiment named NAME: make preset NAME=ddpm-cifar10 [PRESET_ARGS="-S data.path=..."].

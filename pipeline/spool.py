@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from pipeline.tracking import LOCK_FILE, StageRun, Tracker, file_lock, flatten
+from pipeline.tracking import LOCK_FILE, StageRun, Tracker, error_text, file_lock, flatten
 
 LOG = "replay.log"
 
@@ -45,7 +45,10 @@ class Recorder:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        self.save("FINISHED" if exc_type is None else "FAILED")
+        if exc is None:
+            self.save("FINISHED")
+        else:
+            self.save("FAILED", error=error_text(exc))
         if self.launch:
             start_replay(self.spool)
         return False
@@ -87,11 +90,12 @@ class Recorder:
         for path in artifacts:
             self.log_artifact(path, artifact_path, to="parent")
 
-    def save(self, status: str) -> Path:
-        """Write the record atomically (the replayer never reads half a file); its path."""
+    def save(self, status: str, error: Optional[str] = None) -> Path:
+        """Write the record atomically (the replayer never reads half a file), with the reason `error` of a FAILED
+        stage; its path."""
         record = {"stage": self.name, "parent_key": self.parent_key, "parent_name": self.parent_name,
                   "tags": self.tags, "store": self.store, "start": self.start, "end": _now_ms(), "status": status,
-                  "ops": self.ops}
+                  "error": error, "ops": self.ops}
         self.spool.mkdir(parents=True, exist_ok=True)
         path = self.spool / f"{self.stem}.json"
         tmp = path.with_suffix(".tmp")
@@ -146,7 +150,7 @@ def replay(path: Path, trackers: dict) -> bool:
             tracker.log_artifact(target, spool / op["file"], op["artifact_path"])
         else:
             print(f"{record['stage']}: artifact {op['path']} did not exist, not logged", file=sys.stderr)
-    run.close(record["status"], end_time=record["end"])
+    run.close(record["status"], end_time=record["end"], error=record.get("error"))  # records before 'error': None
     if not tracker.enabled:
         return False
     shutil.rmtree(spool / path.stem, ignore_errors=True)

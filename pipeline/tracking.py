@@ -2,7 +2,9 @@
 
 Every MLflow call goes through `Tracker._call`: the first failure emits one `TrackingWarning`
 and disables the tracker, so a down server or a bad URI never breaks a stage. One parent run
-per pipeline execution (found by the `pipeline_key` tag), one child run per stage.
+per pipeline execution (found by the `pipeline_key` tag), one child run per stage; a FAILED run says why in its
+`error` tag. The experiments are tagged as model training, with a view of the runs table that shows the metric
+columns; `python -m pipeline.tracking` (make ui) prints that page for each experiment.
 mlflow is imported lazily because importing it takes seconds.
 """
 
@@ -25,6 +27,21 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 DEFAULT_EXPERIMENT = "score-pipeline"
 PARENT_TAG = "mlflow.parentRunId"
+# The tag that says why a run FAILED (the stage's exception); on the parent, prefixed with the stage's name.
+ERROR_TAG, _ERROR_MAX = "error", 5000
+# MLflow's experiment kind, the tag its UI's kind selector writes (mlflow/server/js: "mlflow.experimentKind", values
+# "genai_development" and "custom_model_development"): these experiments train models, they are not GenAI apps.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# A view of the runs table with the metric columns, stored where the UI's "Share" button stores one (an experiment
+# tag "mlflow.sharedViewState.<key>", opened by `?viewStateShareKey=<key>`): MLflow 3 shows no metric column by
+# default.
+RUNS_VIEW_KEY = "metrics"
+RUNS_VIEW_TAG = "mlflow.sharedViewState." + RUNS_VIEW_KEY
+# Its columns: the headline metrics each next to its floor (pipeline.report.FLOORED, which this module may not import:
+# every stage imports it, and it is no DVC dependency of theirs; tests/test_tracking.py keeps the two in step), the
+# likelihoods and nfe. The column of a metric no run has stays hidden.
+RUNS_VIEW_METRICS = ("cd", "cd_floor", "emd", "emd_floor", "fid", "fid_floor", "kid", "kid_floor", "fid_domain",
+                     "fid_domain_floor", "nll", "bpd", "elbo_bpd", "sample.nfe")
 # MLflow's log_batch limits (mlflow.utils.validation).
 _PARAMS_PER_BATCH, _METRICS_PER_BATCH, _PARAM_VALUE_MAX = 100, 1000, 6000
 _FLUSH_EVERY, _FLUSH_SECONDS = 50, 5.0
@@ -99,6 +116,12 @@ def flatten(d: Mapping, sep: str = ".", prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def metric_name(stage: str, key: str) -> str:
+    """The one name of a stage's metric on the parent run: the evaluate stage's as they are (the headline numbers:
+    cd, fid, ...), the others prefixed by their stage (sample.nfe, train.final_loss)."""
+    return key if stage == "evaluate" else f"{stage}.{key}"
+
+
 def _key(k: str) -> str:
     """`k` with the characters MLflow rejects in keys replaced, cut to its 250-char limit."""
     return re.sub(r"[^\w\-. :/]", "_", k)[:250]
@@ -111,6 +134,31 @@ def finite(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
+
+
+def experiment_tags() -> dict[str, str]:
+    """The tags of the project's MLflow experiments: a model-training kind and the runs view with metric columns."""
+    view = {"selectedColumns": [f"metrics.`{m}`" for m in RUNS_VIEW_METRICS]}
+    return {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, RUNS_VIEW_TAG: json.dumps(view)}
+
+
+def mark_experiment(client: Any, experiment: Any) -> None:
+    """Set the experiment_tags() that `experiment` (an mlflow Experiment) lacks; a value someone set stays."""
+    for key, value in experiment_tags().items():
+        if key not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+
+
+def runs_url(base: str, experiment_id: str) -> str:
+    """The UI's page of an experiment's runs table with the metric columns (Model training, the runs view)."""
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW_KEY}")
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception as the `error` tag holds it: `Type: message`, cut to fit MLflow's tag values."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= _ERROR_MAX else text[:_ERROR_MAX - 1] + "…"
 
 
 def _reachable(uri: str, timeout: float = 2.0) -> bool:
@@ -162,13 +210,18 @@ class Tracker:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             try:
-                client.create_experiment(experiment, artifact_location=artifact_location)
+                client.create_experiment(experiment, artifact_location=artifact_location, tags=experiment_tags())
             except Exception:  # a parallel queued experiment may have created it first
                 pass
             exp = client.get_experiment_by_name(experiment)
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         self.experiment_id, self._client = exp.experiment_id, client
+        try:  # an experiment made before these tags existed gets them; a user who may not edit it keeps tracking
+            mark_experiment(client, exp)
+        except Exception as e:
+            warnings.warn(f"MLflow experiment {experiment!r} not tagged as model training: {type(e).__name__}: {e}",
+                          TrackingWarning, stacklevel=4)
 
     def _disable(self, why: str) -> None:
         if self.enabled:
@@ -257,6 +310,20 @@ class Tracker:
         """Upload the contents of `directory`."""
         self.log_artifact(run_id, directory, artifact_path)
 
+    def set_tag(self, run_id: str | None, key: str, value: str) -> None:
+        """Set one tag of a run."""
+        if run_id is None or not self.enabled:
+            return
+        self._call(self._client.set_tag, run_id, key, value)
+
+    def clear_tag(self, run_id: str | None, key: str) -> None:
+        """Delete a run's tag `key` where it has one (MLflow refuses to delete a missing tag)."""
+        if run_id is None or not self.enabled:
+            return
+        run = self._call(self._client.get_run, run_id)
+        if run is not None and key in run.data.tags:
+            self._call(self._client.delete_tag, run_id, key)
+
     def set_status(self, run_id: str | None, status: str, end_time: int | None = None) -> None:
         """Mark a run RUNNING, or end it as FINISHED / FAILED (at `end_time` ms, default now)."""
         if run_id is None or not self.enabled:
@@ -284,7 +351,10 @@ class StageRun:
         return self.open()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        self.close("FINISHED" if exc_type is None else "FAILED")
+        if exc is None:
+            self.close("FINISHED")
+        else:
+            self.close("FAILED", error=error_text(exc))
         return False
 
     def open(self) -> StageRun:
@@ -298,12 +368,19 @@ class StageRun:
             self.run_id = run.info.run_id if run is not None else None
         return self
 
-    def close(self, status: str, end_time: int | None = None) -> None:
-        """Send buffered points and end the child run, and the parent with it, as FINISHED or FAILED."""
+    def close(self, status: str, end_time: int | None = None, error: str | None = None) -> None:
+        """Send buffered points and end the child run, and the parent with it, as FINISHED or FAILED; a FAILED run
+        carries the reason `error` in its `error` tag (the parent's says which stage), a FINISHED parent none."""
         self.flush()
-        self.tracker.set_status(self.run_id, status, end_time)
+        t = self.tracker
+        if status == "FAILED":
+            t.set_tag(self.run_id, ERROR_TAG, error or "failed without a message")
+            t.set_tag(self.parent_run_id, ERROR_TAG, f"{self.name}: {error or 'failed without a message'}")
+        elif status == "FINISHED":
+            t.clear_tag(self.parent_run_id, ERROR_TAG)  # an earlier stage's failure, since run again
+        t.set_status(self.run_id, status, end_time)
         # The parent shows the state of the latest stage, so a finished pipeline is FINISHED.
-        self.tracker.set_status(self.parent_run_id, status, end_time)
+        t.set_status(self.parent_run_id, status, end_time)
 
     def log_params(self, params: Mapping) -> None:
         """Log flattened params to this stage's run."""
@@ -383,3 +460,50 @@ def file_lock(path: str | os.PathLike | None) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ui_links(uri: str, base: str) -> list[tuple[str, str]]:
+    """(name, runs_url) of each active experiment at `uri` that holds runs, each given experiment_tags() it lacks."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    links = []
+    for exp in client.search_experiments(view_type=ViewType.ACTIVE_ONLY):
+        if client.search_runs([exp.experiment_id], max_results=1):
+            mark_experiment(client, exp)
+            links.append((exp.name, runs_url(base, exp.experiment_id)))
+    return links
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.tracking [--port N]` (make ui): print where the UI shows each experiment's runs."""
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking",
+                                     description="The MLflow UI's page of each experiment's runs with their metric "
+                                                 "columns, over the embedded store <root>/mlflow.db.")
+    parser.add_argument("--host", default="127.0.0.1", help="the UI's host (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=5000, help="the UI's port (default: 5000)")
+    parser.add_argument("--root", type=Path, default=Path.cwd(), help="the repository (default: the current folder)")
+    args = parser.parse_args(argv)
+    base = f"http://{args.host}:{args.port}"
+    db = args.root.resolve() / "mlflow.db"
+    if not db.is_file():  # MlflowClient would create an empty store
+        print(f"MLflow UI: {base} (no runs yet: {db} does not exist; `make repro` makes one)")
+        return 0
+    for name in ("alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    links = ui_links(f"sqlite:///{db}", base)
+    print(f"MLflow UI: {base}" + ("; each experiment's runs with their metric columns:" if links else " (no runs yet)"))
+    width = max((len(name) for name, _ in links), default=0)
+    for name, url in links:
+        print(f"  {name:<{width}}  {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,9 +1,10 @@
 """compare: reports/compare.md and reports/compare/*.png, every run of the project side by side (not a DVC stage).
 
-    python -m stages.compare [--data NAME] [--method NAME] [--rev GITREV] [--experiment NAME] [--out reports]
+    python -m stages.compare [--data NAME] [--method NAME] [--rev GITREV] [--experiment NAME] [--out FILE.md]
 
 Reads the MLflow store the stages track into (MLFLOW_TRACKING_URI, else <repo>/mlflow.db) and `dvc exp show --json`;
-a bad filter or no runs at all is one line on stderr and exit status 2.
+a bad filter or no runs at all is one line on stderr and exit status 2. The default output is gitignored, so running
+it never changes the git tree; docs/compare-example.md is a committed example (--out docs/compare-example.md).
 """
 
 from __future__ import annotations
@@ -18,19 +19,27 @@ from typing import Mapping, Optional, Sequence
 
 from pipeline.tracking import resolve_root
 
+# Gitignored (.gitignore): `make compare` never changes the git tree.
+DEFAULT_OUT = "reports/compare.md"
+
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(prog="python -m stages.compare",
                                 description="Compare every run of the project (MLflow and DVC experiments): "
-                                            "OUT/compare.md and figures under OUT/compare/.")
+                                            "a markdown report and its figures in the folder of its name.")
     p.add_argument("--data", help="only runs on this data set (data.name)")
     p.add_argument("--method", help="only runs of this method (method.name)")
     p.add_argument("--rev", help="only runs at this git commit (or DVC baseline): anything `git rev-parse` takes, "
                                  "or a prefix of a run's commit")
     p.add_argument("--experiment", help="only runs of this MLflow experiment (tracking.experiment for DVC rows)")
-    p.add_argument("--out", default="reports", help="output folder, relative to the repo root (default: reports)")
-    return p.parse_args(argv)
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"the markdown to write, relative to the repo root; its figures go to the folder of its name "
+                        f"(default: {DEFAULT_OUT}, gitignored)")
+    args = p.parse_args(argv)
+    if not args.out.endswith(".md"):
+        p.error(f"--out names the markdown file, e.g. --out {DEFAULT_OUT} (got {args.out!r})")
+    return args
 
 
 def build(args: argparse.Namespace, root: Path, env: Mapping[str, str]) -> tuple[Path, list[Path], int, int]:
@@ -68,7 +77,7 @@ def build(args: argparse.Namespace, root: Path, env: Mapping[str, str]) -> tuple
                                                         (("data", args.data), ("method", args.method),
                                                          ("rev", args.rev), ("experiment", args.experiment))
                                                         if v is not None]
-                       + ([f"--out {shlex.quote(args.out)}"] if args.out != "reports" else []))
+                       + ([f"--out {shlex.quote(args.out)}"] if args.out != DEFAULT_OUT else []))
     md, figures = compare.write_report(out, runs, groups, store=store, dvc=dvc, filters=filters, command=command)
     return md, figures, len(runs), len(groups)
 
@@ -91,7 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CompareError as e:
         print(f"compare: error: {e}", file=sys.stderr)
         return 2
-    where = f" and {len(figures)} figure(s) under {_shown(md.parent / 'compare')}/" if figures else ""
+    where = f" and {len(figures)} figure(s) under {_shown(md.with_suffix(''))}/" if figures else ""
     plural = lambda n, word: f"{n} {word}{'' if n == 1 else 's'}"  # noqa: E731
     print(f"wrote {_shown(md)} ({plural(n_runs, 'run')}, {plural(n_groups, 'seed group')}){where}")
     return 0

@@ -7,7 +7,7 @@ import shutil
 
 from pipeline import io, plots, report
 from pipeline.config import Config, to_dict
-from pipeline.tracking import StageRun, flatten
+from pipeline.tracking import StageRun, flatten, metric_name
 from stages.common import (CLASSIFIER_METRICS, EVAL_CSV, EVAL_METRICS, EVAL_PLOT, FID_METRICS, LOSS_CSV,
                            NEIGHBOURS_PLOT, NOISE_PLOT, NOISE_SCALES, REPORT, REPORT_FIGURES, SAMPLE_METRICS,
                            SAMPLES_PLOT, TRAIN_METRICS, TRAJECTORY_PLOT, data_record, main)
@@ -63,8 +63,7 @@ def report_stage(cfg: Config, run: StageRun) -> None:
     noise = io.read_json(NOISE_SCALES)
     params = to_dict(cfg)
     io.write_text(REPORT, report.render(params, metrics, noise, figures, data=info))
-    flat_metrics = {f"{stage}.{k}": v for stage, m in metrics.items() for k, v in flatten(m).items()}
-    flat_metrics.update(flatten(metrics["evaluate"]))  # the headline numbers, unprefixed
+    flat_metrics = {metric_name(stage, k): v for stage, m in metrics.items() for k, v in flatten(m).items()}
     flat_metrics.update({f"noise.{k}": noise[k] for k in ("sigma_max", "num_scales", "step_size", "ratio") if k in noise})
     strings = {k: v for k, v in flat_metrics.items() if isinstance(v, str)}
     run.log_to_parent(params={**flatten(params), **strings},

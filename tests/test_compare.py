@@ -19,6 +19,7 @@ from stages import compare as cli
 
 # One worker builds the module's MLflow store once (`make test` runs `-n 2 --dist loadgroup`).
 pytestmark = pytest.mark.xdist_group("compare")
+REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 PARAMS_YAML = """\
 seed: 0
@@ -154,9 +155,9 @@ def _log_run(client, exp_id: str, name: str, tags: dict, params: dict, metrics: 
 
 
 def _report_metrics(cd: float, emd: float, nfe: int, steps: int, **more: float) -> dict:
-    """The metrics the report stage logs to the parent: prefixed by stage, the evaluate ones also unprefixed."""
-    ev = {"cd": cd, "cd_floor": 0.1, "emd": emd, "emd_floor": 0.08, **more}
-    return {**ev, **{f"evaluate.{k}": v for k, v in ev.items()}, "sample.nfe": nfe, "sample.n": 10000,
+    """The metrics the report stage logs to the parent, each once: the evaluate ones as they are, the others
+    prefixed by their stage."""
+    return {"cd": cd, "cd_floor": 0.1, "emd": emd, "emd_floor": 0.08, **more, "sample.nfe": nfe, "sample.n": 10000,
             "train.steps": steps, "train.final_loss": 0.5}
 
 
@@ -196,7 +197,7 @@ def repo(tmp_path_factory) -> SimpleNamespace:
                                                               ("seed-two", 2, 0.11, 0.19, 62, 22)]):
         tags = {"pipeline_key": name, "git_commit": sha, "dvc_exp_name": name, "dvc_baseline_rev": sha}
         _log_run(client, main_id, name, tags, {**MLFLOW_PARAMS, "seed": str(seed), "sample.seed": str(seed),
-                                               "evaluate.fid_mode": "n/a"},
+                                               "fid_mode": "n/a"},
                  _report_metrics(cd, emd, 251, 5000), t0 + i * 1_000_000,
                  _stages(train, sample, 10.0, "annealed_langevin", seed))
     ddpm = f"{other[:7]}-0123456789ab"
@@ -314,7 +315,7 @@ def test_filters(frame, repo):
 
 def test_figures_and_markdown(frame, tmp_path):
     groups = compare.seed_groups(frame)
-    md, figures = compare.write_report(tmp_path, frame, groups, store="`sqlite:///x.db`", dvc="test",
+    md, figures = compare.write_report(tmp_path / "compare.md", frame, groups, store="`sqlite:///x.db`", dvc="test",
                                        filters={"data": None}, command="python -m stages.compare")
     assert sorted(p.name for p in figures) == ["likelihood_steps.png", "quality_nfe.png", "quality_time.png"]
     for p in figures:
@@ -328,7 +329,7 @@ def test_figures_and_markdown(frame, tmp_path):
 
     # Without any likelihood the figure is skipped, with the reason in the markdown (and an old one removed).
     ncsn = compare.filter_runs(frame, method="ncsnv2")
-    md, figures = compare.write_report(tmp_path, ncsn, compare.seed_groups(ncsn), store="s", dvc="d",
+    md, figures = compare.write_report(tmp_path / "compare.md", ncsn, compare.seed_groups(ncsn), store="s", dvc="d",
                                        filters={"method": "ncsnv2"}, command="c")
     assert "likelihood_steps.png" not in {p.name for p in figures}
     assert not (tmp_path / "compare" / "likelihood_steps.png").exists()
@@ -352,7 +353,7 @@ def in_repo(repo, monkeypatch):
 def test_cli_end_to_end(in_repo, monkeypatch, tmp_path, capsys):
     repo = in_repo
     monkeypatch.setattr(compare, "load_dvc", lambda root, rev=None: (repo.dvc, None))
-    assert cli.main(["--out", str(tmp_path / "out")]) == 0
+    assert cli.main(["--out", str(tmp_path / "out" / "compare.md")]) == 0
     out = capsys.readouterr().out
     assert "wrote" in out and "8 runs, 3 seed groups" in out and "3 figure(s)" in out
     text = (tmp_path / "out" / "compare.md").read_text()
@@ -361,25 +362,60 @@ def test_cli_end_to_end(in_repo, monkeypatch, tmp_path, capsys):
     assert (tmp_path / "out" / "compare" / "quality_nfe.png").read_bytes()[:8] == PNG
 
     # --rev through git rev-parse: HEAD is the commit of every run but the ddpm one.
-    assert cli.main(["--rev", "HEAD", "--method", "ncsnv2", "--out", str(tmp_path / "rev")]) == 0
-    text = (tmp_path / "rev" / "compare.md").read_text()
+    assert cli.main(["--rev", "HEAD", "--method", "ncsnv2", "--out", str(tmp_path / "rev.md")]) == 0
+    text = (tmp_path / "rev.md").read_text()
     assert f"rev={repo.sha}" in text and "| seed-one" in text and repo.ddpm not in text
 
 
 def test_cli_without_dvc_and_bad_input(in_repo, tmp_path, capsys, monkeypatch):
-    assert cli.main(["--out", str(tmp_path)]) == 0  # the tmp repo has no .dvc: MLflow only
+    out = str(tmp_path / "compare.md")
+    assert cli.main(["--out", out]) == 0  # the tmp repo has no .dvc: MLflow only
     captured = capsys.readouterr()
     assert "is not a DVC repository; MLflow runs only" in captured.err
     assert "5 runs" in captured.out
 
-    assert cli.main(["--method", "nope", "--out", str(tmp_path)]) == 2
+    assert cli.main(["--method", "nope", "--out", out]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == "compare: error: unknown method 'nope'; the runs have: ddpm, ncsnv2"
-    assert cli.main(["--rev", "no-such-branch", "--out", str(tmp_path)]) == 2
+    assert cli.main(["--rev", "no-such-branch", "--out", out]) == 2
     assert "unknown rev 'no-such-branch'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # argparse: status 2
+        cli.main(["--out", str(tmp_path)])
+    assert refused.value.code == 2
+    assert f"--out names the markdown file, e.g. --out reports/compare.md (got '{tmp_path}')" in capsys.readouterr().err
 
     empty = tmp_path / "empty.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{empty}")
-    assert cli.main(["--out", str(tmp_path)]) == 2
+    assert cli.main(["--out", out]) == 2
     assert f"no runs found; looked in no MLflow store at sqlite:///{empty}" in capsys.readouterr().err
     assert not empty.exists()  # reading never creates a store
+
+
+def test_default_output_is_gitignored():
+    """`make compare` writes reports/compare.md and reports/compare/*.png, which .gitignore keeps out of git
+    (--no-index: whether or not an older clone still tracks them)."""
+    assert cli.DEFAULT_OUT == "reports/compare.md"
+    for path in ("reports/compare.md", "reports/compare/quality_nfe.png", "reports/compare/likelihood_steps.png"):
+        out = subprocess.run(["git", "check-ignore", "--no-index", "-q", path], cwd=REPO, check=False)
+        assert out.returncode == 0, f"{path} is not ignored by git: `make compare` would dirty the tree"
+
+
+def test_compare_leaves_git_status_unchanged(repo, tmp_path, monkeypatch, capsys):
+    """`python -m stages.compare` with its defaults in a clean git repo holding the project's .gitignore files writes
+    its report and figures, and `git status --porcelain` stays empty."""
+    clone = tmp_path / "clone"
+    (clone / "reports").mkdir(parents=True)
+    for name in (".gitignore", "reports/.gitignore", "params.yaml"):
+        (clone / name).write_bytes((REPO / name).read_bytes())
+    _git(["init", "-q"], clone)
+    _git(["add", "-A"], clone)
+    _git(["commit", "-q", "-m", "project"], clone)
+    assert _git(["status", "--porcelain", "--untracked-files=all"], clone) == ""
+    monkeypatch.chdir(clone)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", repo.uri)
+    monkeypatch.setattr(compare, "load_dvc", lambda root, rev=None: (repo.dvc, None))
+    assert cli.main([]) == 0
+    assert "wrote reports/compare.md" in capsys.readouterr().out
+    assert (clone / "reports" / "compare" / "quality_nfe.png").read_bytes()[:8] == PNG
+    assert _git(["status", "--porcelain", "--untracked-files=all", "--ignored=no"], clone) == ""

@@ -418,7 +418,7 @@ def _back_to_baseline(repo: Path, env: dict) -> None:
     _sh([sys.executable, "-m", "dvc", "checkout", "-f", "-q"], repo, env)
 
 
-@pytest.mark.xdist_group("dvc_exp")  # its own group: the slowest dvc tests, on the other worker (its own dvc_repo)
+@pytest.mark.xdist_group("dvc")
 @pytest.mark.parametrize("sets, expected", [
     (["method.loss=ssm"], {"train", "ema", "sample", "evaluate", "report"}),
     (["sample.sampler=ddim"], {"sample", "evaluate", "report"}),

@@ -15,8 +15,13 @@ from servers import free_port as _free_port
 from servers import mlflow_server as _server
 from servers import stop as _stop
 
+from pipeline.errors import DataError
 from pipeline.tracking import (
+    ERROR_TAG,
+    EXPERIMENT_KIND_TAG,
     PARENT_TAG,
+    RUNS_VIEW_METRICS,
+    RUNS_VIEW_TAG,
     Tracker,
     TrackingWarning,
     flatten,
@@ -242,3 +247,105 @@ def test_import_is_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_experiments_are_model_training_with_a_metrics_view(repo):
+    """MLflow 3's UI treats an experiment as GenAI unless told: the project's experiments carry the experiment-kind
+    tag its kind selector writes, and a runs view with the metric columns; set on creation and on an older
+    experiment that lacks them, never over a value someone set."""
+    import json
+
+    tracker = open_tracker(repo, {}, experiment="kinds-new")
+    client = _client(tracker.uri)
+    tags = client.get_experiment(tracker.experiment_id).tags
+    assert tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    columns = json.loads(tags[RUNS_VIEW_TAG])["selectedColumns"]
+    assert columns[:4] == ["metrics.`cd`", "metrics.`cd_floor`", "metrics.`emd`", "metrics.`emd_floor`"]
+    assert "metrics.`fid`" in columns and "metrics.`sample.nfe`" in columns
+    from pipeline.compare import LIKELIHOODS
+    from pipeline.report import FLOORED
+
+    assert set(RUNS_VIEW_METRICS) == {c for m in FLOORED for c in (m, f"{m}_floor")} | set(LIKELIHOODS) | {"sample.nfe"}
+
+    old = client.create_experiment("kinds-old", artifact_location=(repo / "mlartifacts").as_uri())
+    mine = client.create_experiment("kinds-mine", artifact_location=(repo / "mlartifacts").as_uri(),
+                                    tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    assert open_tracker(repo, {}, experiment="kinds-old").experiment_id == old
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    open_tracker(repo, {}, experiment="kinds-mine")
+    tags = client.get_experiment(mine).tags
+    assert tags[EXPERIMENT_KIND_TAG] == "genai_development" and RUNS_VIEW_TAG in tags
+
+
+def test_a_failed_stage_says_why_and_a_later_success_clears_the_parent(repo):
+    tracker = open_tracker(repo, {})
+    with pytest.raises(DataError, match="data.path"):
+        with tracker.stage("prepare", "error-key", {}) as failed:
+            raise DataError("data.path: points.csv row 2: 'oops' is not a number")
+    client = _client(tracker.uri)
+    run, parent = client.get_run(failed.run_id), client.get_run(failed.parent_run_id)
+    assert run.info.status == parent.info.status == "FAILED"
+    assert run.data.tags[ERROR_TAG] == "DataError: data.path: points.csv row 2: 'oops' is not a number"
+    assert parent.data.tags[ERROR_TAG] == "prepare: DataError: data.path: points.csv row 2: 'oops' is not a number"
+
+    with tracker.stage("prepare", "error-key", {}) as again:  # the data fixed, the stage run again
+        again.log_metrics({"dim": 2})
+    parent = client.get_run(again.parent_run_id)
+    assert again.parent_run_id == failed.parent_run_id and parent.info.status == "FINISHED"
+    assert ERROR_TAG not in parent.data.tags and ERROR_TAG not in client.get_run(again.run_id).data.tags
+    assert ERROR_TAG in client.get_run(failed.run_id).data.tags  # the failed attempt keeps its reason
+
+
+@pytest.mark.parametrize("mode", ["sync", "deferred"])
+def test_a_stage_refused_for_bad_data_leaves_no_failed_run_without_a_reason(tmp_path, monkeypatch, capsys, mode):
+    """prepare on a malformed data file exits 2 and writes nothing; in MLflow, live (sync) or replayed from the
+    spool (deferred), every FAILED run it leaves carries the refusal in its `error` tag."""
+    from test_stages import TINY, _deep_merge, _write_params
+
+    from pipeline import spool
+    from stages.common import TRACKING_ENV, run_named
+
+    monkeypatch.chdir(tmp_path)
+    for key in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    if mode == "sync":
+        monkeypatch.setenv(TRACKING_ENV, "sync")
+    else:
+        monkeypatch.delenv(TRACKING_ENV, raising=False)
+        monkeypatch.setattr(spool, "start_replay", lambda where: None)  # replayed below, in this process
+    (tmp_path / "points.csv").write_text("1,2\n3,oops\n")
+    _write_params(tmp_path / "params.yaml", _deep_merge(TINY, {"data": {"name": "file", "path": "points.csv"}}))
+    assert run_named("prepare", ["--params", "params.yaml"]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1].removeprefix("prepare: ")
+    assert "points.csv" in message and not (tmp_path / "data").exists()
+    if mode == "deferred":
+        assert spool.drain(tmp_path / ".mlflow-spool") == 0
+
+    client = _client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("score-pipeline").experiment_id])
+    assert sorted(r.info.run_name for r in runs if PARENT_TAG in r.data.tags) == ["prepare"]
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert len(failed) == 2, [(r.info.run_name, r.info.status) for r in runs]  # the stage and its parent
+    for r in failed:
+        assert message in r.data.tags.get(ERROR_TAG, ""), (r.info.run_name, r.data.tags)
+
+
+def test_ui_links_name_each_experiment_s_runs_page(tmp_path, capsys):
+    """`python -m pipeline.tracking` (make ui) prints the runs page of each experiment that holds runs, tagging an
+    older experiment on the way, and never creates a store."""
+    from pipeline import tracking
+
+    assert tracking.main(["--root", str(tmp_path), "--port", "5077"]) == 0
+    assert "no runs yet" in capsys.readouterr().out and not (tmp_path / "mlflow.db").exists()
+
+    client = _client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("score-pipeline", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    client.create_experiment("empty", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    client.create_run(exp)
+    assert tracking.main(["--root", str(tmp_path), "--port", "5077"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "MLflow UI: http://127.0.0.1:5077; each experiment's runs with their metric columns:"
+    assert lines[1:] == [f"  score-pipeline  http://127.0.0.1:5077/#/experiments/{exp}/runs"
+                         "?workflowType=machine_learning&viewStateShareKey=metrics"]
+    assert client.get_experiment(exp).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"

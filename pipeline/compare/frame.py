@@ -14,7 +14,7 @@ import pandas as pd
 
 import families
 from pipeline.report import FLOORED
-from pipeline.tracking import PARENT_TAG, finite, flatten
+from pipeline.tracking import PARENT_TAG, finite, flatten, metric_name
 
 LIKELIHOODS = ("nll", "bpd", "elbo_bpd")
 STAGES = ("train", "sample", "evaluate")
@@ -133,9 +133,7 @@ def _mlflow_rows(records: Iterable[Any]) -> list[dict]:
                 if "." in k or k == "seed":
                     params.setdefault(k, v)
             for k, v in c["metrics"].items():
-                metrics.setdefault(f"{stage}.{k}", v)
-                if stage == "evaluate":
-                    metrics.setdefault(k, v)
+                metrics.setdefault(metric_name(stage, k), v)
             if c["start"] and c["end"]:
                 seconds[stage] = (c["end"] - c["start"]) / 1000.0
         sample, train = latest.get("sample", {}).get("params", {}), latest.get("train", {}).get("params", {})
@@ -162,9 +160,7 @@ def _dvc_data(data: Mapping) -> tuple[dict, dict]:
         stem = Path(file).stem
         for k, v in flatten((content or {}).get("data") or {}).items():
             if finite(v) is not None and not isinstance(v, bool):
-                metrics[f"{stem}.{k}"] = v
-                if stem == "evaluate":  # the headline numbers, unprefixed (as the report stage logs them)
-                    metrics[k] = v
+                metrics[metric_name(stem, k)] = v
     return params, metrics
 
 
@@ -286,9 +282,9 @@ def runs_frame(mlflow_runs: Iterable[Any], dvc_json: Sequence[Mapping] | None,
         rec = {"name": r["name"], "method": method_label(p), "data": p.get("data.name"),
                "sampler": r["sampler"], "changed": _changed(p, base, universe, r["complete"])}
         for name in FLOORED + LIKELIHOODS:
-            rec[name] = finite(m.get(name, m.get(f"evaluate.{name}")))
+            rec[name] = finite(m.get(name))
             if name in FLOORED:
-                floor = finite(m.get(f"{name}_floor", m.get(f"evaluate.{name}_floor")))
+                floor = finite(m.get(f"{name}_floor"))
                 rec[f"{name}_floor"] = floor
                 rec[f"{name}/floor"] = rec[name] / floor if rec[name] is not None and floor else None
         rec["nfe"] = finite(m.get("sample.nfe"))

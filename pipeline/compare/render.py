@@ -207,10 +207,12 @@ def render_markdown(runs: pd.DataFrame, groups: pd.DataFrame, figures: Sequence[
     return "\n".join(lines)
 
 
-def write_report(out: Path, runs: pd.DataFrame, groups: pd.DataFrame, *, store: str, dvc: str,
+def write_report(md: Path, runs: pd.DataFrame, groups: pd.DataFrame, *, store: str, dvc: str,
                  filters: Mapping[str, str | None], command: str) -> tuple[Path, list[Path]]:
-    """Draw the figures into out/compare/ and write out/compare.md; (the markdown, the figures written)."""
-    out, figdir = Path(out), Path(out) / "compare"
+    """Write the markdown `md` (e.g. reports/compare.md) and draw its figures into the folder of its name beside it
+    (reports/compare/); (the markdown, the figures written)."""
+    md = Path(md)
+    figdir = md.with_suffix("")
     specs = [("Quality against nfe", FIGURES["quality_nfe"], lambda p: quality_figure(groups, p, "nfe")),
              ("Quality against sampling time", FIGURES["quality_time"],
               lambda p: quality_figure(groups, p, "sample_s")),
@@ -221,10 +223,9 @@ def write_report(out: Path, runs: pd.DataFrame, groups: pd.DataFrame, *, store: 
         why = draw(path)
         if why is None:
             written.append(path)
-            figures.append((title, f"compare/{file}", None))
+            figures.append((title, f"{figdir.name}/{file}", None))
         else:
             path.unlink(missing_ok=True)  # a figure of an earlier report would now be wrong
             figures.append((title, None, why))
-    md = out / "compare.md"
     io.write_text(md, render_markdown(runs, groups, figures, store=store, dvc=dvc, filters=filters, command=command))
     return md, written
