@@ -361,6 +361,7 @@ class EvalParams(_Section):
     emd_n: int = Field(2_000, ge=1)
     ot_n: int = Field(2_000, ge=2)
     fid_n: Union[Auto, int] = "auto"
+    fid_against: Literal["test", "train"] = "test"
     classifier_steps: int = Field(1_000, ge=1)
     likelihood: bool = False
     likelihood_n: int = Field(1_000, ge=1)

@@ -33,7 +33,7 @@ GRID_IMAGES, SIDE_BY_SIDE = 64, 8
 HIDDEN_PIXEL = 128
 # The clean-fid protocol of the reference features, reported with every image metric.
 FID_PROTOCOL = ("fid_floor", "kid_floor", "precision_floor", "recall_floor", "density_floor", "coverage_floor",
-                "prdc_k", "fid_n", "fid_mode", "fid_reference", "fid_weights", "fid_impl")
+                "prdc_k", "fid_n", "fid_against", "fid_mode", "fid_reference", "fid_weights", "fid_impl")
 # The floors on the domain classifier's features (metrics/classifier.json), reported with its metrics.
 DOMAIN_FLOORS = ("fid_domain_floor", "precision_domain_floor", "recall_domain_floor", "density_domain_floor",
                  "coverage_domain_floor")
@@ -439,19 +439,19 @@ class Images(DataKind):
 
         files = ev.files
         fid_ref, classifier_record = files["fid_reference"], files["classifier_metrics"]
-        n = len(fid_ref["test"])
+        n, against = len(fid_ref["test"]), self.against(files)
         metrics: dict = {}
         if not classifier_record:  # one class: no classifier, FID and KID only
             feats = inception_features(x[:n], device=ev.device, progress=True)
-            metrics.update(fid=fid_from_features(feats, fid_ref["test"]),
-                           kid=kid_from_features(feats, fid_ref["test"], ev.settings.seed))
+            metrics.update(fid=fid_from_features(feats, fid_ref[against]),
+                           kid=kid_from_features(feats, fid_ref[against], ev.settings.seed))
             plots.image_grid(ev.figure, x[:GRID_IMAGES], "samples (no classes: no class histogram)")
             return metrics | self.fidelity(feats, None, files, ev.settings.seed) | self.fid_protocol(files)
         classes = self.record["classes"]
         classifier = load_classifier(files["classifier"], device=ev.device)
         features = sample_features(x, n, classifier, device=ev.device, progress=True)
         found = feature_metrics(features, fid_ref, files["domain_reference"], num_classes=self.record["num_classes"],
-                                seed=ev.settings.seed)
+                                seed=ev.settings.seed, against=against, domain_against="test")
         histogram = found.pop("class_histogram")
         metrics.update(found, **self.fidelity(features["inception"], features["domain"], files, ev.settings.seed),
                        **{k: classifier_record[k] for k in DOMAIN_FLOORS})
@@ -469,14 +469,19 @@ class Images(DataKind):
         return metrics | self.fid_protocol(files)
 
     @staticmethod
-    def fidelity(inception: np.ndarray, domain: Optional[np.ndarray], files: Files, seed: int) -> dict:
-        """FID's bootstrap interval, and precision, recall, density and coverage against the test split on the
-        Inception features and (with a classifier) the domain classifier's: pipeline.metrics.fidelity."""
+    def against(files: Files) -> str:
+        """The split FID is computed against: eval.fid_against as the fid_reference stage recorded it."""
+        return files["fid_metrics"].get("fid_against", "test")
+
+    def fidelity(self, inception: np.ndarray, domain: Optional[np.ndarray], files: Files, seed: int) -> dict:
+        """FID's bootstrap interval, and precision, recall, density and coverage on the Inception features against
+        the split of FID (its first N: equal N each side) and, with a classifier, on its features against the test
+        split: pipeline.metrics.fidelity."""
         from pipeline.metrics.fidelity import fid_bootstrap, prdc_metrics
 
-        test = files["fid_reference"]["test"]
-        low, high = fid_bootstrap(inception, test, seed=seed)
-        found = {"fid_ci_low": low, "fid_ci_high": high, **prdc_metrics(test, inception)}
+        real = files["fid_reference"][self.against(files)]
+        low, high = fid_bootstrap(inception, real, seed=seed)
+        found = {"fid_ci_low": low, "fid_ci_high": high, **prdc_metrics(real[:len(inception)], inception)}
         if domain is not None:
             found |= prdc_metrics(files["domain_reference"]["test"], domain, "_domain")
         return found

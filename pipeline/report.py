@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 from pipeline.tracking import flatten
 
 # Metrics that have a floor (the same metric between two independent true samples).
-FLOORED = ("cd", "emd", "fid", "kid", "fid_domain")
+FLOORED = ("cd", "emd", "fid", "kid", "fid_domain", "precision", "recall", "density", "coverage", "memorised")
 # The titles of the sample and evaluate stages' figures of sample.task generate, by data kind (pipeline.kinds draws
 # them: a grid or a scatter over held-out points; a class histogram or the densities side by side).
 SAMPLES_TITLE = {"points": "Samples against held-out data", "images": "Samples"}

@@ -41,7 +41,9 @@ RUNS_VIEW_TAG = "mlflow.sharedViewState." + RUNS_VIEW_KEY
 # every stage imports it, and it is no DVC dependency of theirs; tests/test_tracking.py keeps the two in step), the
 # likelihoods and nfe. The column of a metric no run has stays hidden.
 RUNS_VIEW_METRICS = ("cd", "cd_floor", "emd", "emd_floor", "fid", "fid_floor", "kid", "kid_floor", "fid_domain",
-                     "fid_domain_floor", "nll", "bpd", "elbo_bpd", "sample.nfe")
+                     "fid_domain_floor", "precision", "precision_floor", "recall", "recall_floor", "density",
+                     "density_floor", "coverage", "coverage_floor", "memorised", "memorised_floor", "nll", "bpd",
+                     "elbo_bpd", "sample.nfe")
 # MLflow's log_batch limits (mlflow.utils.validation).
 _PARAMS_PER_BATCH, _METRICS_PER_BATCH, _PARAM_VALUE_MAX = 100, 1000, 6000
 _FLUSH_EVERY, _FLUSH_SECONDS = 50, 5.0

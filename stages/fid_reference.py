@@ -1,7 +1,8 @@
 """fid_reference: Inception features of the test and reference images, once per data set (cached by DVC).
 
-Writes outputs/fid_reference.npz (the features of the first eval.fid_n test and reference images)
-and metrics/fid_reference.json (fid_floor, kid_floor and the FID protocol). Points have no FID: the
+Writes outputs/fid_reference.npz (the features of the first eval.fid_n test and reference images, and with
+eval.fid_against: train of every training image) and metrics/fid_reference.json (the floors against that split and
+the FID protocol, fid_against included). Points have no FID: the
 stage writes an empty record and returns.
 """
 
@@ -14,8 +15,12 @@ from pipeline.config import Config
 from pipeline.metrics.fid import ensure_inception, inception_features, protocol
 from pipeline.metrics.images import reference_metrics
 from pipeline.tracking import StageRun
-from stages.common import FID_METRICS, FID_REFERENCE, REFERENCE, TEST, data_record, main
+from stages.common import FID_METRICS, FID_REFERENCE, REFERENCE, TEST, TRAIN, data_record, main
 from stages.launch import choose_device
+
+# eval.fid_against as the protocol records it.
+AGAINST = {"test": "test split (floor: reference split)",
+           "train": "train split, all {n} images (floor: reference split)"}
 
 
 def fid_reference_stage(cfg: Config, run: StageRun) -> None:
@@ -25,13 +30,15 @@ def fid_reference_stage(cfg: Config, run: StageRun) -> None:
         io.save_npz(FID_REFERENCE, test=np.zeros((0, 2048)), reference=np.zeros((0, 2048)))
         io.write_json(FID_METRICS, {})
         return
-    device = choose_device(cfg.train.device)
+    device, against = choose_device(cfg.train.device), cfg.eval.fid_against
     weights = ensure_inception()
-    feats = {name: inception_features(np.load(path)[:n], device=str(device), progress=True)
-             for name, path in (("test", TEST), ("reference", REFERENCE))}
+    images = {"test": np.load(TEST)[:n], "reference": np.load(REFERENCE)[:n]}
+    if against == "train":
+        images["train"] = np.load(TRAIN)  # every training image: the statistics the papers compare against
+    feats = {name: inception_features(x, device=str(device), progress=True) for name, x in images.items()}
     io.save_npz(FID_REFERENCE, **feats)
-    metrics = {**reference_metrics(feats["test"], feats["reference"], cfg.eval.seed),
-               **protocol(n, "test split (floor: reference split)", weights)}
+    metrics = {**reference_metrics(feats[against], feats["reference"], cfg.eval.seed),
+               **protocol(n, AGAINST[against].format(n=len(feats[against])), weights), "fid_against": against}
     io.write_json(FID_METRICS, metrics)
     run.log_params({k: v for k, v in metrics.items() if isinstance(v, str)} | {"fid_n": n})
     run.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, str)})

@@ -144,9 +144,12 @@ def test_every_stage_on_images(workdir, method):
     params = _deep_merge(TINY, _deep_merge(TINY_IMAGES, {"method": method}))
     if method["name"] == "ddpm":
         params = _deep_merge(params, {"eval": {"likelihood": True, "likelihood_n": 8}, "method": {"loss": "elbo"}})
+    against = "train" if method["name"] == "edm" else "test"  # EDM's papers compare against the training set
+    params = _deep_merge(params, {"eval": {"fid_against": against}})
     _write_params(Path("params.yaml"), params)
     for name in STAGES:
         assert _run(name) == 0, name
+    _check_fid_against(against)
     record = json.loads(Path("data/record.json").read_text())
     assert record["kind"] == "images" and record["shape"] == [1, 8, 8] and record["num_classes"] == 10
     for split, n in (("train", 200), ("test", 20), ("reference", 20)):
@@ -187,6 +190,23 @@ def test_every_stage_on_images(workdir, method):
     assert "fid_reference.fid_floor" in report  # the reference stages' records, read for images
     for fig in ("samples.png", "trajectory.png", "neighbours.png", "density.png"):
         assert (Path("reports/figures") / fig).stat().st_size > 1000
+
+
+def _check_fid_against(against: str) -> None:
+    """eval.fid_against: the reference features hold every training image for train; FID, KID and the floor are
+    computed against that split (the first N for precision and the others); the protocol says which."""
+    from pipeline.metrics.fid import fid_from_features, inception_features
+
+    feats, ref_record = np.load("outputs/fid_reference.npz"), json.loads(Path("metrics/fid_reference.json").read_text())
+    metrics = json.loads(Path("metrics/evaluate.json").read_text())
+    assert ref_record["fid_against"] == metrics["fid_against"] == against
+    assert ("train" in feats.files) == (against == "train")
+    real = feats[against]
+    assert len(real) == (len(np.load("data/train.npy")) if against == "train" else 20)
+    assert ref_record["fid_floor"] == pytest.approx(fid_from_features(feats["reference"], real), rel=1e-12)
+    samples = np.load("outputs/samples.npz")["x"][:20]
+    assert metrics["fid"] == pytest.approx(fid_from_features(inception_features(samples), real), rel=1e-9)
+    assert metrics["fid_reference"].startswith(f"{against} split")
 
 
 def test_image_samples_do_not_depend_on_the_batch_size(workdir):

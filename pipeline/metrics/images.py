@@ -21,12 +21,13 @@ from pipeline.metrics.fid import fid_from_features, frechet_distance, inception_
 from pipeline.metrics.fidelity import PRDC_K, prdc_metrics
 
 
-def reference_metrics(test_feats: np.ndarray, reference_feats: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """The floors: fid, kid, precision, recall, density and coverage of the reference split against the test split,
-    (N, 2048) features each."""
-    return {"fid_floor": fid_from_features(reference_feats, test_feats),
-            "kid_floor": kid_from_features(reference_feats, test_feats, seed),
-            **prdc_metrics(test_feats, reference_feats, "_floor"), "prdc_k": PRDC_K}
+def reference_metrics(real_feats: np.ndarray, reference_feats: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """The floors: fid, kid, precision, recall, density and coverage of the reference split's N features (N, 2048)
+    against the real split's (the test split's N, or every training image's; precision and the others on the
+    first N of them, equal N each side)."""
+    return {"fid_floor": fid_from_features(reference_feats, real_feats),
+            "kid_floor": kid_from_features(reference_feats, real_feats, seed),
+            **prdc_metrics(real_feats[:len(reference_feats)], reference_feats, "_floor"), "prdc_k": PRDC_K}
 
 
 def sample_features(samples: np.ndarray, n: int, classifier: nn.Module, *, device="cpu",
@@ -43,12 +44,13 @@ def sample_features(samples: np.ndarray, n: int, classifier: nn.Module, *, devic
 
 def feature_metrics(features: Mapping[str, np.ndarray], fid_reference: Mapping[str, np.ndarray],
                     domain_reference: Mapping[str, np.ndarray], *, num_classes: int, seed: int = 0,
-                    against: str = "test") -> dict[str, float | list[float]]:
-    """fid, kid, fid_domain of sample_features against the `against` split's features ("test", or "reference" for
-    samples made from test items: inpainting, editing), and the samples' class histogram."""
+                    against: str = "test", domain_against: str | None = None) -> dict[str, float | list[float]]:
+    """fid, kid of sample_features against the `against` split's Inception features ("test"; "train" with
+    eval.fid_against: train; "reference" for samples made from test items: inpainting, editing), fid_domain against
+    the `domain_against` split's classifier features (default: the same split), and the samples' class histogram."""
     return {"fid": fid_from_features(features["inception"], fid_reference[against]),
             "kid": kid_from_features(features["inception"], fid_reference[against], seed),
-            "fid_domain": frechet_distance(features["domain"], domain_reference[against]),
+            "fid_domain": frechet_distance(features["domain"], domain_reference[domain_against or against]),
             "class_histogram": class_histogram(features["predicted"], num_classes)}
 
 
