@@ -617,10 +617,11 @@ def _location(err: dict[str, Any], prefix: str = "") -> str:
     """The dotted key of a pydantic error. The last part of an unknown or non-string key is the user's own (kept
     even when it reads like a union member; a non-string key by its value, not pydantic's str of it)."""
     parts = list(err["loc"])
-    own = err["type"] in ("extra_forbidden", "invalid_key") and bool(parts)
+    key_of_dict = len(parts) >= 2 and parts[-1] == "[key]"  # a dict field's (method.sb's) key that is no string
+    own = (err["type"] in ("extra_forbidden", "invalid_key") and bool(parts)) or key_of_dict
     if own:
-        last = err["input"] if err["type"] == "invalid_key" else parts[-1]
-        parts = parts[:-1]
+        last = err["input"] if err["type"] == "invalid_key" or key_of_dict else parts[-1]
+        parts = parts[:-2] if key_of_dict else parts[:-1]
     path = [prefix] * bool(prefix) + [str(p) for p in parts if not _UNION_MEMBER.match(str(p))]
     return ".".join(path + [_key_name(last)] if own else path)
 

@@ -69,6 +69,8 @@ def test_yaml12_floats_as_dvc_writes_them(tmp_path):
     ({"model": {"dropout": 1.0}}, ["model.dropout", "[0, 1)"]),
     ({"train": {"device": "tpu"}}, ["train.device", "cuda"]),
     ({"data": {"labels_path": "y.npy"}}, ["data.labels_path", "file"]),
+    ({"method": {"sb": {False: 1}}}, ["method.sb.False: Input should be a valid string"]),  # a YAML key `no`
+    ({"eval": {"fid_against": "reference"}}, ["eval.fid_against", "'test' or 'train'"]),
     ({"method": {"name": "ddpm"}, "sample": {"clip_denoised": True}}, ["sample.clip_denoised", "point set"]),
     # class conditioning and guidance
     ({"sample": {"guidance": 1.0}}, ["sample.guidance guides a class-conditional model", "method.conditional: true"]),
