@@ -95,6 +95,11 @@ def test_every_stage_in_process(workdir):
     assert samples.shape == (300, 2) and np.isfinite(samples).all()
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
     assert set(metrics) >= {"cd", "cd_floor", "emd", "emd_floor"}
+    # the memorised fraction on points: eval.n samples, test and reference items against every training point
+    from pipeline.metrics.fidelity import memorisation
+    n = min(len(samples), len(test))
+    expected = memorisation(samples[:n], test[:n], np.load("data/reference.npy")[:n], train, 0.01)
+    assert {k: metrics[k] for k in expected} == expected and 0 < metrics["memorised_distance"]
     assert Path("plots/train_loss.csv").read_text().splitlines()[0] == "step,loss"
     assert len(Path("plots/train_loss.csv").read_text().splitlines()) == 1 + 3
     report = Path("reports/report.md").read_text()
