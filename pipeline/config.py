@@ -362,6 +362,7 @@ class EvalParams(_Section):
     ot_n: int = Field(2_000, ge=2)
     fid_n: Union[Auto, int] = "auto"
     fid_against: Literal["test", "train"] = "test"
+    fid_seeds: int = Field(1, ge=1)
     classifier_steps: int = Field(1_000, ge=1)
     likelihood: bool = False
     likelihood_n: int = Field(1_000, ge=1)
@@ -432,7 +433,25 @@ class Config(_Section):
                 if have != "auto" and e.fid_n > have:
                     raise ValueError(f"eval.fid_n ({e.fid_n}) must be <= {key} ({have}): FID compares eval.fid_n "
                                      f"images each side")
+        _check_fid_seeds(self)
         return self
+
+
+def _check_fid_seeds(cfg: "Config") -> None:
+    """eval.fid_seeds K > 1: K sets of eval.fid_n generated images, so images, sample.task: generate, and (where
+    both are set) sample.n >= K eval.fid_n."""
+    k, s = cfg.eval.fid_seeds, cfg.sample
+    if k == 1:
+        return
+    if cfg.data.kind != "images":
+        raise ValueError(f"eval.fid_seeds: {k} repeats FID on images; data.name: {cfg.data.name} is points (cd "
+                         "already averages eval.n / eval.cloud_size clouds): leave eval.fid_seeds: 1")
+    if s.task != "generate":
+        raise ValueError(f"eval.fid_seeds: {k} repeats FID over sets of generated images; sample.task: {s.task} "
+                         "makes its outputs from test items: leave eval.fid_seeds: 1")
+    if s.n != "auto" and cfg.eval.fid_n != "auto" and s.n < k * cfg.eval.fid_n:
+        raise ValueError(f"sample.n ({s.n}) must be >= eval.fid_seeds x eval.fid_n ({k} x {cfg.eval.fid_n}): each "
+                         "FID set has eval.fid_n samples of its own (or leave sample.n: auto)")
 
 
 def _check_conditional(cfg: "Config") -> None:

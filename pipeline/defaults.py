@@ -124,13 +124,20 @@ def fid_n(eval_fid_n: Any, data: Mapping[str, Any]) -> Optional[int]:
     return int(min(n, data["n_test"], data["n_reference"])) if eval_fid_n == "auto" else int(n)
 
 
-def sample_sizes(sample_n: Any, batch_size: Any, eval_fid_n: Any, data: Mapping[str, Any]) -> tuple[int, int]:
-    """(sample.n, sample.batch_size) resolved: points 10,000 in one batch; images eval.fid_n samples in the
-    image class's batch."""
+def sample_sizes(sample_n: Any, batch_size: Any, eval_fid_n: Any, data: Mapping[str, Any],
+                 fid_seeds: int = 1) -> tuple[int, int]:
+    """(sample.n, sample.batch_size) resolved: points 10,000 in one batch; images eval.fid_seeds x eval.fid_n
+    samples (a set of eval.fid_n per FID) in the image class's batch. ValueError when a set sample.n is short of
+    eval.fid_seeds sets."""
     if data["kind"] != "images":
         return int(_pick(sample_n, POINT_SIZES)), int(_pick(batch_size, POINT_SIZES))
     d = image_defaults(tuple(data["shape"]))
-    return int(_pick(sample_n, fid_n(eval_fid_n, data))), int(_pick(batch_size, d.sample_batch_size))
+    need = fid_seeds * fid_n(eval_fid_n, data)
+    n = int(_pick(sample_n, need))
+    if fid_seeds > 1 and n < need:
+        raise ValueError(f"sample.n ({n}) must be >= eval.fid_seeds x eval.fid_n ({need}): each FID set has "
+                         f"eval.fid_n samples of its own (or leave sample.n: auto)")
+    return n, int(_pick(batch_size, d.sample_batch_size))
 
 
 def sample_classes(setting: Any, n: int, num_classes: int) -> "torch.Tensor":

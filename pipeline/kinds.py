@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline import defaults, pixels, plots
+from pipeline.errors import DataError
 
 if TYPE_CHECKING:
     from pipeline.config import DataParams, EvalParams
@@ -446,7 +447,8 @@ class Images(DataKind):
             metrics.update(fid=fid_from_features(feats, fid_ref[against]),
                            kid=kid_from_features(feats, fid_ref[against], ev.settings.seed))
             plots.image_grid(ev.figure, x[:GRID_IMAGES], "samples (no classes: no class histogram)")
-            return metrics | self.fidelity(feats, None, files, ev.settings.seed) | self.fid_protocol(files)
+            return (metrics | self.fidelity(feats, None, files, ev.settings.seed)
+                    | self.sample_sets(x, metrics["fid"], n, ev) | self.fid_protocol(files))
         classes = self.record["classes"]
         classifier = load_classifier(files["classifier"], device=ev.device)
         features = sample_features(x, n, classifier, device=ev.device, progress=True)
@@ -466,7 +468,7 @@ class Images(DataKind):
         plots.class_histogram(ev.figure, histogram, classifier_record["test_class_histogram"], classes,
                               f"classes of the samples (classifier test accuracy "
                               f"{classifier_record['classifier_test_accuracy']:.3f})")
-        return metrics | self.fid_protocol(files)
+        return metrics | self.sample_sets(x, metrics["fid"], n, ev) | self.fid_protocol(files)
 
     @staticmethod
     def against(files: Files) -> str:
@@ -485,6 +487,25 @@ class Images(DataKind):
         if domain is not None:
             found |= prdc_metrics(files["domain_reference"]["test"], domain, "_domain")
         return found
+
+    def sample_sets(self, x: np.ndarray, first_fid: float, n: int, ev: Evaluation) -> dict:
+        """eval.fid_seeds K > 1: the FID of each of the K sets of n samples x[k n : (k + 1) n] against FID's split,
+        the first set's given (every sample has its own seed, so each set is a draw with seeds of its own), and
+        their mean, minimum and spread (pipeline.metrics.fidelity.fid_over_sets); {} for K = 1. The other metrics
+        stay those of the first set."""
+        from pipeline.metrics.fid import fid_from_features, inception_features
+        from pipeline.metrics.fidelity import fid_over_sets
+
+        k = ev.settings.fid_seeds
+        if k == 1:
+            return {}
+        if len(x) < k * n:
+            raise DataError(f"eval.fid_seeds: {k} sets of {n} samples need {k * n}, but outputs/samples.npz holds "
+                            f"{len(x)}; re-run sample with sample.n: auto (or >= {k * n})")
+        real = ev.files["fid_reference"][self.against(ev.files)]
+        fids = [first_fid] + [fid_from_features(inception_features(x[i * n:(i + 1) * n], device=ev.device,
+                                                                   progress=True), real) for i in range(1, k)]
+        return fid_over_sets(fids)
 
     @staticmethod
     def fid_protocol(files: Files) -> dict:

@@ -42,7 +42,10 @@ def render(
         if "fid_n" in ev:
             lines += [f"FID protocol: {ev.get('fid_impl')}, mode {ev.get('fid_mode')}, N = {ev['fid_n']} samples "
                       f"against the {ev.get('fid_reference')}, {ev.get('fid_weights')}. FID is biased upwards at "
-                      f"small N: compare runs at equal N only, next to the floor.", ""]
+                      f"small N: compare runs at equal N only, next to the floor."
+                      + (f" Over {ev['fid_sets']} sample sets of N (eval.fid_seeds): mean {_fmt(ev['fid_mean'])}, "
+                         f"min {_fmt(ev['fid_min'])}, standard deviation {_fmt(ev['fid_std'])}; fid below is the "
+                         f"first set's." if "fid_sets" in ev else ""), ""]
     lines += ["## Metrics against their floors", "", "| metric | model | floor (true vs true) | model / floor |",
               "|---|---|---|---|"]
     for name in FLOORED:

@@ -47,7 +47,10 @@ def sample_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> N
             raise DataError(str(err)) from None
         return
     s = cfg.sample
-    n, batch_size = defaults.sample_sizes(s.n, s.batch_size, cfg.eval.fid_n, m.info)
+    try:
+        n, batch_size = defaults.sample_sizes(s.n, s.batch_size, cfg.eval.fid_n, m.info, cfg.eval.fid_seeds)
+    except ValueError as err:  # sample.n short of eval.fid_seeds sets, before any work
+        raise DataError(str(err)) from None
     classes = _classes(cfg, n, m.info)
 
     def batch(rows: slice, gens: SampleGenerators, record: Optional[int]):

@@ -419,3 +419,88 @@ def test_compare_leaves_git_status_unchanged(repo, tmp_path, monkeypatch, capsys
     assert "wrote reports/compare.md" in capsys.readouterr().out
     assert (clone / "reports" / "compare" / "quality_nfe.png").read_bytes()[:8] == PNG
     assert _git(["status", "--porcelain", "--untracked-files=all", "--ignored=no"], clone) == ""
+
+
+# Image runs of one method on digits at three FID protocols, and a point run: params as the report stage logs them.
+IMAGE_BASE = {"seed": 0, "data": {"name": "digits"}, "method": {"name": "edm"},
+              "eval": {"fid_n": "auto", "fid_against": "test", "fid_seeds": 1}}
+
+
+def _image_run(name: str, fid: float, fid_n: int, start: int, **params: str) -> dict:
+    flat = {"seed": "0", "data.name": "digits", "method.name": "edm", "eval.fid_n": "auto",
+            "eval.fid_against": "test", "eval.fid_seeds": "1", **params}
+    metrics = {"fid": fid, "fid_floor": 4.0, "kid": fid / 1000, "kid_floor": 0.001, "precision": 0.7, "fid_n": fid_n,
+               "sample.nfe": 35}
+    if flat["eval.fid_seeds"] != "1":
+        metrics |= {"fid_mean": fid + 1, "fid_min": fid, "fid_std": 0.5, "fid_sets": int(flat["eval.fid_seeds"])}
+    return {"run_id": name, "name": name, "experiment": "1", "status": "FINISHED", "start": start, "end": start + 1,
+            "tags": {}, "params": flat, "metrics": metrics}
+
+
+@pytest.fixture
+def protocols() -> pd.DataFrame:
+    runs = [_image_run("test-2000-a", 10.0, 2000, 1),
+            _image_run("test-2000-b", 12.0, 2000, 2, seed="1"),
+            _image_run("test-500", 30.0, 500, 3, **{"eval.fid_n": "500"}),
+            _image_run("train-2000", 8.0, 2000, 4, **{"eval.fid_against": "train", "eval.fid_seeds": "3"}),
+            # the same params as test-2000-a, but a FID at another N (a param newer than the run changed it)
+            _image_run("test-1000-old", 50.0, 1000, 5, seed="2"),
+            {"run_id": "points", "name": "points", "experiment": "1", "status": "FINISHED", "start": 6, "end": 7,
+             "tags": {}, "params": {"seed": "0", "data.name": "swissroll", "method.name": "edm",
+                                    "eval.fid_n": "auto", "eval.fid_against": "test", "eval.fid_seeds": "1"},
+             "metrics": {"cd": 0.1, "cd_floor": 0.1, "sample.nfe": 35}}]
+    return compare.runs_frame(runs, None, IMAGE_BASE)
+
+
+def test_every_fid_carries_its_protocol_and_groups_never_pool_two(protocols):
+    by_name = {n: p if isinstance(p, str) else None for n, p in zip(protocols["name"], protocols["fid_protocol"])}
+    assert by_name == {"test-2000-a": "N=2000 vs test", "test-2000-b": "N=2000 vs test", "test-500": "N=500 vs test",
+                       "train-2000": "N=2000 vs train", "test-1000-old": "N=1000 vs test", "points": None}
+    assert compare.frame.fid_protocol({}, {"fid": 1.0, "fid_n": 50}) == "N=50 vs test"  # older than fid_against
+    train = _row(protocols, "train-2000")
+    assert (train.fid_mean, train.fid_min, train.fid_std) == (9.0, 8.0, 0.5)
+    groups = compare.seed_groups(protocols)
+    pooled = groups[groups["fid_protocol"] == "N=2000 vs test"].iloc[0]
+    assert (pooled.n, pooled.fid_mean) == (2, 11.0)  # test-2000-a and -b; never test-1000-old's 50
+    assert list(groups[groups["fid_protocol"] == "N=1000 vs test"]["names"]) == ["test-1000-old"]
+
+
+def _sections(text: str) -> dict[str, str]:
+    """The markdown's `#### ` sections by title."""
+    parts = text.split("\n#### ")[1:]
+    return {p.split("\n", 1)[0]: p.split("\n", 1)[1].split("\n## ")[0].split("\n### ")[0] for p in parts}
+
+
+def test_the_report_gives_each_fid_protocol_its_own_tables_and_panels(protocols, tmp_path, monkeypatch):
+    from pipeline.compare import render
+
+    titles = []
+    monkeypatch.setattr(render, "_save", lambda fig, path: titles.extend(ax.get_title() for ax in fig.axes))
+    groups = compare.seed_groups(protocols)
+    md, _ = compare.write_report(tmp_path / "c.md", protocols, groups, store="s", dvc="d", filters={}, command="c")
+    text = md.read_text()
+    assert "FIDs of 4 protocols" in text
+    sections = _sections(text)
+    # two tables per protocol (runs, seed groups) under headings of the same title: the later one wins here
+    assert set(sections) == {"FID protocol N=1000 vs test", "FID protocol N=2000 vs test", "FID protocol N=500 vs test",
+                             "FID protocol N=2000 vs train", "without FID"}
+    runs_part = text.split("## Seed groups")[0]
+    for title, names in (("N=2000 vs test", ["test-2000-a", "test-2000-b"]), ("N=500 vs test", ["test-500"]),
+                         ("N=2000 vs train", ["train-2000"]), ("N=1000 vs test", ["test-1000-old"])):
+        table = runs_part.split(f"#### FID protocol {title}\n")[1].split("####")[0]
+        rows = [line for line in table.splitlines() if line.startswith("| ") and "name" not in line]
+        assert [r.split("|")[1].strip() for r in rows] == names, title
+        assert all([c.strip() for c in r.split("|")].count(title) == 1 for r in rows)
+    assert "fid_min" in runs_part.split("#### FID protocol N=2000 vs train\n")[1].split("####")[0]
+    assert "swissroll" in runs_part.split("#### without FID\n")[1]
+    assert {"digits (N=2000 vs test): fid", "digits (N=500 vs test): fid", "digits (N=2000 vs train): fid",
+            "digits (N=1000 vs test): fid", "swissroll: cd"} <= set(titles)
+
+    # One protocol: one table, the protocol in a column of its own.
+    one = compare.filter_runs(protocols, data="digits")
+    one = one[one["fid_protocol"] == "N=2000 vs test"].reset_index(drop=True)
+    md, _ = compare.write_report(tmp_path / "d.md", one, compare.seed_groups(one), store="s", dvc="d", filters={},
+                                 command="c")
+    text = md.read_text()
+    assert "#### " not in text and "| FID protocol" in text
+    assert [c.strip() for line in text.splitlines() for c in line.split("|")].count("N=2000 vs test") == 3

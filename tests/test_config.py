@@ -71,6 +71,12 @@ def test_yaml12_floats_as_dvc_writes_them(tmp_path):
     ({"data": {"labels_path": "y.npy"}}, ["data.labels_path", "file"]),
     ({"method": {"sb": {False: 1}}}, ["method.sb.False: Input should be a valid string"]),  # a YAML key `no`
     ({"eval": {"fid_against": "reference"}}, ["eval.fid_against", "'test' or 'train'"]),
+    ({"eval": {"fid_seeds": 0}}, ["eval.fid_seeds", "greater than or equal to 1"]),
+    ({"eval": {"fid_seeds": 3}}, ["eval.fid_seeds: 3 repeats FID on images", "swissroll is points"]),
+    ({"data": {"name": "digits"}, "eval": {"fid_seeds": 2}, "sample": {"task": "edit"}},
+     ["eval.fid_seeds: 2", "sample.task: edit"]),
+    ({"data": {"name": "digits"}, "eval": {"fid_seeds": 3, "fid_n": 100}, "sample": {"n": 200}},
+     ["sample.n (200) must be >= eval.fid_seeds x eval.fid_n (3 x 100)"]),
     ({"method": {"name": "ddpm"}, "sample": {"clip_denoised": True}}, ["sample.clip_denoised", "point set"]),
     # class conditioning and guidance
     ({"sample": {"guidance": 1.0}}, ["sample.guidance guides a class-conditional model", "method.conditional: true"]),

@@ -10,8 +10,9 @@ from scipy.stats import norm
 from threadpoolctl import threadpool_limits
 
 from pipeline.metrics.fid import fid_by_svd
-from pipeline.metrics.fidelity import (PRDC_K, expected_coverage, fid_bootstrap, memorisation, nearest_distances,
-                                       prdc)
+from pipeline import defaults
+from pipeline.metrics.fidelity import (PRDC_K, expected_coverage, fid_bootstrap, fid_over_sets, memorisation,
+                                       nearest_distances, prdc)
 
 
 def _gauss(rng: np.random.Generator, n: int, d: int = 8, shift: float = 0.0, scale: float = 1.0) -> np.ndarray:
@@ -76,6 +77,36 @@ def test_fid_bootstrap_interval_covers_at_its_stated_rates():
     se = np.sqrt(stated * (1 - stated) / trials)
     assert abs(second / trials - stated) < 3 * se, (second / trials, stated)
     assert mean / trials > 0.95 - 3 * np.sqrt(0.95 * 0.05 / trials), mean / trials
+
+
+def test_fid_over_sets_by_hand_and_its_spread_is_the_seed_to_seed_spread():
+    """Mean, min and ddof-1 spread by hand; on Gaussian features the spread of K sets estimates the standard
+    deviation of one set's FID over independent draws (here 400 draws), within its chi-square 99 % band."""
+    found = fid_over_sets([3.0, 1.0, 2.0])
+    assert found == {"fid_mean": 2.0, "fid_min": 1.0, "fid_std": 1.0, "fid_sets": 3,
+                     "fid_per_set": {"0": 3.0, "1": 1.0, "2": 2.0}}
+    with pytest.raises(ValueError, match="at least 2 sets"):
+        fid_over_sets([1.0])
+    rng = np.random.default_rng(5)
+    reference = _gauss(rng, 300, 2)
+    draw = lambda: _gauss(rng, 100, 2, shift=0.3)  # noqa: E731
+    with threadpool_limits(1):
+        sd = np.std([fid_by_svd(draw(), reference) for _ in range(400)], ddof=1)
+        k = 30
+        spread = fid_over_sets([fid_by_svd(draw(), reference) for _ in range(k)])["fid_std"]
+    from scipy.stats import chi2
+
+    low, high = np.sqrt(chi2.ppf([0.005, 0.995], k - 1) / (k - 1))  # s / sigma for k normal draws
+    assert low * 0.9 < spread / sd < high * 1.1, (spread, sd)  # 10 %: sd is itself estimated from 400 draws
+
+
+def test_sample_n_auto_draws_every_fid_set_and_a_short_one_is_refused():
+    digits = {"kind": "images", "shape": [1, 8, 8], "n_test": 360, "n_reference": 360}
+    assert defaults.sample_sizes("auto", "auto", 100, digits, fid_seeds=3)[0] == 300
+    assert defaults.sample_sizes("auto", "auto", "auto", digits)[0] == 360  # fid_n auto: at most the test split
+    assert defaults.sample_sizes(500, "auto", 100, digits, fid_seeds=3)[0] == 500
+    with pytest.raises(ValueError, match=r"sample.n \(250\) must be >= eval.fid_seeds x eval.fid_n \(300\)"):
+        defaults.sample_sizes(250, "auto", 100, digits, fid_seeds=3)
 
 
 def test_fid_bootstrap_is_wider_than_the_spread_when_features_outnumber_samples():

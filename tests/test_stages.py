@@ -151,6 +151,9 @@ def test_every_stage_on_images(workdir, method):
         params = _deep_merge(params, {"eval": {"likelihood": True, "likelihood_n": 8}, "method": {"loss": "elbo"}})
     against = "train" if method["name"] == "edm" else "test"  # EDM's papers compare against the training set
     params = _deep_merge(params, {"eval": {"fid_against": against}})
+    sets = 2 if method["name"] == "edm" else 1  # and the best of several sample sets
+    if sets > 1:
+        params = _deep_merge(params, {"eval": {"fid_seeds": sets}, "sample": {"n": "auto"}})
     _write_params(Path("params.yaml"), params)
     for name in STAGES:
         assert _run(name) == 0, name
@@ -167,7 +170,7 @@ def test_every_stage_on_images(workdir, method):
         assert model["config"]["kind"] == "edm" and model["config"]["parameterization"] == "x0"
         assert 0.5 < model["config"]["sigma_data"] < 1.0  # the std of 8x8 digits in [-1, 1]
     samples = np.load("outputs/samples.npz")["x"]
-    assert samples.dtype == np.uint8 and samples.shape == (20, 1, 8, 8)
+    assert samples.dtype == np.uint8 and samples.shape == (20 * sets, 1, 8, 8)  # sample.n: auto draws every set
     scaling = json.loads(Path("outputs/noise_scales.json").read_text())["scaling"]
     assert scaling == ("zero_one" if method["name"] == "ncsnv2" else "minus_one_one")
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
@@ -179,6 +182,7 @@ def test_every_stage_on_images(workdir, method):
             assert metrics[key] >= 0 and (name == "density" or metrics[key] <= 1), key
     assert 0 <= metrics["memorised"] <= 1 and metrics["memorised_quantile"] == 0.01
     assert metrics["fid_n"] == 20 and metrics["fid_mode"] == "clean" and "sha256" in metrics["fid_weights"]
+    _check_fid_sets(metrics, samples, sets, against)
     assert sum(metrics["class_histogram"].values()) == pytest.approx(1.0)
     if method["name"] == "ddpm":
         assert np.isfinite(metrics["elbo_bpd"]) and metrics["elbo_bpd"] > 0
@@ -191,6 +195,7 @@ def test_every_stage_on_images(workdir, method):
     assert train_metrics["arch"] == "unet" and train_metrics["batch_size"] == 16
     report = Path("reports/report.md").read_text()
     assert "FID protocol" in report and "fid_domain" in report
+    assert (f"Over {sets} sample sets of N (eval.fid_seeds)" in report) == (sets > 1)
     assert "### Samples\n" in report and "### Classes of the samples" in report  # the kind's figure titles
     assert "fid_reference.fid_floor" in report  # the reference stages' records, read for images
     for fig in ("samples.png", "trajectory.png", "neighbours.png", "density.png"):
@@ -212,6 +217,22 @@ def _check_fid_against(against: str) -> None:
     samples = np.load("outputs/samples.npz")["x"][:20]
     assert metrics["fid"] == pytest.approx(fid_from_features(inception_features(samples), real), rel=1e-9)
     assert metrics["fid_reference"].startswith(f"{against} split")
+
+
+def _check_fid_sets(metrics: dict, samples: np.ndarray, sets: int, against: str) -> None:
+    """eval.fid_seeds: set k is samples k N to (k + 1) N - 1, each scored against FID's split; fid is the first."""
+    from pipeline.metrics.fid import fid_from_features, inception_features
+
+    if sets == 1:
+        assert not {"fid_mean", "fid_min", "fid_std", "fid_sets", "fid_per_set"} & set(metrics)
+        return
+    real = np.load("outputs/fid_reference.npz")[against]
+    fids = [fid_from_features(inception_features(samples[k * 20:(k + 1) * 20]), real) for k in range(sets)]
+    assert metrics["fid_sets"] == sets and metrics["fid_per_set"]["0"] == metrics["fid"]
+    assert [metrics["fid_per_set"][str(k)] for k in range(sets)] == pytest.approx(fids, rel=1e-9)
+    assert metrics["fid_mean"] == pytest.approx(np.mean(fids), rel=1e-9)
+    assert metrics["fid_min"] == pytest.approx(min(fids), rel=1e-9)
+    assert metrics["fid_std"] == pytest.approx(np.std(fids, ddof=1), rel=1e-6)
 
 
 def test_image_samples_do_not_depend_on_the_batch_size(workdir):

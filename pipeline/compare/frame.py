@@ -17,9 +17,13 @@ from pipeline.report import FLOORED
 from pipeline.tracking import PARENT_TAG, finite, flatten, metric_name
 
 LIKELIHOODS = ("nll", "bpd", "elbo_bpd")
+# FID over eval.fid_seeds sample sets (pipeline.metrics.fidelity.fid_over_sets).
+FID_SETS = ("fid_mean", "fid_min", "fid_std")
+# The metrics whose value depends on FID's protocol (eval.fid_n, eval.fid_against): never one column across two.
+PROTOCOL_METRICS = ("fid", "kid", "fid_domain", "precision", "recall", "density", "coverage") + FID_SETS
 STAGES = ("train", "sample", "evaluate")
 # The numeric columns of a run, in table order: each floored metric next to its floor and their ratio.
-METRICS = [c for m in FLOORED for c in (m, f"{m}_floor", f"{m}/floor")] + list(LIKELIHOODS)
+METRICS = [c for m in FLOORED for c in (m, f"{m}_floor", f"{m}/floor")] + list(FID_SETS) + list(LIKELIHOODS)
 COSTS = ["nfe", "train_steps"] + [f"{s}_s" for s in STAGES] + ["total_s"]
 NUMERIC = METRICS + COSTS
 SWEEP = "dvc exp run --queue -S seed=1,2,3,4,5 && dvc queue start -j 1"
@@ -245,6 +249,17 @@ def _short(v: str, width: int = 40) -> str:
     return v if len(v) <= width else v[: width - 1] + "…"
 
 
+def fid_protocol(params: Mapping[str, str], metrics: Mapping[str, Any]) -> str | None:
+    """`N=2000 vs test`: the sample count and split behind a run's FID, KID, precision, ... (metrics/evaluate.json's
+    fid_n, the eval.fid_against it ran with); None for a run without them (points)."""
+    if all(finite(metrics.get(k)) is None for k in PROTOCOL_METRICS):
+        return None
+    n = finite(metrics.get("fid_n"))
+    # a run older than eval.fid_against compared against test, the only split there was
+    against = params.get("eval.fid_against", "test")
+    return f"N={int(n)} vs {against}" if n is not None else f"N unknown vs {against}"
+
+
 def runs_frame(mlflow_runs: Iterable[Any], dvc_json: Sequence[Mapping] | None,
                base_params: Mapping | None) -> pd.DataFrame:
     """One row per run of MLflow (parent runs) and `dvc exp show --json`, merged by experiment name."""
@@ -280,8 +295,9 @@ def runs_frame(mlflow_runs: Iterable[Any], dvc_json: Sequence[Mapping] | None,
     for r in rows:
         p, m = r["params"], r["metrics"]
         rec = {"name": r["name"], "method": method_label(p), "data": p.get("data.name"),
-               "sampler": r["sampler"], "changed": _changed(p, base, universe, r["complete"])}
-        for name in FLOORED + LIKELIHOODS:
+               "sampler": r["sampler"], "changed": _changed(p, base, universe, r["complete"]),
+               "fid_protocol": fid_protocol(p, m)}
+        for name in FLOORED + FID_SETS + LIKELIHOODS:
             rec[name] = finite(m.get(name))
             if name in FLOORED:
                 floor = finite(m.get(f"{name}_floor"))
@@ -306,7 +322,7 @@ def runs_frame(mlflow_runs: Iterable[Any], dvc_json: Sequence[Mapping] | None,
         rec["_commit"], rec["_baseline"] = r["commit"], r["baseline"]
         rec["_experiment"], rec["_run_id"], rec["_start"] = r["experiment"], r["run_id"], r["start"]
         records.append(rec)
-    columns = (["name", "method", "data", "sampler", "changed"] + NUMERIC
+    columns = (["name", "method", "data", "sampler", "changed", "fid_protocol"] + NUMERIC
                + ["commit", "source", "status", "_group", "_seeds", "_changed_nonseed", "_commit", "_baseline",
                   "_experiment", "_run_id", "_start"])
     df = pd.DataFrame.from_records(records, columns=columns)
@@ -379,22 +395,25 @@ def seed_groups(df: pd.DataFrame) -> pd.DataFrame:
     """Pool the finished runs whose params differ only in seeds: n, and per metric its mean and 95 % CI half-width."""
     # n counts distinct seed settings: runs with the same seeds replay one deterministic computation, so they count
     # once (averaged). Per metric `<m>_mean` and `<m>_ci95` = t(0.975, k-1) s / sqrt(k) over the k settings that have
-    # it (NaN for k = 1). Runs whose params are not all known (`_group` None) are left out.
+    # it (NaN for k = 1). Runs whose params are not all known (`_group` None) are left out. Runs of one group but two
+    # FID protocols (a param newer than one of them that changed N) are two groups: their FIDs never pool.
     numeric = [c for c in NUMERIC if c in df and df[c].notna().any()]
     records = []
     usable = df["_group"].notna() & (df["status"].fillna("finished") == "finished")
-    for key, g in df[usable].groupby("_group", sort=False):
+    protocol = df["fid_protocol"].fillna("")
+    for (key, _), g in df[usable].groupby([df["_group"][usable], protocol[usable]], sort=False):
         seeds = g["_seeds"].map(lambda s: json.dumps(s, sort_keys=True))
         per_seed = g[numeric].groupby(seeds.values, sort=False).mean()  # NaN-skipping: one value per seed setting
         settings = [json.loads(s) for s in per_seed.index]
         samplers = [s for s in g["sampler"].dropna() if s != "auto"] or list(g["sampler"].dropna())
         rec = {"group": g["_changed_nonseed"].iloc[0] or "as params.yaml", "method": g["method"].iloc[0],
-               "data": g["data"].iloc[0], "sampler": samplers[0] if samplers else None, "n": len(per_seed),
+               "data": g["data"].iloc[0], "fid_protocol": g["fid_protocol"].iloc[0],
+               "sampler": samplers[0] if samplers else None, "n": len(per_seed),
                "runs": len(g), "seeds": _seed_label(settings), "names": ", ".join(g["name"]), "_group": key}
         for c in numeric:
             rec[f"{c}_mean"], rec[f"{c}_ci95"], _ = t_interval(per_seed[c].tolist())
         records.append(rec)
-    columns = (["group", "method", "data", "sampler", "n", "runs", "seeds", "names"]
+    columns = (["group", "method", "data", "fid_protocol", "sampler", "n", "runs", "seeds", "names"]
                + [f"{c}_{s}" for c in numeric for s in ("mean", "ci95")] + ["_group"])
     out = pd.DataFrame.from_records(records, columns=columns)
     return out.sort_values(["data", "method", "group"], na_position="last", kind="stable").reset_index(drop=True)

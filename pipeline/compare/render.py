@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline import io
-from pipeline.compare.frame import FIGURES, LIKELIHOODS, NUMERIC, STAGES, SWEEP
+from pipeline.compare.frame import (FID_SETS, FIGURES, LIKELIHOODS, NUMERIC, PROTOCOL_METRICS, STAGES, SWEEP,
+                                    _natural)
 from pipeline.report import FLOORED
 
 # ---------------------------------------------------------------------------------------------------------- figures
@@ -34,9 +35,11 @@ def _has(g: pd.DataFrame, column: str) -> bool:
 
 def _scatter_panels(groups: pd.DataFrame, path: Path, x: str, xlabel: str,
                     choose_y: Callable[[pd.DataFrame], Sequence[str]], floors: bool, title: str) -> str | None:
-    """Per data set a panel of seed-group means of y (the first of choose_y(panel) present) against x, with CI bars."""
+    """Per data set and FID protocol a panel of seed-group means of y (the first of choose_y(panel) present) against
+    x, with CI bars."""
     panels, names = [], set()
-    for data, g in groups.groupby(groups["data"].fillna("?"), sort=True):
+    protocol = groups["fid_protocol"].fillna("") if "fid_protocol" in groups else pd.Series("", index=groups.index)
+    for (data, proto), g in groups.groupby([groups["data"].fillna("?"), protocol], sort=True):
         names.update(choose_y(g))
         if f"{x}_mean" not in g:
             continue
@@ -44,7 +47,7 @@ def _scatter_panels(groups: pd.DataFrame, path: Path, x: str, xlabel: str,
             if f"{y}_mean" in g:
                 ok = g[g[f"{y}_mean"].notna() & g[f"{x}_mean"].notna()]
                 if len(ok):
-                    panels.append((data, y, ok))
+                    panels.append((f"{data} ({proto})" if proto and y in PROTOCOL_METRICS else data, y, ok))
                     break
     if not panels:
         return f"no run has {' or '.join(sorted(names)) or 'the metric'} together with {x}"
@@ -117,7 +120,7 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 _SECONDS = {f"{s}_s" for s in STAGES} | {"total_s"}
-_LABELS = {"data": "data set", "changed": "changed params", "train_steps": "train steps",
+_LABELS = {"data": "data set", "changed": "changed params", "train_steps": "train steps", "fid_protocol": "FID protocol",
            **{f"{s}_s": f"{s} s" for s in STAGES}, "total_s": "total s"}
 
 
@@ -127,7 +130,7 @@ def _label(c: str) -> str:
 
 def runs_table(df: pd.DataFrame) -> pd.DataFrame:
     """The runs as display strings: the columns that some run has, metrics to 4 significant digits, seconds to 0.1."""
-    cols = [c for c in ["name", "method", "data", "sampler", "changed"] + NUMERIC + ["commit", "source"]
+    cols = [c for c in ["name", "method", "data", "sampler", "changed", "fid_protocol"] + NUMERIC + ["commit", "source"]
             if c in df and (c in ("name", "changed", "source") or df[c].notna().any())]
     out = pd.DataFrame(index=df.index)
     for c in cols:
@@ -143,10 +146,12 @@ def runs_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def groups_table(groups: pd.DataFrame) -> pd.DataFrame:
     """The seed groups as display strings: each metric `mean ± CI`, and n `1 (no CI)` for a single seed."""
-    out = groups[["group", "method", "data", "sampler", "n", "seeds"]].copy().rename(columns={"data": "data set"})
+    head = ["group", "method", "data"] + (["fid_protocol"] if groups["fid_protocol"].notna().any() else [])
+    out = groups[head + ["sampler", "n", "seeds"]].copy().rename(columns={c: _label(c) for c in head})
     out["n"] = [f"{n} (no CI)" if n == 1 else str(n) for n in groups["n"]]
-    shown = [c for m in FLOORED for c in (m, f"{m}_floor")] + list(LIKELIHOODS) + ["nfe", "sample_s", "total_s"]
-    for c in [c for c in shown if f"{c}_mean" in groups]:
+    shown = ([c for m in FLOORED for c in (m, f"{m}_floor")] + list(FID_SETS) + list(LIKELIHOODS)
+             + ["nfe", "sample_s", "total_s"])
+    for c in [c for c in shown if f"{c}_mean" in groups and groups[f"{c}_mean"].notna().any()]:
         cells = []
         for mean, ci, n in zip(groups[f"{c}_mean"], groups[f"{c}_ci95"], groups["n"]):
             seconds = c in _SECONDS
@@ -159,6 +164,32 @@ def groups_table(groups: pd.DataFrame) -> pd.DataFrame:
                 cells.append(f"{text} ± {ci:.1f}" if seconds else f"{text} ± {ci:.2g}")
         out[_label(c)] = cells
     return out
+
+
+def by_protocol(df: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
+    """The rows split by FID protocol when they hold more than one (then each part is its own table, so that no
+    column holds FIDs of two protocols), runs without FID last; [(None, df)] otherwise."""
+    protocols = sorted(df["fid_protocol"].dropna().unique(), key=_natural) if "fid_protocol" in df else []
+    if len(protocols) < 2:
+        return [(None, df)]
+    parts = [(f"FID protocol {p}", df[df["fid_protocol"] == p]) for p in protocols]
+    rest = df[df["fid_protocol"].isna()]
+    return parts + ([("without FID", rest)] if len(rest) else [])
+
+
+def _tables(df: pd.DataFrame, table: Callable[[pd.DataFrame], pd.DataFrame], empty: str) -> list[str]:
+    """The markdown lines of df as one table, or one per FID protocol under a heading each (by_protocol)."""
+    if not len(df):
+        return [empty, ""]
+    parts = by_protocol(df)
+    if len(parts) == 1:
+        return [markdown_table(table(df)), ""]
+    lines = [f"The runs hold FIDs of {len(parts) - (parts[-1][0] == 'without FID')} protocols (N samples against "
+             "a split, `eval.fid_n` and `eval.fid_against`): FID, KID and precision at one protocol do not compare "
+             "with another's, so each protocol has its own table.", ""]
+    for title, part in parts:
+        lines += [f"#### {title}", "", markdown_table(table(part.reset_index(drop=True))), ""]
+    return lines
 
 
 def render_markdown(runs: pd.DataFrame, groups: pd.DataFrame, figures: Sequence[tuple[str, str | None, str | None]],
@@ -180,8 +211,9 @@ def render_markdown(runs: pd.DataFrame, groups: pd.DataFrame, figures: Sequence[
               "Each metric sits next to its floor (the same metric between two independent true samples) and "
               "their ratio; compare runs at equal sample sizes. Seconds are the wall times of the stage runs in "
               "MLflow: blank where the stage did not run in that execution (DVC reused its outputs) or where only "
-              "DVC knows the run; total is the sum of every stage that ran.", "",
-              markdown_table(runs_table(runs)) if len(runs) else "_No runs._", "", "## Seed groups", "",
+              "DVC knows the run; total is the sum of every stage that ran. *FID protocol*: the N samples and the "
+              "split FID, KID, precision and the others were computed against (`N=2000 vs test`).", "",
+              *_tables(runs, runs_table, "_No runs._"), "## Seed groups", "",
               "Runs whose params are equal except the seeds (`seed`, `sample.seed`, `eval.seed`, any `*.seed`), "
               "pooled. n counts distinct seed settings (runs with the same seeds repeat one deterministic "
               "computation and count once). Each metric: mean ± the 95 % confidence half-width, Student t with "
@@ -194,7 +226,7 @@ def render_markdown(runs: pd.DataFrame, groups: pd.DataFrame, figures: Sequence[
             ([f"{partial} run(s) whose params were only partly logged (the report stage did not run in that "
               "execution), so their group is not known"] if partial else [])
             + ([f"{unfinished} unfinished (failed, running) run(s)"] if unfinished else [])) + ".", ""]
-    lines += [markdown_table(groups_table(groups)) if len(groups) else "_No run has its params logged._", ""]
+    lines += _tables(groups, groups_table, "_No run has its params logged._")
     lines += ["## Figures", ""]
     for title, rel, why in figures:
         lines += [f"### {title}", "", f"![{title}]({rel})" if rel else f"_Skipped: {why}._", ""]

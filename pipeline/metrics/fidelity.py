@@ -121,3 +121,14 @@ def _fid_of_rows(mu: np.ndarray, gram_r: np.ndarray, gram: np.ndarray, mu_r: np.
     eig = np.where(eig > eig.max() * len(eig) * np.finfo(float).eps, eig, 0.0)
     cross = np.sqrt(eig).sum() / np.sqrt(n - 1)
     return float(((mu - mu_r) ** 2).sum() + np.trace(cov_r) + np.trace(gram) / (n - 1) - 2.0 * cross)
+
+
+def fid_over_sets(fids: "list[float]") -> dict:
+    """The FIDs of K sample sets of N each (K >= 2), drawn with different seeds against the same reference: their
+    mean, their minimum (the number EDM reports, Karras et al. 2022, appendix F.1: the best of three), their
+    standard deviation across sets (ddof 1: the spread one set's FID has from seed to seed) and each set's FID."""
+    f = np.asarray(fids, np.float64)
+    if len(f) < 2:
+        raise ValueError(f"a spread over sample sets needs at least 2 sets, got {len(f)}")
+    return {"fid_mean": float(f.mean()), "fid_min": float(f.min()), "fid_std": float(f.std(ddof=1)),
+            "fid_sets": len(f), "fid_per_set": {str(k): float(v) for k, v in enumerate(f)}}
