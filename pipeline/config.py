@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 import families
 from families import NAMES, OWNED_KEYS
 from pipeline.defaults import DATA_PATH as DEFAULT_DATA_PATH
-from pipeline.defaults import POINT_SIZES
+from pipeline.defaults import PHOTOS_CROP, PHOTOS_IMAGE_SIZE, POINT_SIZES
 from pipeline.names import (DATA_SETS, IMAGE_SETS, INPAINT_METHODS, LABELLED_POINTS, LOSSES, MASKS, PARAMETERIZATIONS,
                             POINT_SETS, SAMPLERS, TARGETS, TASKS)
 
@@ -554,6 +554,10 @@ def _check_data(d: DataParams) -> None:
         if d.path in (None, DEFAULT_DATA_PATH) or not _is(Path(d.path), "dir"):
             raise ValueError(f"data.name: folder needs data.path to name a directory of images (class subfolders "
                              f"optional), got {d.path!r}")
+    if d.name == "photos" and d.image_size is not None and d.image_size > PHOTOS_CROP:
+        raise ValueError(f"data.image_size: {d.image_size} is larger than the {PHOTOS_CROP}x{PHOTOS_CROP} crops "
+                         f"data.name: photos cuts from its photographs; use at most {PHOTOS_CROP} (null: "
+                         f"{PHOTOS_IMAGE_SIZE})")
     if d.name in ("mnist", "cifar10") and not d.download and _holds_nothing(d.path):
         raise ValueError(f"data.name: {d.name} needs its official files: set data.path to the folder that holds "
                          f"them, or data.download: true on a machine with internet")

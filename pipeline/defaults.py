@@ -21,6 +21,10 @@ POINT_SIZES = 10_000
 # on); data.download puts MNIST and CIFAR-10 there.
 DATA_PATH = "data/raw"
 POINT_TRAIN = {"steps": 5_000, "batch_size": 512, "lr": 1e-3}
+# data.name: photos (pipeline/data/photos.py): the side of its square crops, which is the largest data.image_size it
+# takes, and the side its crops are resized to when data.image_size is null.
+PHOTOS_CROP = 64
+PHOTOS_IMAGE_SIZE = 16
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,7 @@ def test_file_data_path_accepted_when_present(tmp_path):
 
 
 def test_image_data_sets_validate_with_auto_sizes():
-    for name in ("digits", "fashion_mnist"):
+    for name in ("digits", "photos", "fashion_mnist"):
         cfg = config.validate({"data": {"name": name}})
         assert cfg.data.kind == "images" and cfg.data.n_train == "auto" and cfg.model.arch == "auto"
     assert config.validate({}).data.kind == "points"

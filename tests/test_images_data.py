@@ -104,7 +104,7 @@ def digits():
 
 
 def test_names():
-    assert IMAGE_DATASETS == ("digits", "fashion_mnist", "mnist", "cifar10", "folder")
+    assert IMAGE_DATASETS == ("digits", "photos", "fashion_mnist", "mnist", "cifar10", "folder")
 
 
 def test_digits_pixels_labels_and_mapping(digits):

@@ -1,4 +1,4 @@
-"""Image data sets as uint8 (N, C, H, W) arrays: digits, Fashion-MNIST, MNIST, CIFAR-10, folders, files.
+"""Image data sets as uint8 (N, C, H, W) arrays: digits, photo crops, Fashion-MNIST, MNIST, CIFAR-10, folders, files.
 
 Every loader returns an `ImageData`: an official train pool, an official test pool (empty
 when the set has none), the class names and one sentence saying where the pixels came
@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.photos import CLASSES as PHOTO_CLASSES
+from pipeline.data.photos import photo_crops, photos_source
 from pipeline.data.toy2d import DataError
 from pipeline.defaults import DATA_PATH
 from pipeline.names import IMAGE_SETS
@@ -217,6 +219,23 @@ def _load_digits(seed: int, image_size, channels) -> ImageData:
         f"shuffled with seed {seed}"
     )
     return _finish(train, _empty_like(train.x), MNIST_CLASSES, source, image_size, channels)
+
+
+# ---------------------------------------------------------------------------- photos
+
+
+def _load_photos(seed: int, image_size, channels) -> ImageData:
+    """Crops of scikit-learn's two sample photographs (pipeline.data.photos): the train pool from one region of each
+    photo, the test pool (test and reference) from the rest; image_size None is 16, channels 1 is PIL's luma."""
+    crops = photo_crops(seed, image_size)
+    train, held = crops["train"], crops["held_out"]
+    source = photos_source(seed, image_size) + (_conversion_note(None, 1) if channels == 1 else "") + "."
+    return ImageData(
+        train=_split(_convert(train.x, None, channels), train.y),
+        test=_split(_convert(held.x, None, channels), held.y),
+        classes=list(PHOTO_CLASSES),
+        source=source,
+    )
 
 
 # ---------------------------------------------------------------------------- idx (MNIST, Fashion-MNIST)
@@ -776,7 +795,10 @@ def load_image_data(
     """Load image set `name` (one of IMAGE_DATASETS) as uint8 (N, C, H, W) pools.
 
     - digits: scikit-learn load_digits, 1,797 images (1, 8, 8), v -> round(v * 255 / 16),
-      shuffled with `seed` (the only use of seed); all in `train`, `test` empty.
+      shuffled with `seed`; all in `train`, `test` empty.
+    - photos: random 64x64 crops of scikit-learn's china.jpg and flower.jpg (class = the photo), drawn
+      with `seed` and resized (PIL box filter) to image_size (null: 16), (3, S, S); 4,000 train crops
+      from one region of each photo, 1,000 held-out crops from the rest in `test` (pipeline.data.photos).
     - fashion_mnist: the four official idx files in data.path (directly or in
       <path>/FashionMNIST/raw/), else in FASHION_MNIST_DIR; 60,000 + 10,000 images (1, 28, 28).
     - mnist: the same four idx files in data.path (or DOWNLOAD_ROOT), directly or in
@@ -799,6 +821,8 @@ def load_image_data(
     _check_options(image_size, channels, upscale)
     if name == "digits":
         return _load_digits(seed, image_size, channels)
+    if name == "photos":
+        return _load_photos(seed, image_size, channels)
     if name in ("fashion_mnist", "mnist"):
         return _load_idx_set(name, path, download, image_size, channels)
     if name == "cifar10":
@@ -1019,8 +1043,9 @@ def default_split_sizes(name: str, data: ImageData) -> tuple[int, int, int]:
     """(n_train, n_test, n_reference) that data.n_train / n_test / n_reference: auto mean.
 
     digits: 300 test, 300 reference, the rest (1,197) train. An official test pool
-    (fashion_mnist, mnist, cifar10): all of train, half the test pool each for test and
-    reference. Otherwise (folder, file): k = max(1, min(1000, N // 5)) each, the rest train.
+    (fashion_mnist, mnist, cifar10) or a held-out one (photos: 4,000 / 500 / 500): all of train,
+    half the test pool each for test and reference. Otherwise (folder, file): k = max(1, min(1000,
+    N // 5)) each, the rest train.
     """
     n = len(data.train)
     if name == "digits" and len(data.test) == 0:
