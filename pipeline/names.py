@@ -6,7 +6,7 @@ The method names are the registry's (families.NAMES).
 
 # Data sets (pipeline.data): generated or analytic 2-D sets, image sets, and a user's file (points or images).
 POINT_SETS = ("swissroll", "moons", "checkerboard", "8gaussians", "gmm")
-IMAGE_SETS = ("digits", "fashion_mnist", "mnist", "cifar10", "folder")
+IMAGE_SETS = ("digits", "photos", "fashion_mnist", "mnist", "cifar10", "folder")
 DATA_SETS = (*POINT_SETS, "file", *IMAGE_SETS)
 # The 2-D sets with classes (pipeline.data.toy2d.toy_label_splits); every image set has labels.
 LABELLED_POINTS = ("moons", "8gaussians", "gmm")
@@ -27,6 +27,8 @@ PARAMETERIZATIONS = (*SCORE_PARAMETERIZATIONS, "kernel")
 
 # sample.task: controllable generation with one unconditional (or null-label) model.
 TASKS = ("generate", "inpaint", "interpolate", "edit")
-# sample.inpaint.method and .mask (pipeline.inpaint).
-INPAINT_METHODS = ("replace", "langevin", "repaint", "mcg")
+# sample.inpaint.method and .mask (pipeline.inpaint), sample.inverse.method and .operator (pipeline.inverse).
+INVERSE_METHODS = ("replace", "langevin", "repaint", "mcg", "dps")
+INPAINT_METHODS = INVERSE_METHODS
+OPERATORS = ("mask", "colorize", "downsample", "blur", "matrix")
 MASKS = ("box", "half", "random", "first")

@@ -16,7 +16,8 @@ import torch
 from scipy import stats
 
 from pipeline.gmm import GaussianMixture
-from pipeline.inpaint import METHODS, gmm_conditional, gmm_conditional_cdf, inpaint, make_mask, mcg, repaint_grid
+from pipeline.inpaint import (METHODS, Mask, gmm_conditional, gmm_conditional_cdf, inpaint, make_mask, mcg,
+                              repaint_grid)
 from pipeline.models import exact_score_fn
 from pipeline.parameterization import kernel_from_score
 from pipeline.processes import DiscreteVP, NoiseScaleProcess, VPSDE, linear_betas
@@ -158,9 +159,9 @@ SAMPLERS = {  # name: (process, sampler, model_kind, steps, options)
     "kernel": (CHAIN, "ancestral", "kernel", None, {}),
 }
 APPLIES = {"replace": list(SAMPLERS), "langevin": ["annealed_langevin"], "repaint": list(SAMPLERS),
-           "mcg": [s for s in SAMPLERS if s != "kernel"]}
+           "mcg": [s for s in SAMPLERS if s != "kernel"], "dps": [s for s in SAMPLERS if s != "kernel"]}
 CASES = [(m, s) for m in METHODS for s in APPLIES[m]]
-METHOD_OPTIONS = {"repaint": dict(jump=2, resamples=2), "mcg": dict(alpha=0.1)}
+METHOD_OPTIONS = {"repaint": dict(jump=2, resamples=2), "mcg": dict(alpha=0.1), "dps": dict(zeta=0.5)}
 
 
 def _fn(name):
@@ -196,7 +197,13 @@ def test_inpainting_contract(method, name, shape):
     assert a.x.shape == x_known.shape and a.x.dtype == torch.float64 and torch.isfinite(a.x).all()
     assert a.nfe == len(calls) >= 1
     known = mask.bool()
-    assert torch.equal(a.x[known], x_known[known])  # every method returns the known part itself
+    if method == "dps":  # no projection: the known part is only pulled toward x_known, closer than with no pull
+        process, sampler, kind, steps, options = SAMPLERS[name]
+        free = inpaint(sampler, kind, _fn(name), process, x_known, mask, SampleGenerators(11, range(7)), steps,
+                       {**BASE, **options}, method, zeta=0.0)
+        assert (a.x[known] - x_known[known]).abs().mean() < (free.x[known] - x_known[known]).abs().mean()
+    else:
+        assert torch.equal(a.x[known], x_known[known])  # every projecting method returns the known part itself
     assert not torch.equal(a.x[~known], x_known[~known])
     b = _inpaint(method, name, x_known, mask, SampleGenerators(11, range(7)))
     c = _inpaint(method, name, x_known, mask, SampleGenerators(12, range(7)))
@@ -260,7 +267,9 @@ def test_mcg_steps_down_the_gradient_of_the_known_residual_of_tweedies_x0_hat():
     x_known = g.sample(6, torch.Generator().manual_seed(0))
     x = torch.randn(6, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     t_cur = 0.4
-    out = mcg(lambda x, *a: x, x_known, mask, alpha=0.3)(x, t_cur, t_cur, fn, VP, torch.Generator().manual_seed(2))
+    operator = Mask(mask, x_known.shape)
+    out = mcg(lambda x, *a: x, operator, operator(x_known), alpha=0.3)(x, t_cur, t_cur, fn, VP,
+                                                                        torch.Generator().manual_seed(2))
 
     def sq(x):
         t = torch.full((6,), t_cur, dtype=torch.float64)
@@ -276,11 +285,12 @@ def test_mcg_steps_down_the_gradient_of_the_known_residual_of_tweedies_x0_hat():
 
 
 @pytest.mark.parametrize("method, sampler, kind, options, match", [
-    ("langevin", "pc", "score", {}, "annealed_langevin.*replace, repaint or mcg"),
-    ("langevin", "ancestral", "kernel", {}, "annealed_langevin.*replace, repaint or mcg"),
+    ("langevin", "pc", "score", {}, "annealed_langevin.*replace, repaint, mcg or dps"),
+    ("langevin", "ancestral", "kernel", {}, "annealed_langevin.*replace, repaint, mcg or dps"),
     ("replace", "ode", "score", dict(ode_method="rk45"), "euler or heun.*annealed_langevin, ancestral, ddim, pc"),
     ("mcg", "ancestral", "kernel", {}, "replace or repaint"),
-    ("outpaint", "pc", "score", {}, "allowed: replace, langevin, repaint, mcg"),
+    ("dps", "ancestral", "kernel", {}, "replace or repaint"),
+    ("outpaint", "pc", "score", {}, "allowed: replace, langevin, repaint, mcg, dps"),
 ])
 def test_combinations_that_make_no_sense_are_refused(method, sampler, kind, options, match):
     x_known, mask = _known((2,), 3)
