@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from benchmarks.methods import _fmt, _merge, run_variants, track_in_repo
-from stages.common import STAGE_BODIES
+from benchmarks.methods import _fmt, track_in_repo, train_and_sample
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS_ALL = ["replace", "repaint", "mcg"]
@@ -67,17 +63,12 @@ STUDIES: dict[str, list[tuple[str, dict, dict[str, dict]]]] = {
 
 def run_study(study: str, scratch: Path) -> list[dict[str, Any]]:
     """Every model of the study: all stages with its first variant, then sample and evaluate for the others."""
-    rows = []
-    for name, overrides, variants in STUDIES[study]:
-        base = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
-        work = scratch / study / name
-        work.mkdir(parents=True)
-        os.chdir(work)
-        for row in run_variants(name, base, variants, list(STAGE_BODIES)):
-            rows.append({"study": study, **row})
-            if study == "guidance":  # keep the figure's inputs
-                rows[-1]["w"] = variants[row["sampler"]]["guidance"]
-        os.chdir(REPO)
+    rows = [{"study": study, **row} for row in train_and_sample(STUDIES[study], scratch / study)]
+    if study == "guidance":  # keep the figure's inputs
+        weights = {variant: sample["guidance"] for _, _, variants in STUDIES[study]
+                   for variant, sample in variants.items()}
+        for row in rows:
+            row["w"] = weights[row["sampler"]]
     return rows
 
 

@@ -64,11 +64,23 @@ def _run_stages(names: list[str]) -> dict[str, float]:
 def run_model(name: str, scratch: Path) -> list[dict[str, Any]]:
     """Train one model, then sample and evaluate each of its variants; one result row per variant."""
     overrides, variants = MODELS[name]
-    base = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
-    work = scratch / name
-    work.mkdir(parents=True)
-    os.chdir(work)
-    return run_variants(name, base, variants, list(STAGE_BODIES))
+    return train_and_sample([(name, overrides, variants)], scratch)
+
+
+def train_and_sample(models: list[tuple[str, dict, dict[str, dict]]], scratch: Path) -> list[dict[str, Any]]:
+    """Each (name, overrides of params.yaml, {variant: sample overrides}) in its own folder under scratch: every
+    stage with its first variant, then sample, evaluate and report for the others; one row per variant."""
+    rows = []
+    for name, overrides, variants in models:
+        base = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
+        work = scratch / name
+        work.mkdir(parents=True)
+        os.chdir(work)
+        try:
+            rows += run_variants(name, base, variants, list(STAGE_BODIES))
+        finally:
+            os.chdir(REPO)
+    return rows
 
 
 def run_variants(name: str, base: dict, variants: dict[str, dict], first: list[str]) -> list[dict[str, Any]]:

@@ -18,8 +18,8 @@ import families
 from families import NAMES, OWNED_KEYS
 from pipeline.defaults import DATA_PATH as DEFAULT_DATA_PATH
 from pipeline.defaults import PHOTOS_CROP, PHOTOS_IMAGE_SIZE, POINT_SIZES
-from pipeline.names import (DATA_SETS, IMAGE_SETS, INPAINT_METHODS, LABELLED_POINTS, LOSSES, MASKS, PARAMETERIZATIONS,
-                            POINT_SETS, SAMPLERS, TARGETS, TASKS)
+from pipeline.names import (DATA_SETS, GREY_SETS, IMAGE_SETS, INPAINT_METHODS, LABELLED_POINTS, LOSSES, MASKS,
+                            OPERATORS, PARAMETERIZATIONS, POINT_SETS, SAMPLERS, TARGETS, TASKS)
 
 Auto = Literal["auto"]
 
@@ -266,6 +266,7 @@ class InpaintParams(_Section):
     mask: Literal[("auto", *MASKS)] = "auto"
     keep: float = Field(0.5, gt=0.0, lt=1.0)
     alpha: Union[Auto, float] = "auto"
+    zeta: Union[Auto, float] = "auto"
     jump: int = Field(10, ge=1)
     resamples: int = Field(10, ge=1)
 
@@ -275,12 +276,24 @@ class InpaintParams(_Section):
         chosen = [self.method] if isinstance(self.method, str) else list(self.method)
         return list(dict.fromkeys(chosen))
 
-    @field_validator("alpha")
+    @field_validator("alpha", "zeta")
     @classmethod
     def _non_negative(cls, v):
         if v != "auto" and v < 0:
             raise ValueError("must be 'auto' or >= 0")
         return v
+
+
+class InverseParams(InpaintParams):
+    """sample.task: inverse (pipeline.inverse): y = A x + noise n of the first sample.n test items, A the
+    `operator` (its keys: mask and keep; factor; width; matrix), solved by each method as inpainting is."""
+
+    operator: Literal[OPERATORS] = "mask"
+    factor: int = Field(2, ge=1)
+    width: float = Field(1.0, gt=0.0)
+    matrix: Optional[list[list[float]]] = None
+    noise: float = Field(0.0, ge=0.0)
+    seed: int = 0
 
 
 class InterpolateParams(_Section):
@@ -343,6 +356,7 @@ class SampleParams(_Section):
     task: Literal[TASKS] = "generate"
     direction: Literal["forward", "backward"] = "forward"
     inpaint: InpaintParams = Field(default_factory=InpaintParams)
+    inverse: InverseParams = Field(default_factory=InverseParams)
     interpolate: InterpolateParams = Field(default_factory=InterpolateParams)
     edit: EditParams = Field(default_factory=EditParams)
 
@@ -475,7 +489,7 @@ def _check_task(cfg: "Config", sampler: str) -> None:
     """sample.task and its keys: each task's keys only with it, masks that fit the data, samplers a task can wrap."""
     d, s = cfg.data, cfg.sample
     defaults = SampleParams()
-    for task in ("inpaint", "interpolate", "edit"):
+    for task in ("inpaint", "inverse", "interpolate", "edit"):
         if s.task != task and getattr(s, task) != getattr(defaults, task):
             raise ValueError(f"sample.{task}.* applies to sample.task: {task}; this run's task is {s.task} (set "
                              f"sample.task: {task} or leave sample.{task} at its defaults)")
@@ -487,25 +501,62 @@ def _check_task(cfg: "Config", sampler: str) -> None:
     if s.devices > 1:
         raise ValueError(f"sample.devices: {s.devices} shards sample.task: generate only; run sample.task: {s.task} "
                          "in one process")
-    if s.task in ("inpaint", "edit") and s.sampler == "ode" and s.ode_method == "rk45":
+    if s.task in ("inpaint", "inverse", "edit") and s.sampler == "ode" and s.ode_method == "rk45":
         # inpainting and editing wrap a step over a fixed grid, which SciPy's RK45 does not walk
         raise ValueError(f"sample.task: {s.task} wraps a step over a fixed grid, and the rk45 ODE solver picks its own "
                          "times: set sample.ode_method: euler or heun")
     n_test = d.n_test if d.n_test != "auto" else (POINT_SIZES if d.kind == "points" else None)
-    if s.task in ("inpaint", "edit") and s.n != "auto" and n_test is not None and s.n > n_test:
+    if s.task in ("inpaint", "inverse", "edit") and s.n != "auto" and n_test is not None and s.n > n_test:
         raise ValueError(f"sample.n ({s.n}) must be <= data.n_test ({n_test}): sample.task: {s.task} works on the "
                          "first sample.n held-out test items")
-    if s.task != "inpaint":
+    if s.task not in ("inpaint", "inverse"):
         return
-    p = s.inpaint
-    mask = p.mask
-    if d.kind == "points" and mask in ("box", "half"):
-        raise ValueError(f"sample.inpaint.mask: {mask} is for images; data.name: {d.name} is points (first or random)")
-    if d.kind == "images" and mask == "first":
-        raise ValueError("sample.inpaint.mask: first keeps coordinate 0 of points; images take box, half or random")
+    p, key = (s.inpaint, "sample.inpaint") if s.task == "inpaint" else (s.inverse, "sample.inverse")
+    if getattr(p, "operator", "mask") == "mask":
+        if d.kind == "points" and p.mask in ("box", "half"):
+            raise ValueError(f"{key}.mask: {p.mask} is for images; data.name: {d.name} is points (first or random)")
+        if d.kind == "images" and p.mask == "first":
+            raise ValueError(f"{key}.mask: first keeps coordinate 0 of points; images take box, half or random")
     if "langevin" in p.methods and sampler != "annealed_langevin":
-        raise ValueError("sample.inpaint.method langevin is Song & Ermon's Algorithm 2 around the annealed_langevin "
-                         f"sampler (NCSN's noise scales), not {sampler}; use replace, repaint or mcg")
+        raise ValueError(f"{key}.method langevin is Song & Ermon's Algorithm 2 around the annealed_langevin "
+                         f"sampler (NCSN's noise scales), not {sampler}; use replace, repaint, mcg or dps")
+    if s.task == "inverse":
+        _check_inverse(cfg, s.inverse)
+
+
+def _check_inverse(cfg: "Config", p: "InverseParams") -> None:
+    """sample.inverse: the operator's keys only with it, an operator of the data's kind that fits what is known of
+    its shape here (the sample stage checks the rest on the data), noise only for the methods that allow it."""
+    d, op = cfg.data, p.operator
+    keys = {"mask": ("mask", "keep"), "downsample": ("factor",), "blur": ("width",), "matrix": ("matrix",),
+            "colorize": ()}
+    fresh = InverseParams()
+    for other, owned in keys.items():
+        for k in owned:
+            if other != op and getattr(p, k) != getattr(fresh, k):
+                raise ValueError(f"sample.inverse.{k} applies to sample.inverse.operator: {other}; this run's operator "
+                                 f"is {op} (leave sample.inverse.{k} at its default)")
+    kind = {"colorize": "images", "downsample": "images", "blur": "images", "matrix": "points"}.get(op, d.kind)
+    if kind != d.kind:
+        raise ValueError(f"sample.inverse.operator: {op} measures {kind}; data.name: {d.name} is {d.kind} "
+                         f"(images take mask, colorize, downsample, blur; points mask, matrix)")
+    if op == "colorize" and (d.channels == 1 or (d.channels == "auto" and d.name in GREY_SETS)):
+        raise ValueError(f"sample.inverse.operator: colorize needs colour images; data.name: {d.name} is grey "
+                         "(data.channels 1); use e.g. data.name: photos")
+    if op == "downsample" and d.image_size is not None and d.image_size % p.factor:
+        raise ValueError(f"sample.inverse.factor ({p.factor}) must divide the image side data.image_size "
+                         f"({d.image_size})")
+    if op == "matrix":
+        if p.matrix is None or not p.matrix or any(len(row) != len(p.matrix[0]) for row in p.matrix):
+            raise ValueError("sample.inverse.operator: matrix needs sample.inverse.matrix, a K x D list of rows, e.g. "
+                             "[[1, 1]] on 2-D points (only the sum of the coordinates is seen)")
+        if d.name in POINT_SETS and len(p.matrix[0]) != 2:
+            raise ValueError(f"sample.inverse.matrix has rows of {len(p.matrix[0])} entries; data.name: {d.name} is "
+                             "2-D points: each row needs 2")
+    projecting = [m for m in p.methods if m in ("replace", "langevin", "repaint")]
+    if p.noise > 0 and projecting:
+        raise ValueError(f"sample.inverse.method {', '.join(projecting)} puts the measurement into x exactly, which "
+                         f"is wrong with sample.inverse.noise {p.noise}: use dps (or mcg)")
 
 
 _IMAGE_ONLY = (("download", False), ("image_size", None), ("upscale", False), ("channels", "auto"), ("scaling", "auto"),

@@ -195,3 +195,24 @@ MCG_ALPHA = {"points": 0.01, "images": 0.1}
 def mcg_alpha(setting: Any, data: Mapping[str, Any]) -> float:
     """sample.inpaint.alpha resolved per data kind (MCG_ALPHA)."""
     return float(_pick(setting, MCG_ALPHA[data["kind"]]))
+
+
+# DPS's step zeta (pipeline.inverse.dps) on 'auto'. Its normalised step zeta / ||r|| grad ||r||^2 keeps its length as
+# the residual shrinks, so the final |A x - y| oscillates at a level that grows with zeta: on the 2-D mixture oracle
+# (python -m benchmarks.inverse --only oracle: 500 PC steps, sigma_y 0.5, where an exact draw has |A x - y| 0.40)
+# zeta 0.05 gives 0.10 and KS 0.018, 0.2 gives 0.39 and KS 0.051, 1.0 gives 1.99 and KS 0.127. Images 0.5, the
+# middle of the DPS paper's 0.1-1.0 at 256 x 256, not tuned here.
+DPS_ZETA = {"points": 0.05, "images": 0.5}
+
+
+def dps_zeta(setting: Any, data: Mapping[str, Any]) -> float:
+    """sample.inverse.zeta (sample.inpaint.zeta) resolved per data kind (DPS_ZETA)."""
+    return float(_pick(setting, DPS_ZETA[data["kind"]]))
+
+
+def method_options(method: str, p: Any, data: Mapping[str, Any]) -> dict:
+    """The options of one inverse-problem method from sample.inpaint / sample.inverse: RePaint's jump and
+    resamples, MCG's alpha, DPS's zeta (resolved per data kind)."""
+    return {"repaint": lambda: {"jump": p.jump, "resamples": p.resamples},
+            "mcg": lambda: {"alpha": mcg_alpha(p.alpha, data)},
+            "dps": lambda: {"zeta": dps_zeta(p.zeta, data)}}.get(method, dict)()

@@ -75,6 +75,10 @@ class Operator:
         """x with its row-space component replaced by the one that A maps to y: x + A^+ (y - A x) (B, *D)."""
         return x + self.pinv(y - self(x))
 
+    def display(self, y: Tensor) -> Tensor:
+        """The measurement y (B, *K) shown as x (B, *D) is: A^+ y (a low-resolution image's pixels repeated)."""
+        return self.pinv(y)
+
     def describe(self) -> dict:
         """What the operator is, for samples.npz and the metrics (JSON-able)."""
         return {"operator": self.name}
@@ -128,6 +132,9 @@ class Colorize(Operator):
     def pinv(self, y: Tensor) -> Tensor:
         w = self._w(y)
         return w * y / (w ** 2).sum()
+
+    def display(self, y: Tensor) -> Tensor:
+        return y.expand(-1, len(self.weights), -1, -1)  # the grey image itself
 
     def describe(self) -> dict:
         return {"operator": self.name, "weights": list(self.weights), "rule": "ITU-R BT.601 luma"}
@@ -195,6 +202,9 @@ class Blur(Operator):
     def pinv(self, y: Tensor) -> Tensor:
         return self._apply(y, inverse=True)
 
+    def display(self, y: Tensor) -> Tensor:
+        return y  # the blurred image itself
+
     def describe(self) -> dict:
         return {"operator": self.name, "width": self.width, "cutoff": self.cutoff, "boundary": "periodic"}
 
@@ -234,6 +244,44 @@ class Matrix(Operator):
 
     def describe(self) -> dict:
         return {"operator": self.name, "matrix": self.matrix.tolist()}
+
+
+def operator_from(spec: Mapping[str, Any], shape: Sequence[int], mask: Optional[Tensor] = None,
+                  key: str = "sample.inverse") -> Operator:
+    """The operator `spec` names ({"operator": name, and its keys: factor, width, matrix, weights}; a describe()
+    round-trips) for items of `shape` (*D), the mask (n, *D) given for "mask". ValueError naming `key`.<field> when
+    it does not fit the data: colourisation of other than 3 channels, a factor that does not divide the image
+    side, a matrix whose width is not the number of features."""
+    shape = tuple(int(s) for s in shape)
+    name = spec["operator"]
+    if name == "mask":
+        if mask is None:
+            raise ValueError("the mask operator needs its mask")
+        return Mask(mask, (len(mask), *shape))
+    if name in ("colorize", "downsample", "blur") and len(shape) != 3:
+        raise ValueError(f"{key}.operator: {name} measures images (C, H, W); the data are points of shape {shape}")
+    if name == "colorize":
+        if shape[0] != 3:
+            raise ValueError(f"{key}.operator: colorize needs RGB images; the data have {shape[0]} channel(s)")
+        return Colorize(spec.get("weights", LUMA_BT601))
+    if name == "downsample":
+        factor = int(spec["factor"])
+        if shape[1] % factor or shape[2] % factor:
+            raise ValueError(f"{key}.factor ({factor}) must divide the image sides {shape[1]} x {shape[2]}")
+        return Downsample(factor)
+    if name == "blur":
+        return Blur(float(spec["width"]), float(spec.get("cutoff", BLUR_CUTOFF)))
+    if name == "matrix":
+        rows = spec.get("matrix")
+        features = math.prod(shape)
+        if not rows or len(rows[0]) != features:
+            raise ValueError(f"{key}.matrix needs rows of {features} entries (the data's features), got "
+                             f"{rows!r}")
+        try:
+            return Matrix(rows)
+        except ValueError as err:
+            raise ValueError(f"{key}.matrix: {err}") from None
+    raise ValueError(f"unknown {key}.operator {name!r}")
 
 
 def measure(operator: Operator, x: Tensor, noise: float, generator: rng.Generator) -> Tensor:

@@ -164,6 +164,12 @@ class DataKind:
         completions x (M, n, *D) and its nfe."""
         raise NotImplementedError
 
+    def inverse_figure(self, path: Path, known: np.ndarray, shown: np.ndarray, methods: Sequence[str], x: np.ndarray,
+                       nfes: Mapping[str, int], title: str) -> None:
+        """An inverse problem side by side: the originals known (n, *D), the measurements as the eye sees them
+        shown (n, *D) (grey, low-resolution, blurred), each method's solutions x (M, n, *D) and its nfe."""
+        raise NotImplementedError
+
     def interpolation_figure(self, path: Path, x: np.ndarray, alpha: np.ndarray, held_out: np.ndarray,
                              title: str) -> None:
         """Interpolation rows x (P, K, *D) at the K fractions alpha, over the held-out items (M, *D)."""
@@ -223,6 +229,42 @@ class DataKind:
             metrics[f"rmse_{name}"] = float(np.sqrt(np.mean(diff[hidden] ** 2)))  # over the generated entries only
         return metrics | self.inpaint_quality(x, mask, names, ev)
 
+    def model_span(self) -> float:
+        """How many model-space units make the kind's unit (points 1; images the pixel range in model space)."""
+        return 1.0
+
+    def inverse_metrics(self, x: np.ndarray, known: np.ndarray, y: np.ndarray, spec: Mapping[str, Any],
+                        mask: Optional[np.ndarray], names: Sequence[str], ev: Evaluation) -> dict:
+        """Per method, in the kind's unit: consistency_<m>, the RMS over the measured entries of A x - y per item
+        (0 for an exact projection onto a noiseless y, about the noise for a posterior draw), averaged, and
+        consistency_max_<m>, the largest |A x - y| of any entry of any item; rmse_<m>,
+        the RMS distance of x (M, n, *D) to the originals known (n, *D); then inverse_quality. The measurement's
+        noise in the same unit: measurement_noise."""
+        from pipeline.inverse import Mask, operator_from
+
+        op = operator_from(spec, self.shape, None if mask is None else torch.from_numpy(mask))
+        y_model = torch.from_numpy(y).to(torch.float64)
+        span = self.model_span()
+        metrics: dict = {"measurement_noise": float(spec.get("noise", 0.0)) / span}
+        for name, out in zip(names, x):
+            r = op(self.to_model(out).to(torch.float64)) - y_model
+            squares = r.pow(2).flatten(1)
+            if isinstance(op, Mask):  # the measured entries of a mask are its known ones
+                known_entries = op.known.expand(r.shape).flatten(1)
+                per_item = (squares * known_entries).sum(1) / known_entries.sum(1)
+                largest = (r.abs().flatten(1) * known_entries).max()
+            else:
+                per_item, largest = squares.mean(1), r.abs().max()
+            metrics[f"consistency_{name}"] = float(per_item.sqrt().mean()) / span
+            metrics[f"consistency_max_{name}"] = float(largest) / span
+            metrics[f"rmse_{name}"] = float(rms(out, known, self.unit).mean())
+        return metrics | self.inverse_quality(x, y_model, op, spec, names, ev)
+
+    def inverse_quality(self, x: np.ndarray, y: torch.Tensor, op: Any, spec: Mapping[str, Any],
+                        names: Sequence[str], ev: Evaluation) -> dict:
+        """The kind's own metrics of each named inverse-problem solution set x (M, n, *D); draws the figure."""
+        raise NotImplementedError
+
     def edit_metrics(self, x: np.ndarray, inputs: np.ndarray, times: Sequence[float], ev: Evaluation) -> dict:
         """Per t0 of times: the mean RMS distance of the edits x (T, n, *D) from their inputs (n, *D), then
         edit_quality; a figure of each against t0."""
@@ -272,6 +314,11 @@ class Points(DataKind):
                        nfes: Mapping[str, int], title: str) -> None:
         plots.point_panels(path, [(f"{name} (nfe {nfes[name]})", xm) for name, xm in zip(methods, x)], known,
                            f"{title}: completions (orange) over the held-out items (grey)")
+
+    def inverse_figure(self, path: Path, known: np.ndarray, shown: np.ndarray, methods: Sequence[str], x: np.ndarray,
+                       nfes: Mapping[str, int], title: str) -> None:
+        plots.point_panels(path, [(f"{name} (nfe {nfes[name]})", xm) for name, xm in zip(methods, x)], known,
+                           f"{title}: solutions (orange) over the held-out items (grey)")
 
     def interpolation_figure(self, path: Path, x: np.ndarray, alpha: np.ndarray, held_out: np.ndarray,
                              title: str) -> None:
@@ -336,7 +383,6 @@ class Points(DataKind):
         from scipy import stats
 
         from pipeline.inpaint import gmm_conditional_cdf
-        from pipeline.metrics.pointcloud import chamfer_clouds
 
         if ev.mixture is not None and (mask == mask[:1]).all() and int((mask[0] == 0).sum()) == 1:
             pits = {name: gmm_conditional_cdf(ev.mixture, torch.from_numpy(out.astype(np.float64)),
@@ -347,10 +393,39 @@ class Points(DataKind):
             plots.pit_histograms(ev.figure, pits, {name: found[f"ks_{name}"] for name in names},
                                  "PIT of the generated coordinate under the exact conditional (flat = exact)")
             return found
+        return self.cloud_quality(x, names, ev)
+
+    def cloud_quality(self, x: np.ndarray, names: Sequence[str], ev: Evaluation) -> dict:
+        """The chamfer distance of each named output set x (M, n, D) to the reference split; the figure: its bars."""
+        from pipeline.metrics.pointcloud import chamfer_clouds
+
         reference = ev.files["reference"].astype(np.float64)
         found = {f"cd_{name}": chamfer_clouds(out.astype(np.float64), reference[: len(out)], ev.settings.cloud_size)
                  for name, out in zip(names, x)}
         plots.metric_bars(ev.figure, {name: found[f"cd_{name}"] for name in names}, {})
+        return found
+
+    def inverse_quality(self, x: np.ndarray, y: torch.Tensor, op: Any, spec: Mapping[str, Any],
+                        names: Sequence[str], ev: Evaluation) -> dict:
+        """With the exact mixture and a matrix with a null space: the Kolmogorov-Smirnov statistic of the
+        probability-integral transform of each solution's coordinate along the null space under the exact
+        posterior (pipeline.inverse.gmm_posterior_cdf; 0 for an exact solver) and the 5 % critical value; a mask
+        is judged as inpainting is; otherwise the chamfer distance to the reference split."""
+        from scipy import stats
+
+        from pipeline.inverse import Mask, Matrix, gmm_posterior_cdf
+
+        if isinstance(op, Mask):
+            return self.inpaint_quality(x, op.mask.numpy(), names, ev)
+        if ev.mixture is None or not isinstance(op, Matrix) or op.matrix.shape[0] >= op.matrix.shape[1]:
+            return self.cloud_quality(x, names, ev)
+        direction, noise = op.null_direction(), float(spec.get("noise", 0.0))
+        pits = {name: gmm_posterior_cdf(ev.mixture, op.matrix, y, noise, torch.from_numpy(out.astype(np.float64)),
+                                        direction).numpy() for name, out in zip(names, x)}
+        found = {f"ks_{name}": float(stats.kstest(u, "uniform").statistic) for name, u in pits.items()}
+        found["ks_critical"] = float(stats.kstwo.ppf(1.0 - 0.05, len(x[0])))
+        plots.pit_histograms(ev.figure, pits, {name: found[f"ks_{name}"] for name in names},
+                             "PIT along the unmeasured direction under the exact posterior (flat = exact)")
         return found
 
 
@@ -403,8 +478,13 @@ class Images(DataKind):
                        nfes: Mapping[str, int], title: str) -> None:
         shown = slice(0, SIDE_BY_SIDE)
         hidden = np.where(mask[shown] != 0, known[shown], HIDDEN_PIXEL).astype(np.uint8)
-        plots.image_columns(path, [("original", known[shown]), ("input", hidden)]
-                            + [(name, xm[shown]) for name, xm in zip(methods, x)], title)
+        self.inverse_figure(path, known, hidden, methods, x, nfes, title)
+
+    def inverse_figure(self, path: Path, known: np.ndarray, shown: np.ndarray, methods: Sequence[str], x: np.ndarray,
+                       nfes: Mapping[str, int], title: str) -> None:
+        rows = slice(0, SIDE_BY_SIDE)
+        plots.image_columns(path, [("original", known[rows]), ("measurement", shown[rows])]
+                            + [(name, xm[rows]) for name, xm in zip(methods, x)], title)
 
     def interpolation_figure(self, path: Path, x: np.ndarray, alpha: np.ndarray, held_out: np.ndarray,
                              title: str) -> None:
@@ -549,6 +629,25 @@ class Images(DataKind):
     def edit_quality(self, x: np.ndarray, names: Sequence[str], ev: Evaluation) -> tuple[dict, dict]:
         found = self.output_metrics(x, names, ev)
         return found, {"FID (against the reference split)": [found[f"fid_{name}"] for name in names]}
+
+    def model_span(self) -> float:
+        low, high = self.value_range()
+        return high - low
+
+    def inverse_quality(self, x: np.ndarray, y: torch.Tensor, op: Any, spec: Mapping[str, Any],
+                        names: Sequence[str], ev: Evaluation) -> dict:
+        """output_metrics of each method's solutions, and for colourisation the colourfulness (Hasler &
+        Süsstrunk 2003) of each and of the reference split's first n images, so that grey-looking outputs show;
+        the figure: each FID next to its floor."""
+        from pipeline.metrics.images import colourfulness
+
+        found = self.output_metrics(x, names, ev)
+        if spec["operator"] == "colorize":
+            found["colourfulness_reference"] = float(colourfulness(ev.files["reference"][: x.shape[1]]).mean())
+            found |= {f"colourfulness_{name}": float(colourfulness(out).mean()) for name, out in zip(names, x)}
+        plots.metric_bars(ev.figure, {name: found[f"fid_{name}"] for name in names},
+                          {name: found["fid_floor"] for name in names})
+        return found
 
 
 KINDS: dict[str, type[DataKind]] = {"points": Points, "images": Images}

@@ -8,6 +8,8 @@ The method names are the registry's (families.NAMES).
 POINT_SETS = ("swissroll", "moons", "checkerboard", "8gaussians", "gmm")
 IMAGE_SETS = ("digits", "photos", "fashion_mnist", "mnist", "cifar10", "folder")
 DATA_SETS = (*POINT_SETS, "file", *IMAGE_SETS)
+# The image sets stored with one channel (their data.channels: auto is 1).
+GREY_SETS = ("digits", "fashion_mnist", "mnist")
 # The 2-D sets with classes (pipeline.data.toy2d.toy_label_splits); every image set has labels.
 LABELLED_POINTS = ("moons", "8gaussians", "gmm")
 # A Schrödinger bridge's other end (data.target): a 2-D set, N(0, I) or a file of points.
@@ -26,7 +28,7 @@ SCORE_PARAMETERIZATIONS = ("score", "score_over_sigma", "eps", "x0", "drift")
 PARAMETERIZATIONS = (*SCORE_PARAMETERIZATIONS, "kernel")
 
 # sample.task: controllable generation with one unconditional (or null-label) model.
-TASKS = ("generate", "inpaint", "interpolate", "edit")
+TASKS = ("generate", "inpaint", "inverse", "interpolate", "edit")
 # sample.inpaint.method and .mask (pipeline.inpaint), sample.inverse.method and .operator (pipeline.inverse).
 INVERSE_METHODS = ("replace", "langevin", "repaint", "mcg", "dps")
 INPAINT_METHODS = INVERSE_METHODS

@@ -8,6 +8,7 @@ outputs; the likelihoods of the method (eval.likelihood)."""
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 import numpy as np
@@ -36,6 +37,8 @@ TASK_METRICS: dict[str, Callable[[DataKind, dict, Evaluation], dict]] = {
     "generate": lambda data, s, ev: data.generated_metrics(s["x"], s.get("y"), ev) | data.memorisation(s["x"], ev),
     "inpaint": lambda data, s, ev: data.inpaint_metrics(s["x"], s["x_known"], s["mask"],
                                                         [str(m) for m in s["methods"]], ev),
+    "inverse": lambda data, s, ev: data.inverse_metrics(s["x"], s["x_known"], s["y"], json.loads(str(s["operator"])),
+                                                        s.get("mask"), [str(m) for m in s["methods"]], ev),
     "edit": lambda data, s, ev: data.edit_metrics(s["x"], s["x_known"], [float(t) for t in s["t0"]], ev),
     "interpolate": lambda data, s, ev: data.interpolate_metrics(s["x"], s["scheme"], ev)}
 

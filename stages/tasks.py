@@ -1,8 +1,9 @@
-"""The sample stage's tasks other than generate (sample.task): inpaint, interpolate and edit (SDEdit), each on the
-model and sampler the stage loaded, one process."""
+"""The sample stage's tasks other than generate (sample.task): inverse (inpaint its mask case), interpolate and edit
+(SDEdit), each on the model and sampler the stage loaded, one process."""
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 import numpy as np
@@ -11,43 +12,65 @@ import torch
 from pipeline import defaults, io
 from pipeline.config import Config
 from pipeline.edit import sdedit
-from pipeline.inpaint import inpaint, make_mask
+from pipeline.inpaint import make_mask
+from pipeline.inverse import measure, operator_from, solve
 from pipeline.interpolate import auto_scheme, interpolate
+from pipeline.rng import SampleGenerators
 from pipeline.tracking import StageRun
 from stages.common import SAMPLE_METRICS, SAMPLES, SAMPLES_PLOT, TEST, TRAJECTORY_PLOT
 from stages.sampling import TRAJECTORY_FRAMES, Loaded, batched, check_finite, held_out, log_sample
 
-def inpaint_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
-    """sample.task: inpaint: the first sample.n test items with the mask's hidden part generated, by every method of
-    sample.inpaint.method on the same items and noise seeds. samples.npz: x (M, n, *D), methods (M,), x_known and
-    mask (n, *D), 1 where known."""
-    s, p = cfg.sample, cfg.sample.inpaint
+def inverse_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
+    """sample.task: inverse or inpaint: the first sample.n test items measured, y = A x + noise n (sample.inverse;
+    inpaint: the mask of sample.inpaint, noiseless), and x drawn given y by every method of sample.<task>.method on
+    the same items and noise seeds. samples.npz: x (M, n, *D), methods (M,), x_known (n, *D) the originals, y
+    (n, *K) the measurements in model space, operator (its description, JSON), mask (n, *D) for the mask operator."""
+    s = cfg.sample
+    p = s.inverse if s.task == "inverse" else s.inpaint
+    key = f"sample.{s.task}"
     n, batch_size = defaults.sample_sizes(s.n, s.batch_size, cfg.eval.fid_n, m.info)
     known = held_out(n)
     x_known = m.to_model(known)
-    kind = defaults.inpaint_mask(p.mask, m.info)
-    # one draw for all n items (a random mask's row i does not depend on the batching)
-    mask = make_mask(kind, (n, *m.shape), torch.Generator().manual_seed(s.seed), p.keep, device=m.device,
-                     dtype=x_known.dtype)
+    spec = {"operator": "mask", "noise": 0.0, "seed": 0} | (p.model_dump() if s.task == "inverse" else {})
+    mask, kind = None, None
+    if spec["operator"] == "mask":
+        kind = defaults.inpaint_mask(p.mask, m.info)
+        # one draw for all n items (a random mask's row i does not depend on the batching)
+        mask = make_mask(kind, (n, *m.shape), torch.Generator().manual_seed(s.seed), p.keep, device=m.device,
+                         dtype=x_known.dtype)
+    operator = operator_from(spec, m.shape, mask, key)
+    # the measurement noise of item i from its own generator: y does not depend on n or the batching
+    y = measure(operator, x_known, spec["noise"], SampleGenerators(spec["seed"], range(n)))
     results, nfes, trajectory = [], {}, []
     for method in p.methods:
-        options = {"repaint": {"jump": p.jump, "resamples": p.resamples},
-                   "mcg": {"alpha": defaults.mcg_alpha(p.alpha, m.info)}}.get(method, {})
-        chunks, nfes[method], traj = batched(m, n, batch_size, s.seed, lambda rows, gens, record: inpaint(
-            m.sampler, m.model_kind, m.score(m.fn), m.process, x_known[rows], mask[rows], gens, m.steps, m.options,
-            method, progress=True, record=record, **options))
+        options = defaults.method_options(method, p, m.info)
+
+        def body(rows, gens, record, method=method, options=options):
+            part = operator_from(spec, m.shape, None if mask is None else mask[rows], key)
+            return solve(m.sampler, m.model_kind, m.score(m.fn), m.process, part, y[rows],
+                         (rows.stop - rows.start, *m.shape), gens, m.steps, m.options, method, noise=spec["noise"],
+                         progress=True, record=record, device=m.device, dtype=x_known.dtype, **options)
+
+        chunks, nfes[method], traj = batched(m, n, batch_size, s.seed, body)
         results.append(np.concatenate(chunks))
         trajectory = trajectory or traj
     x = np.stack(results)
-    mask_out = mask.to(torch.uint8).cpu().numpy()
-    io.save_npz(SAMPLES, x=x, methods=np.array(p.methods), x_known=known, mask=mask_out)
+    described = operator.describe() | ({"mask": kind} if kind else {}) | {"noise": spec["noise"]}
+    mask_out = {} if mask is None else {"mask": mask.to(torch.uint8).cpu().numpy()}
+    io.save_npz(SAMPLES, x=x, methods=np.array(p.methods), x_known=known, y=y.cpu().numpy().astype(np.float32),
+                operator=np.array(json.dumps(described)), **mask_out)
     nfe = max(nfes.values())
-    io.write_json(SAMPLE_METRICS, {"nfe": nfe, "n": n, "task": "inpaint", "mask": kind,
+    io.write_json(SAMPLE_METRICS, {"nfe": nfe, "n": n, "task": s.task, **described,
                                    **{f"nfe_{k}": v for k, v in nfes.items()}})
-    title = f"{cfg.method.name}: {m.sampler}, {kind} mask, inpainting"
-    m.data.inpaint_figure(SAMPLES_PLOT, known, mask_out, p.methods, x, nfes, title)
+    what = f"{kind} mask" if kind else spec["operator"]
+    title = f"{cfg.method.name}: {m.sampler}, {what}" + (f", noise {spec['noise']:g}" if spec["noise"] else "")
+    if mask is not None:
+        m.data.inpaint_figure(SAMPLES_PLOT, known, mask_out["mask"], p.methods, x, nfes, title)
+    else:
+        shown = m.data.to_output(operator.display(y))
+        m.data.inverse_figure(SAMPLES_PLOT, known, shown, p.methods, x, nfes, title)
     m.data.trajectory_figure(TRAJECTORY_PLOT, trajectory, f"{title} ({p.methods[0]})")
-    log_sample(cfg, run, m, {"n": n, "batch_size": batch_size, "mask": kind}, nfe)
+    log_sample(cfg, run, m, {"n": n, "batch_size": batch_size, "operator": what}, nfe)
 
 
 def interpolate_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
@@ -98,4 +121,4 @@ def edit_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
 
 
 TASKS: dict[str, Callable[[Config, StageRun, Loaded], None]] = {
-    "inpaint": inpaint_stage, "interpolate": interpolate_stage, "edit": edit_stage}
+    "inpaint": inverse_stage, "inverse": inverse_stage, "interpolate": interpolate_stage, "edit": edit_stage}

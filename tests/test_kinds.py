@@ -118,11 +118,13 @@ def test_every_figure_writes_a_png(kind, tmp_path):
     outputs = np.stack([_items(kind, B, 7), _items(kind, B, 8)])  # (M, n, *D)
     kind.inpaint_figure(tmp_path / "inpaint.png", x, mask, ["replace", "repaint"], outputs,
                         {"replace": 10, "repaint": 30}, "inpainting")
+    kind.inverse_figure(tmp_path / "inverse.png", x, _items(kind, B, 10), ["replace", "dps"], outputs,
+                        {"replace": 10, "dps": 20}, "inverse problem")
     kind.edit_figure(tmp_path / "edit.png", x, [0.5, 1.0], outputs, "SDEdit")
     rows = _items(kind, 3 * 4, 9).reshape(3, 4, *x.shape[1:])  # (P, K, *D)
     kind.interpolation_figure(tmp_path / "interpolation.png", rows, np.linspace(0, 1, 4), held_out, "interpolation")
     kind.neighbours_figure(tmp_path / "neighbours.png", x[:3], held_out, "sample")
-    for name in ("samples", "trajectory", "inpaint", "edit", "interpolation", "neighbours"):
+    for name in ("samples", "trajectory", "inpaint", "inverse", "edit", "interpolation", "neighbours"):
         _png(tmp_path / f"{name}.png")
 
 

@@ -80,6 +80,23 @@ def test_image_tasks_through_the_stages(digits_model):
         assert np.isfinite(metrics[f"fid_{method}"]) and 0 < metrics[f"rmse_{method}"] < 1, method
     assert "Inpainting side by side" in Path("reports/report.md").read_text()
 
+    # super-resolution x2 (8x8 -> 4x4 means): replace ends on the measurement, up to the pixel quantisation where no
+    # pixel of a block was clipped to the range (this 4-step model's outputs spread far outside it)
+    _stages(_deep_merge(base, {"sample": {"task": "inverse", "inverse": {"operator": "downsample", "factor": 2,
+                                                                         "method": ["replace", "dps"]}}}), after)
+    out = np.load("outputs/samples.npz")
+    assert out["x"].shape == (2, 20, 1, 8, 8) and out["y"].shape == (20, 1, 4, 4) and "mask" not in out
+    assert json.loads(str(out["operator"])) == {"operator": "downsample", "factor": 2, "noise": 0.0}
+    blocks = lambda v: v.astype(float).reshape(20, 1, 4, 2, 4, 2)  # noqa: E731
+    inside = ((blocks(out["x"][0]) > 0) & (blocks(out["x"][0]) < 255)).all((3, 5))
+    error = np.abs(blocks(out["x"][0]).mean((3, 5)) - blocks(test).mean((3, 5)))
+    assert inside.sum() > 40 and error[inside].max() <= 1.0  # a grey level
+    metrics = json.loads(Path("metrics/evaluate.json").read_text())
+    assert metrics["consistency_replace"] < metrics["consistency_dps"]
+    for method in ("replace", "dps"):
+        assert np.isfinite(metrics[f"fid_{method}"]) and 0 < metrics[f"rmse_{method}"] < 1, method
+    assert "Inverse problem side by side" in Path("reports/report.md").read_text()
+
     _stages(_deep_merge(base, {"sample": {"task": "interpolate", "sampler": "ddim", "steps": 10,
                                           "interpolate": {"pairs": 3, "frames": 5}}}), after)
     out = np.load("outputs/samples.npz")
@@ -115,3 +132,39 @@ def test_point_interpolation_endpoints_are_the_plain_samples(workdir):
     _stages(params, ["sample"])
     plain = np.load("outputs/samples.npz")["x"][:8]
     np.testing.assert_allclose(x[:, [0, -1]].reshape(8, 2), plain, rtol=0, atol=1e-5)
+
+
+# test_inverse.py's mixture: x_0 + x_1 tells the components apart, and they differ along x_0 - x_1
+GMM_SUM = {"data": {"name": "gmm", "gmm": {"weights": [0.4, 0.6], "means": [[3.0, -1.0], [-3.0, -1.0]],
+                                           "covs": [[[1.0, 0.5], [0.5, 1.0]], [[0.5, 0.0], [0.0, 1.0]]]}},
+           "method": {"name": "exact_score", "sde": "vp"}}
+
+
+def test_inverse_gmm_exact_score_through_the_stages(workdir):
+    """Oracle through the stages: exact score, A = [[1, 1]] on 1,000 test points, replace (noiseless) and, with
+    sample.inverse.noise 0.5, dps: samples.npz's contract, replace's A x = y to float32 precision, and the PIT
+    along A's null space near uniform under the exact posterior (KS < 0.08 at n = 600, where the 5 % critical
+    value is 0.055; test_inverse.py holds the 5 % bar at n = 2,000 in the library)."""
+    inverse = {"operator": "matrix", "matrix": [[1.0, 1.0]]}
+    params = _deep_merge(TINY, _deep_merge(GMM_SUM, {
+        "data": {"n_test": 600}, "sample": {"task": "inverse", "n": 600, "batch_size": 300, "sampler": "pc",
+                                            "steps": 150, "inverse": inverse}}))
+    _stages(params)
+    out = np.load("outputs/samples.npz")
+    test = np.load("data/test.npy")[:600]
+    assert out["x"].shape == (1, 600, 2) and out["methods"].tolist() == ["replace"]
+    assert (out["x_known"] == test).all() and out["y"].shape == (600, 1)
+    np.testing.assert_allclose(out["y"][:, 0], test.sum(1), rtol=1e-6)
+    assert json.loads(str(out["operator"])) == {"operator": "matrix", "matrix": [[1.0, 1.0]], "noise": 0.0}
+    np.testing.assert_allclose(out["x"][0].sum(1), test.sum(1), atol=1e-5)  # the measurement, exactly
+    metrics = json.loads(Path("metrics/evaluate.json").read_text())
+    assert metrics["consistency_replace"] < 1e-5 and metrics["measurement_noise"] == 0.0
+    assert metrics["ks_replace"] < 0.08 and 0 < metrics["rmse_replace"]
+    assert "Inverse problem side by side" in Path("reports/report.md").read_text()
+
+    _stages(_deep_merge(params, {"sample": {"inverse": {"method": "dps", "noise": 0.5}}}), ("sample", "evaluate"))
+    out = np.load("outputs/samples.npz")
+    assert (out["y"][:, 0] - test.sum(1)).std() == pytest.approx(0.5, rel=0.1)  # the measurement's noise
+    metrics = json.loads(Path("metrics/evaluate.json").read_text())
+    assert metrics["measurement_noise"] == 0.5 and 0.05 < metrics["consistency_dps"] < 1.0
+    print(f"\ndps, noise 0.5: KS {metrics['ks_dps']:.4f} (5 % critical {metrics['ks_critical']:.4f})")

@@ -77,3 +77,15 @@ def nearest_training(samples: np.ndarray, train: np.ndarray, k: int = 8, block: 
         keep = torch.topk(best_d, min(k, best_d.shape[1]), largest=False, sorted=True).indices
         best_d, best_i = best_d.gather(1, keep), best_i.gather(1, keep)
     return best_i.numpy()
+
+
+def colourfulness(images: np.ndarray) -> np.ndarray:
+    """The colourfulness M of each RGB image (N, 3, H, W) uint8 (Hasler & Süsstrunk 2003, eq. 3 with their
+    opponent channels rg = R - G, yb = (R + G) / 2 - B, in pixel levels): sqrt(s_rg^2 + s_yb^2) +
+    0.3 sqrt(m_rg^2 + m_yb^2), s and m each channel's standard deviation and mean over the image; 0 for grey. (N,)"""
+    x = np.asarray(images, np.float64)
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"colourfulness needs RGB images (N, 3, H, W), got shape {x.shape}")
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    rg, yb = (r - g).reshape(len(x), -1), (0.5 * (r + g) - b).reshape(len(x), -1)
+    return np.hypot(rg.std(1), yb.std(1)) + 0.3 * np.hypot(rg.mean(1), yb.mean(1))
