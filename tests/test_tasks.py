@@ -141,30 +141,26 @@ GMM_SUM = {"data": {"name": "gmm", "gmm": {"weights": [0.4, 0.6], "means": [[3.0
 
 
 def test_inverse_gmm_exact_score_through_the_stages(workdir):
-    """Oracle through the stages: exact score, A = [[1, 1]] on 1,000 test points, replace (noiseless) and, with
-    sample.inverse.noise 0.5, dps: samples.npz's contract, replace's A x = y to float32 precision, and the PIT
-    along A's null space near uniform under the exact posterior (KS < 0.08 at n = 600, where the 5 % critical
-    value is 0.055; test_inverse.py holds the 5 % bar at n = 2,000 in the library)."""
-    inverse = {"operator": "matrix", "matrix": [[1.0, 1.0]]}
+    """Oracle through the stages: exact score, A = [[1, 1]] on 600 test points, sample.inverse.noise 0.5 with MCG
+    and DPS side by side: samples.npz's contract, the measurement's noise (item i's own generator), MCG's
+    projection ending on the noisy y to float32 precision, DPS near it, and the PIT along A's null space near
+    uniform under the exact posterior (KS < 0.08 at n = 600, where the 5 % critical value is 0.055;
+    test_inverse.py holds the 5 % bar at n = 2,000 in the library, noiseless replace included)."""
+    inverse = {"operator": "matrix", "matrix": [[1.0, 1.0]], "noise": 0.5, "method": ["mcg", "dps"]}
     params = _deep_merge(TINY, _deep_merge(GMM_SUM, {
         "data": {"n_test": 600}, "sample": {"task": "inverse", "n": 600, "batch_size": 300, "sampler": "pc",
                                             "steps": 150, "inverse": inverse}}))
     _stages(params)
     out = np.load("outputs/samples.npz")
     test = np.load("data/test.npy")[:600]
-    assert out["x"].shape == (1, 600, 2) and out["methods"].tolist() == ["replace"]
+    assert out["x"].shape == (2, 600, 2) and out["methods"].tolist() == ["mcg", "dps"]
     assert (out["x_known"] == test).all() and out["y"].shape == (600, 1)
-    np.testing.assert_allclose(out["y"][:, 0], test.sum(1), rtol=1e-6)
-    assert json.loads(str(out["operator"])) == {"operator": "matrix", "matrix": [[1.0, 1.0]], "noise": 0.0}
-    np.testing.assert_allclose(out["x"][0].sum(1), test.sum(1), atol=1e-5)  # the measurement, exactly
-    metrics = json.loads(Path("metrics/evaluate.json").read_text())
-    assert metrics["consistency_replace"] < 1e-5 and metrics["measurement_noise"] == 0.0
-    assert metrics["ks_replace"] < 0.08 and 0 < metrics["rmse_replace"]
-    assert "Inverse problem side by side" in Path("reports/report.md").read_text()
-
-    _stages(_deep_merge(params, {"sample": {"inverse": {"method": "dps", "noise": 0.5}}}), ("sample", "evaluate"))
-    out = np.load("outputs/samples.npz")
     assert (out["y"][:, 0] - test.sum(1)).std() == pytest.approx(0.5, rel=0.1)  # the measurement's noise
+    assert json.loads(str(out["operator"])) == {"operator": "matrix", "matrix": [[1.0, 1.0]], "noise": 0.5}
+    np.testing.assert_allclose(out["x"][0].sum(1), out["y"][:, 0], atol=1e-5)  # MCG projects onto y
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
-    assert metrics["measurement_noise"] == 0.5 and 0.05 < metrics["consistency_dps"] < 1.0
-    print(f"\ndps, noise 0.5: KS {metrics['ks_dps']:.4f} (5 % critical {metrics['ks_critical']:.4f})")
+    assert metrics["consistency_mcg"] < 1e-5 and metrics["measurement_noise"] == 0.5
+    assert 0.05 < metrics["consistency_dps"] < 1.0
+    for method in ("mcg", "dps"):
+        assert metrics[f"ks_{method}"] < 0.08 and 0 < metrics[f"rmse_{method}"], method
+    assert "Inverse problem side by side" in Path("reports/report.md").read_text()
