@@ -159,7 +159,8 @@ SAMPLERS = {  # name: (process, sampler, model_kind, steps, options)
     "kernel": (CHAIN, "ancestral", "kernel", None, {}),
 }
 APPLIES = {"replace": list(SAMPLERS), "langevin": ["annealed_langevin"], "repaint": list(SAMPLERS),
-           "mcg": [s for s in SAMPLERS if s != "kernel"], "dps": [s for s in SAMPLERS if s != "kernel"]}
+           "mcg": [s for s in SAMPLERS if s != "kernel"],
+           "dps": ["ancestral", "pc"]}  # mcg's gradient step without its projection: mcg's cases cover the samplers
 CASES = [(m, s) for m in METHODS for s in APPLIES[m]]
 METHOD_OPTIONS = {"repaint": dict(jump=2, resamples=2), "mcg": dict(alpha=0.1), "dps": dict(zeta=0.5)}
 
