@@ -15,13 +15,14 @@ from torch import Tensor
 
 from pipeline import rng
 from pipeline.gmm import GaussianMixture
-from pipeline.inverse import METHODS, REPAINT_JUMP, REPAINT_RESAMPLES, Mask, mcg, repaint_grid, solve
+from pipeline.inverse import (METHODS, REPAINT_JUMP, REPAINT_RESAMPLES, Mask, Operator, mcg, operator_from,
+                              repaint_grid, solve)
 from pipeline.names import MASKS
 from pipeline.processes import Process
 from pipeline.samplers.walk import SampleResult
 
 __all__ = ["METHODS", "REPAINT_JUMP", "REPAINT_RESAMPLES", "Mask", "gmm_conditional", "gmm_conditional_cdf",
-           "inpaint", "make_mask", "mcg", "repaint_grid"]
+           "inpaint", "make_mask", "mcg", "repaint_grid", "task_operator"]
 # MCG's step alpha has no default: the step alpha / ||r|| grad ||r||^2 has a length set by alpha alone, so its effect
 # grows with the number of steps and shrinks with the dimension. The MCG code (scale 1 on grad ||r||) is alpha = 0.5
 # on 256 x 256 images; on the 2-D mixture oracle (tests/test_inpaint.py) with 500 PC steps 0.01 shows no bias at
@@ -80,6 +81,21 @@ def make_mask(kind: str, shape: Sequence[int], generator: rng.Generator = None, 
     mask = (scores.argsort(1).argsort(1) < round(keep * n)).to(dtype).reshape(-1, *((1,) if images else ()), *cells)
     mask = mask.expand(mask.shape[0], *shape[1 if batched else 0:]) if batched else mask[0].expand(shape)
     return mask.contiguous().to(device)
+
+
+# --------------------------------------------------------------------------- the measurement of a task
+
+
+def task_operator(spec: Mapping[str, Any], shape: Sequence[int], n: int, generator: rng.Generator = None, *,
+                  device=None, dtype: Optional[torch.dtype] = None, key: str = "sample.inverse") -> Operator:
+    """The operator of sample.task inverse or inpaint for n items of `shape` (*D): spec holds its name
+    (`operator`) and keys (pipeline.inverse.operator_from); the mask operator draws its mask of kind spec["mask"]
+    (keeping spec["keep"]) once for all n items from `generator`, so a random mask's row i does not depend on the
+    batching."""
+    if spec["operator"] != "mask":
+        return operator_from(spec, shape, key=key)
+    mask = make_mask(spec["mask"], (n, *shape), generator, spec["keep"], device=device, dtype=dtype)
+    return Mask(mask, (n, *shape), spec["mask"])
 
 
 # --------------------------------------------------------------------------- the inpainting sampler

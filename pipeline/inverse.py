@@ -75,9 +75,18 @@ class Operator:
         """x with its row-space component replaced by the one that A maps to y: x + A^+ (y - A x) (B, *D)."""
         return x + self.pinv(y - self(x))
 
-    def display(self, y: Tensor) -> Tensor:
-        """The measurement y (B, *K) shown as x (B, *D) is: A^+ y (a low-resolution image's pixels repeated)."""
+    def display(self, y: Tensor, fill: float = 0.0) -> Tensor:
+        """The measurement y (B, *K) shown as x (B, *D) is: A^+ y (a low-resolution image's pixels repeated);
+        `fill` where nothing is measured (a mask's hidden entries)."""
         return self.pinv(y)
+
+    def rows(self, rows: slice) -> "Operator":
+        """The operator of the items `rows` of a batch (a per-item mask's rows; the others are the same for all)."""
+        return self
+
+    def arrays(self) -> dict:
+        """Arrays that describe() cannot hold, for samples.npz (a mask's 0/1 entries)."""
+        return {}
 
     def describe(self) -> dict:
         """What the operator is, for samples.npz and the metrics (JSON-able)."""
@@ -90,14 +99,14 @@ class Mask(Operator):
 
     name = "mask"
 
-    def __init__(self, mask: Tensor, shape: Sequence[int]):
+    def __init__(self, mask: Tensor, shape: Sequence[int], kind: Optional[str] = None):
         shape = tuple(int(s) for s in shape)
         if tuple(mask.shape) not in (shape, shape[1:]):
             raise ValueError(f"a mask of shape {tuple(mask.shape)} does not fit x of shape {shape}: it must be "
                              f"{shape[1:]} or {shape}")
         if mask.device.type != "meta" and ((mask != 0) & (mask != 1)).any():
             raise ValueError("an inpainting mask holds 1 (known) and 0 (to generate) only")
-        self.mask, self.known = mask, mask != 0
+        self.mask, self.known, self.kind, self.shape = mask, mask != 0, kind, shape
 
     def __call__(self, x: Tensor) -> Tensor:
         return torch.where(self.known.to(x.device), x, torch.zeros((), dtype=x.dtype, device=x.device))
@@ -107,8 +116,21 @@ class Mask(Operator):
     def project(self, x: Tensor, y: Tensor) -> Tensor:
         return torch.where(self.known.to(x.device), y, x)
 
+    def display(self, y: Tensor, fill: float = 0.0) -> Tensor:
+        return torch.where(self.known.to(y.device), y, torch.full((), fill, dtype=y.dtype, device=y.device))
+
+    def arrays(self) -> dict:
+        return {"mask": self.mask.to(torch.uint8).cpu().numpy()}
+
+    def rows(self, rows: slice) -> "Mask":
+        if tuple(self.mask.shape) == self.shape[1:]:  # one mask for every item
+            return self
+        part = self.mask[rows]
+        return Mask(part, (len(part), *self.shape[1:]), self.kind)
+
     def describe(self) -> dict:
-        return {"operator": self.name, "known_fraction": float(self.mask.float().mean())}
+        return {"operator": self.name, "known_fraction": float(self.mask.float().mean())} | (
+            {"mask": self.kind} if self.kind else {})
 
 
 class Colorize(Operator):
@@ -133,7 +155,7 @@ class Colorize(Operator):
         w = self._w(y)
         return w * y / (w ** 2).sum()
 
-    def display(self, y: Tensor) -> Tensor:
+    def display(self, y: Tensor, fill: float = 0.0) -> Tensor:
         return y.expand(-1, len(self.weights), -1, -1)  # the grey image itself
 
     def describe(self) -> dict:
@@ -202,7 +224,7 @@ class Blur(Operator):
     def pinv(self, y: Tensor) -> Tensor:
         return self._apply(y, inverse=True)
 
-    def display(self, y: Tensor) -> Tensor:
+    def display(self, y: Tensor, fill: float = 0.0) -> Tensor:
         return y  # the blurred image itself
 
     def describe(self) -> dict:

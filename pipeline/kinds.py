@@ -158,11 +158,14 @@ class DataKind:
         """The first items of a batch (K, *D), in model space on the CPU, at each recorded time t."""
         raise NotImplementedError
 
-    def inpaint_figure(self, path: Path, known: np.ndarray, mask: np.ndarray, methods: Sequence[str], x: np.ndarray,
-                       nfes: Mapping[str, int], title: str) -> None:
-        """Inpainting side by side: the originals known (n, *D), the mask (n, *D) 1 where known, each method's
-        completions x (M, n, *D) and its nfe."""
-        raise NotImplementedError
+    def hidden_value(self) -> float:
+        """The model-space value shown where nothing is measured (a mask's hidden entries)."""
+        return 0.0
+
+    def measurement_view(self, operator: Any, y: torch.Tensor) -> np.ndarray:
+        """The measurements y (n, *K) as the eye sees them, stored like items (n, *D): grey, low-resolution,
+        blurred, or the known part with the rest at hidden_value (pipeline.inverse.Operator.display)."""
+        return self.to_output(operator.display(y, self.hidden_value()))
 
     def inverse_figure(self, path: Path, known: np.ndarray, shown: np.ndarray, methods: Sequence[str], x: np.ndarray,
                        nfes: Mapping[str, int], title: str) -> None:
@@ -309,11 +312,6 @@ class Points(DataKind):
 
     def trajectory_figure(self, path: Path, trajectory: Sequence[tuple[float, torch.Tensor]], title: str) -> None:
         plots.point_trajectory(path, [(t, v.numpy()) for t, v in trajectory], f"{title}: x at {len(trajectory)} times")
-
-    def inpaint_figure(self, path: Path, known: np.ndarray, mask: np.ndarray, methods: Sequence[str], x: np.ndarray,
-                       nfes: Mapping[str, int], title: str) -> None:
-        plots.point_panels(path, [(f"{name} (nfe {nfes[name]})", xm) for name, xm in zip(methods, x)], known,
-                           f"{title}: completions (orange) over the held-out items (grey)")
 
     def inverse_figure(self, path: Path, known: np.ndarray, shown: np.ndarray, methods: Sequence[str], x: np.ndarray,
                        nfes: Mapping[str, int], title: str) -> None:
@@ -474,11 +472,8 @@ class Images(DataKind):
         frames = [(t, self.to_output(v)) for t, v in trajectory]
         plots.image_trajectory(path, frames, f"{title}: x at {len(frames)} times")
 
-    def inpaint_figure(self, path: Path, known: np.ndarray, mask: np.ndarray, methods: Sequence[str], x: np.ndarray,
-                       nfes: Mapping[str, int], title: str) -> None:
-        shown = slice(0, SIDE_BY_SIDE)
-        hidden = np.where(mask[shown] != 0, known[shown], HIDDEN_PIXEL).astype(np.uint8)
-        self.inverse_figure(path, known, hidden, methods, x, nfes, title)
+    def hidden_value(self) -> float:
+        return float(self.to_model(np.array([HIDDEN_PIXEL], np.uint8))[0])
 
     def inverse_figure(self, path: Path, known: np.ndarray, shown: np.ndarray, methods: Sequence[str], x: np.ndarray,
                        nfes: Mapping[str, int], title: str) -> None:

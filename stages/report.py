@@ -20,7 +20,7 @@ def _rows(path) -> list[dict]:
 
 # The sample and evaluate figures of sample.task other than generate, with their report titles.
 TASK_FIGURES = {
-    "inpaint": [("Inpainting side by side: the original, the input (grey: generated), each method", SAMPLES_PLOT),
+    "inpaint": [("Inpainting side by side: the original, the measurement (grey: generated), each method", SAMPLES_PLOT),
                 ("Inpainting trajectory (the first method)", TRAJECTORY_PLOT),
                 ("Each inpainting method's metric", EVAL_PLOT)],
     "inverse": [("Inverse problem side by side: the original, its measurement as seen, each method", SAMPLES_PLOT),

@@ -12,8 +12,8 @@ import torch
 from pipeline import defaults, io
 from pipeline.config import Config
 from pipeline.edit import sdedit
-from pipeline.inpaint import make_mask
-from pipeline.inverse import measure, operator_from, solve
+from pipeline.inpaint import task_operator
+from pipeline.inverse import measure, solve
 from pipeline.interpolate import auto_scheme, interpolate
 from pipeline.rng import SampleGenerators
 from pipeline.tracking import StageRun
@@ -26,19 +26,15 @@ def inverse_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
     the same items and noise seeds. samples.npz: x (M, n, *D), methods (M,), x_known (n, *D) the originals, y
     (n, *K) the measurements in model space, operator (its description, JSON), mask (n, *D) for the mask operator."""
     s = cfg.sample
-    p = s.inverse if s.task == "inverse" else s.inpaint
-    key = f"sample.{s.task}"
+    p, key = getattr(s, s.task), f"sample.{s.task}"
     n, batch_size = defaults.sample_sizes(s.n, s.batch_size, cfg.eval.fid_n, m.info)
     known = held_out(n)
     x_known = m.to_model(known)
-    spec = {"operator": "mask", "noise": 0.0, "seed": 0} | (p.model_dump() if s.task == "inverse" else {})
-    mask, kind = None, None
-    if spec["operator"] == "mask":
-        kind = defaults.inpaint_mask(p.mask, m.info)
-        # one draw for all n items (a random mask's row i does not depend on the batching)
-        mask = make_mask(kind, (n, *m.shape), torch.Generator().manual_seed(s.seed), p.keep, device=m.device,
-                         dtype=x_known.dtype)
-    operator = operator_from(spec, m.shape, mask, key)
+    # sample.inpaint is the mask operator without noise; sample.inverse names its operator and noise
+    spec = {"operator": "mask", "noise": 0.0, "seed": 0} | p.model_dump() | {
+        "mask": defaults.inpaint_mask(p.mask, m.info)}
+    operator = task_operator(spec, m.shape, n, torch.Generator().manual_seed(s.seed), device=m.device,
+                             dtype=x_known.dtype, key=key)
     # the measurement noise of item i from its own generator: y does not depend on n or the batching
     y = measure(operator, x_known, spec["noise"], SampleGenerators(spec["seed"], range(n)))
     results, nfes, trajectory = [], {}, []
@@ -46,8 +42,7 @@ def inverse_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
         options = defaults.method_options(method, p, m.info)
 
         def body(rows, gens, record, method=method, options=options):
-            part = operator_from(spec, m.shape, None if mask is None else mask[rows], key)
-            return solve(m.sampler, m.model_kind, m.score(m.fn), m.process, part, y[rows],
+            return solve(m.sampler, m.model_kind, m.score(m.fn), m.process, operator.rows(rows), y[rows],
                          (rows.stop - rows.start, *m.shape), gens, m.steps, m.options, method, noise=spec["noise"],
                          progress=True, record=record, device=m.device, dtype=x_known.dtype, **options)
 
@@ -55,20 +50,15 @@ def inverse_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
         results.append(np.concatenate(chunks))
         trajectory = trajectory or traj
     x = np.stack(results)
-    described = operator.describe() | ({"mask": kind} if kind else {}) | {"noise": spec["noise"]}
-    mask_out = {} if mask is None else {"mask": mask.to(torch.uint8).cpu().numpy()}
+    described = operator.describe() | {"noise": spec["noise"]}
     io.save_npz(SAMPLES, x=x, methods=np.array(p.methods), x_known=known, y=y.cpu().numpy().astype(np.float32),
-                operator=np.array(json.dumps(described)), **mask_out)
+                operator=np.array(json.dumps(described)), **operator.arrays())
     nfe = max(nfes.values())
     io.write_json(SAMPLE_METRICS, {"nfe": nfe, "n": n, "task": s.task, **described,
                                    **{f"nfe_{k}": v for k, v in nfes.items()}})
-    what = f"{kind} mask" if kind else spec["operator"]
+    what = f"{described['mask']} mask" if "mask" in described else spec["operator"]
     title = f"{cfg.method.name}: {m.sampler}, {what}" + (f", noise {spec['noise']:g}" if spec["noise"] else "")
-    if mask is not None:
-        m.data.inpaint_figure(SAMPLES_PLOT, known, mask_out["mask"], p.methods, x, nfes, title)
-    else:
-        shown = m.data.to_output(operator.display(y))
-        m.data.inverse_figure(SAMPLES_PLOT, known, shown, p.methods, x, nfes, title)
+    m.data.inverse_figure(SAMPLES_PLOT, known, m.data.measurement_view(operator, y), p.methods, x, nfes, title)
     m.data.trajectory_figure(TRAJECTORY_PLOT, trajectory, f"{title} ({p.methods[0]})")
     log_sample(cfg, run, m, {"n": n, "batch_size": batch_size, "operator": what}, nfe)
 

@@ -246,3 +246,15 @@ def test_colourfulness_by_hand():
     assert colourfulness(split)[0] == pytest.approx(255 + 0.3 * 127.5)
     with pytest.raises(ValueError, match="RGB"):
         colourfulness(grey[:, :1])
+
+
+def test_a_per_item_mask_gives_each_batch_its_rows_and_describes_its_kind():
+    """Mask.rows: a per-item mask (n, *D) is cut to the batch's rows, a shared one (*D) is kept; the arrays and
+    description samples.npz records."""
+    mask = (torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(0)) < 0.5).double()
+    op = Mask(mask, (6, 1, 4, 4), "random")
+    part = op.rows(slice(2, 5))
+    assert torch.equal(part.mask, mask[2:5]) and part.kind == "random"
+    shared = Mask(mask[0], (6, 1, 4, 4))
+    assert shared.rows(slice(2, 5)) is shared and Colorize().rows(slice(0, 1)).arrays() == {}
+    assert op.describe()["mask"] == "random" and (op.arrays()["mask"] == mask.numpy().astype(np.uint8)).all()

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pipeline import pixels
-from pipeline.kinds import NEIGHBOURS, Evaluation, Images, Points, kind_of
+from pipeline.inverse import Mask
+from pipeline.kinds import HIDDEN_PIXEL, NEIGHBOURS, Evaluation, Images, Points, kind_of
 
 B = 12
 POINTS = {"kind": "points", "shape": [2]}
@@ -116,7 +117,13 @@ def test_every_figure_writes_a_png(kind, tmp_path):
     mask = np.zeros(x.shape, np.uint8)
     mask.reshape(B, -1)[:, : mask[0].size // 2] = 1
     outputs = np.stack([_items(kind, B, 7), _items(kind, B, 8)])  # (M, n, *D)
-    kind.inpaint_figure(tmp_path / "inpaint.png", x, mask, ["replace", "repaint"], outputs,
+    operator = Mask(torch.from_numpy(mask), x.shape)
+    shown = kind.measurement_view(operator, operator(kind.to_model(x)))
+    # the known part as stored, mid-grey (images) where generated
+    assert (shown[mask == 1] == x[mask == 1]).all()
+    if kind.name == "images":
+        assert (shown[mask == 0] == HIDDEN_PIXEL).all()
+    kind.inverse_figure(tmp_path / "inpaint.png", x, shown, ["replace", "repaint"], outputs,
                         {"replace": 10, "repaint": 30}, "inpainting")
     kind.inverse_figure(tmp_path / "inverse.png", x, _items(kind, B, 10), ["replace", "dps"], outputs,
                         {"replace": 10, "dps": 20}, "inverse problem")
