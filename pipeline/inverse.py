@@ -20,12 +20,14 @@ and the one walker `pipeline.samplers.walk.walk` runs it (docs/design.md, "The c
   it the method for noisy measurements.
 
 The walk's last time is taken as data (the samplers denoise there), so the projecting methods return A x = y to
-the precision of A^+ (exactly x_known on a mask's known entries). All noise is drawn through pipeline.rng, so
+the precision of A^+ (exactly x_known on a mask's known entries). Data clipped to a range afterwards (pixels) would
+lose that: given the range, they end on the nearest point of {A x = y} inside it (`Operator.project_box`). All noise is drawn through pipeline.rng, so
 per-sample SampleGenerators make a sample independent of its batch; every tensor is made on x's device and dtype.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -54,6 +56,13 @@ LUMA_BT601 = (0.299, 0.587, 0.114)
 # Blur's pseudo-inverse keeps the frequencies whose gain is above this fraction of the largest (a truncated SVD, as
 # Kawar et al. 2022 do for deblurring): the rest are not measured in any useful sense and are generated.
 BLUR_CUTOFF = 1e-3
+# Operator.project_box (Dykstra) stops once its last two projections agree within this fraction of the box's width
+# entrywise (0.026 of a grey level for 8-bit images, where the uint8 rounding that follows is up to half a level),
+# or after that many rounds.
+BOX_TOLERANCE, BOX_ITERATIONS = 1e-4, 1000
+# project_box_rows: the bracket's doublings (each doubles mu's range) and the bisections (each halves it): 60 take a
+# bracket of 4 box widths below float32's resolution.
+BOX_DOUBLINGS, BOX_BISECTIONS = 60, 60
 
 
 # --------------------------------------------------------------------------- operators
@@ -75,6 +84,24 @@ class Operator:
         """x with its row-space component replaced by the one that A maps to y: x + A^+ (y - A x) (B, *D)."""
         return x + self.pinv(y - self(x))
 
+    def project_box(self, x: Tensor, y: Tensor, low: float, high: float) -> Tensor:
+        """The nearest point to x (B, *D) of {A x = y} within the box [low, high]^D (the set `project` projects onto:
+        A^+ A x = A^+ y where A^+ is truncated), by Dykstra's alternating projections (Boyle & Dykstra 1986;
+        Bauschke & Borwein 1994: the iterates converge to the nearest point of the intersection when it is not
+        empty, as it is for y measured from an x in the box), ending on the box so that the box holds exactly; it
+        stops when the last two projections are within BOX_TOLERANCE of (high - low) entrywise, or after
+        BOX_ITERATIONS rounds (convergence can be slow where the sets meet at a shallow angle)."""
+        tol = BOX_TOLERANCE * (high - low)
+        z, p, q = x, torch.zeros_like(x), torch.zeros_like(x)
+        for _ in range(BOX_ITERATIONS):
+            a = self.project(z + p, y)
+            p = z + p - a
+            z = (a + q).clamp(low, high)
+            q = a + q - z
+            if (z - a).abs().max() <= tol:
+                break
+        return z
+
     def display(self, y: Tensor, fill: float = 0.0) -> Tensor:
         """The measurement y (B, *K) shown as x (B, *D) is: A^+ y (a low-resolution image's pixels repeated);
         `fill` where nothing is measured (a mask's hidden entries)."""
@@ -91,6 +118,31 @@ class Operator:
     def describe(self) -> dict:
         """What the operator is, for samples.npz and the metrics (JSON-able)."""
         return {"operator": self.name}
+
+
+def project_box_rows(operator: Operator, x: Tensor, y: Tensor, low: float, high: float) -> Tensor:
+    """Operator.project_box, exact, for an A whose rows have disjoint supports and non-negative weights, with
+    A^+ y = A^T diag(1 / ||a_k||^2) y (colourisation: one row per pixel; block means: one per block): (B, *D).
+
+    The nearest point is x(mu) = clip(x - A^+ mu, low, high) with mu (B, *K) solving A x(mu) = y (the KKT
+    conditions of the projection; Boyd & Vandenberghe 2004, sec. 5.5.3), one equation per row in its own mu_k,
+    decreasing in mu_k: bisection per row, after doubling a bracket. A y outside A's image of the box (a noisy
+    measurement, or a white pixel whose luma rounds above the top) gets the box's nearest corner."""
+    def x_at(mu: Tensor) -> Tensor:
+        return (x - operator.pinv(mu)).clamp(low, high)
+
+    span = torch.full_like(y, 2.0 * (high - low) + float((x - x.clamp(low, high)).abs().max()))
+    for _ in range(BOX_DOUBLINGS):  # the bracket [-span, span]: A x(-span) >= y >= A x(span) on every row
+        short = (operator(x_at(span)) > y) | (operator(x_at(-span)) < y)
+        if not short.any():
+            break
+        span = torch.where(short, 2.0 * span, span)
+    lo_mu, hi_mu = -span, span
+    for _ in range(BOX_BISECTIONS):
+        mid = 0.5 * (lo_mu + hi_mu)
+        above = operator(x_at(mid)) > y
+        lo_mu, hi_mu = torch.where(above, mid, lo_mu), torch.where(above, hi_mu, mid)
+    return x_at(0.5 * (lo_mu + hi_mu))
 
 
 class Mask(Operator):
@@ -115,6 +167,11 @@ class Mask(Operator):
 
     def project(self, x: Tensor, y: Tensor) -> Tensor:
         return torch.where(self.known.to(x.device), y, x)
+
+    def project_box(self, x: Tensor, y: Tensor, low: float, high: float) -> Tensor:
+        # the constraint and the box are separable per entry: the known entries y (inside the box), the others
+        # clipped, which is the nearest point of the intersection with no iterations
+        return self.project(x.clamp(low, high), y)
 
     def display(self, y: Tensor, fill: float = 0.0) -> Tensor:
         return torch.where(self.known.to(y.device), y, torch.full((), fill, dtype=y.dtype, device=y.device))
@@ -155,6 +212,8 @@ class Colorize(Operator):
         w = self._w(y)
         return w * y / (w ** 2).sum()
 
+    project_box = project_box_rows  # one row per pixel, the luma weights
+
     def display(self, y: Tensor, fill: float = 0.0) -> Tensor:
         return y.expand(-1, len(self.weights), -1, -1)  # the grey image itself
 
@@ -181,6 +240,8 @@ class Downsample(Operator):
 
     def pinv(self, y: Tensor) -> Tensor:
         return y.repeat_interleave(self.factor, -2).repeat_interleave(self.factor, -1)
+
+    project_box = project_box_rows  # one row per block, weights 1 / f^2
 
     def describe(self) -> dict:
         return {"operator": self.name, "factor": self.factor}
@@ -501,15 +562,18 @@ def check_combination(method: str, sampler: str, model_kind: str, options: Mappi
 
 def solve(sampler: str, model_kind: str, fn, process: Process, operator: Operator, y: Tensor, shape: Sequence[int],
           generator: rng.Generator, steps: Optional[int], options: Mapping[str, Any], method: str, *,
-          noise: float = 0.0, progress: bool = False, record: Optional[int] = None, device=None,
-          dtype: Optional[torch.dtype] = None, **method_options) -> SampleResult:
+          noise: float = 0.0, box: Optional[tuple[float, float]] = None, progress: bool = False,
+          record: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None,
+          **method_options) -> SampleResult:
     """Draw x (B, *D) = `shape` given the measurement y = A x + noise n (B, *K) by `method`.
 
     The inner (step, grid) is pipeline.samplers.plan's for `sampler` with `options` (as for draw), wrapped by
     `method` (replace, langevin, repaint, mcg, dps; see the module docstring) and walked by the one walker from a
     prior draw, its measured part set to y perturbed to grid[0] for the projecting methods. method_options: jump,
-    resamples (repaint), alpha (mcg), zeta (dps). x lives on `device` (default y's) with `dtype` (default y's);
-    nfe counts every call of fn (the gradient methods' extra evaluation included)."""
+    resamples (repaint), alpha (mcg), zeta (dps). `box` (low, high): the range the data are clipped to afterwards
+    (pixels); the projecting methods then end on the nearest point of {A x = y} inside it (Operator.project_box),
+    so that the clipping keeps A x = y. x lives on `device` (default y's) with `dtype` (default y's); nfe counts
+    every call of fn (the gradient methods' extra evaluation included)."""
     check_combination(method, sampler, model_kind, options, noise)
     if method in STEP_SIZES and STEP_SIZES[method] not in method_options:
         raise ValueError(f"method {method!r} needs its step size: pass {STEP_SIZES[method]} (e.g. 0.5 for mcg on "
@@ -529,8 +593,11 @@ def solve(sampler: str, model_kind: str, fn, process: Process, operator: Operato
     x = process.prior_sample(tuple(shape), generator, device, dtype)
     if method in PROJECTING:
         x = perturbed_measurement(x, operator, y, float(grid[0]), process, generator, t_end)
-    return walk(wrapped, x, grid, fn, process, generator, record=record, progress=progress,
-                desc=f"{desc}, {method} ({operator.name})")
+    result = walk(wrapped, x, grid, fn, process, generator, record=record, progress=progress,
+                  desc=f"{desc}, {method} ({operator.name})")
+    if box is not None and method in PROJECTING:
+        result = dataclasses.replace(result, x=operator.project_box(result.x, y, *box))
+    return result
 
 
 # --------------------------------------------------------------------------- the Gaussian-mixture oracle

@@ -123,6 +123,10 @@ class DataKind:
         """(low, high) of the data in model space, where x0_hat is clipped."""
         raise ValueError(f"{self.name} have no range to clip x0_hat to (sample.clip_denoised is for images)")
 
+    def output_range(self) -> Optional[tuple[float, float]]:
+        """(low, high) in model space that to_output clips to, or None where it keeps every value (points)."""
+        return None
+
     def likelihood_input(self, held_out: np.ndarray) -> torch.Tensor:
         """Held-out items (N, *D) as pipeline.likelihood.model_likelihoods takes them."""
         raise NotImplementedError
@@ -447,6 +451,8 @@ class Images(DataKind):
 
     def value_range(self) -> tuple[float, float]:
         return pixels.pixel_range(self.scaling)
+
+    output_range = value_range  # to_pixels rounds, then clips to the pixel levels' range
 
     shows_samples = True
 

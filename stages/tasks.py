@@ -44,7 +44,8 @@ def inverse_stage(cfg: Config, run: StageRun, m: Loaded) -> None:
         def body(rows, gens, record, method=method, options=options):
             return solve(m.sampler, m.model_kind, m.score(m.fn), m.process, operator.rows(rows), y[rows],
                          (rows.stop - rows.start, *m.shape), gens, m.steps, m.options, method, noise=spec["noise"],
-                         progress=True, record=record, device=m.device, dtype=x_known.dtype, **options)
+                         box=m.data.output_range(), progress=True, record=record, device=m.device,
+                         dtype=x_known.dtype, **options)
 
         chunks, nfes[method], traj = batched(m, n, batch_size, s.seed, body)
         results.append(np.concatenate(chunks))

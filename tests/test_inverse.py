@@ -141,6 +141,82 @@ def test_every_method_on_every_operator(name, method, options):
         torch.testing.assert_close(op(a.x), y)
 
 
+def _nearest_in_box(rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """The nearest z to x in {rows z = y} within [-1, 1]^D, by SciPy's SLSQP (float64, one item): the oracle of
+    Operator.project_box. `rows`: (R, D) of full rank spanning the constraint set's normals."""
+    from scipy.optimize import minimize
+
+    x0 = x.numpy()
+    cons = {"type": "eq", "fun": lambda z: rows.numpy() @ z - y.numpy(), "jac": lambda z: rows.numpy()}
+    found = minimize(lambda z: 0.5 * np.sum((z - x0) ** 2), np.clip(x0, -1, 1), jac=lambda z: z - x0,
+                     bounds=[(-1.0, 1.0)] * len(x0), constraints=[cons], method="SLSQP",
+                     options={"ftol": 1e-12, "maxiter": 1000})
+    assert found.success, found.message
+    return found.x
+
+
+@pytest.mark.parametrize("name", list(OPERATORS))
+def test_project_box_is_the_nearest_point_of_the_measured_set_in_the_box(name):
+    """Operator.project_box against SciPy's constrained least squares on the dense matrices: x far outside [-1, 1],
+    y measured from an x in it; the result is in the box, on the set `project` projects onto (A x = y; blur: its
+    kept frequencies) and the nearest such point (exact bisection for mask, colorize and downsample; Dykstra's
+    iterations for blur and matrix, to their stopping tolerance)."""
+    make, shape = OPERATORS[name]
+    op = make()
+    gen = torch.Generator().manual_seed(2)
+    x_true = 2 * torch.rand(3, *shape, dtype=torch.float64, generator=gen) - 1
+    x = 3 * torch.randn(3, *shape, dtype=torch.float64, generator=gen)
+    y = op(x_true)
+    z = op.project_box(x, y, -1.0, 1.0)
+    assert z.shape == x.shape and z.abs().max() <= 1
+    torch.testing.assert_close(op.project(z, y), z, rtol=0, atol=1e-3)  # on the measured set
+    a = _dense(op, shape)
+    kept = torch.linalg.pinv(a, rtol=op.cutoff if name == "blur" else 1e-10) @ a  # the projector A^+ A
+    values, vectors = torch.linalg.eigh(kept)
+    rows = vectors[:, values > 0.5].T  # an orthonormal basis of A's (kept) row space
+    atol = 1e-6 if name in ("mask", "colorize", "downsample") else 2e-3
+    for i in range(3):
+        target = rows @ (kept @ x_true[i].flatten())
+        nearest = _nearest_in_box(rows, x[i].flatten(), target)
+        np.testing.assert_allclose(z[i].flatten().numpy(), nearest, rtol=0, atol=atol)
+    if name in ("colorize", "downsample", "matrix"):  # with a null space, projecting then clipping leaves the set
+        assert (op(op.project(x, y).clamp(-1, 1)) - y).abs().max() > 0.1
+
+
+def test_project_box_at_the_top_of_the_range_gives_the_corner():
+    """A white pixel's luma may round above the box's top in float32 (and a noisy y can lie outside A's image of
+    the box): project_box_rows then returns the nearest corner, finite, in the box."""
+    white = torch.ones(2, 3, 2, 2)
+    y = Colorize()(white) + 1e-3
+    z = Colorize().project_box(torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(0)), y, -1.0, 1.0)
+    assert torch.equal(z, white)
+
+
+@pytest.mark.parametrize("name", ["colorize", "downsample", "mask"])
+def test_solve_with_a_box_ends_in_it_on_the_measurement(name):
+    """solve(..., box=(-1, 1)) on N(0, I) data (outside the box often): the projecting methods end in the box with
+    A x = y (so clipping to the pixels keeps the measurement); a mask's result is the unboxed one clipped (the same
+    bytes once the kind clips); DPS, which does not project, ignores the box."""
+    make, shape = OPERATORS[name]
+    op = make()
+    x_true = SampleGenerators(3, range(6)).rand((6, *shape), dtype=torch.float64) * 2 - 1
+    y = op(x_true)
+
+    def run(method, box, **options):
+        return solve("pc", "score", gaussian_score(VP), VP, op, y, (6, *shape), SampleGenerators(5, range(6)), 6,
+                     BASE, method, box=box, **options).x
+
+    for method, options in (("replace", {}), ("mcg", dict(alpha=0.1))):
+        free, boxed = run(method, None, **options), run(method, (-1.0, 1.0), **options)
+        assert free.abs().max() > 1.2 and boxed.abs().max() <= 1
+        torch.testing.assert_close(op(boxed), y, rtol=0, atol=1e-6)
+        if name == "mask":
+            assert torch.equal(boxed, free.clamp(-1, 1))
+        else:
+            assert (op(free.clamp(-1, 1)) - y).abs().max() > 0.05
+    assert torch.equal(run("dps", (-1.0, 1.0), zeta=0.5), run("dps", None, zeta=0.5))
+
+
 # --------------------------------------------------------------------------- the exact posterior
 
 
