@@ -85,6 +85,7 @@ class Family:
     stages: ClassVar[Optional[str]] = None
     own_stages: ClassVar[tuple[str, ...]] = ()
     has_score: ClassVar[bool] = True  # guidance, inpainting and editing wrap a score
+    posthoc_ema: ClassVar[bool] = True  # its training (pipeline.train) keeps the post-hoc EMA's snapshots
 
     @property
     def reads(self) -> tuple[str, ...]:

@@ -17,11 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 import families
 from families import NAMES, OWNED_KEYS
 from pipeline.defaults import DATA_PATH as DEFAULT_DATA_PATH
-from pipeline.defaults import PHOTOS_CROP, PHOTOS_IMAGE_SIZE, POINT_SIZES
-from pipeline.names import (DATA_SETS, GREY_SETS, IMAGE_SETS, INPAINT_METHODS, LABELLED_POINTS, LOSSES, MASKS,
+from pipeline.defaults import PHOTOS_CROP, PHOTOS_IMAGE_SIZE, POINT_SIZES, SIGMA_REL_MAX, SIGMA_RELS
+from pipeline.names import (DATA_SETS, EMA_METHODS, GREY_SETS, IMAGE_SETS, INPAINT_METHODS, LABELLED_POINTS, LOSSES, MASKS,
                             OPERATORS, PARAMETERIZATIONS, POINT_SETS, SAMPLERS, TARGETS, TASKS)
 
 Auto = Literal["auto"]
+# Keys that moved to another section: named in the error, with where they live now.
+MOVED = {"train.ema": "ema.method (decay: train.ema: true; none: train.ema: false; or posthoc)"}
 
 
 def auto_or_at_least(v: Any, minimum: int) -> Any:
@@ -195,6 +197,30 @@ class MethodParams(_Section):
     label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
 
 
+class PosthocParams(_Section):
+    """The power-function EMAs training keeps for post-hoc EMA (Karras et al. 2024, sec. 3): their widths sigma_rel
+    and the steps between snapshots of them ('auto': train.steps / 20)."""
+
+    sigma_rels: list[float] = Field(default_factory=lambda: list(SIGMA_RELS), min_length=1)
+    snapshot_every: Union[Auto, int] = "auto"
+
+    @field_validator("sigma_rels")
+    @classmethod
+    def _widths(cls, v):
+        for s in v:
+            if not 0.0 < s <= SIGMA_REL_MAX:
+                raise ValueError(f"each must be in (0, {SIGMA_REL_MAX:.4f}] (the uniform average is the widest "
+                                 f"power-function profile), got {s}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"must differ from each other, got {v}")
+        return v
+
+    @field_validator("snapshot_every")
+    @classmethod
+    def _at_least_one(cls, v):
+        return auto_or_at_least(v, 1)
+
+
 class TrainParams(_Section):
     """Optimisation, EMA (technique 5), checkpointing, the device and the held-out evaluation during training;
     'auto' steps / batch / lr resolve per data set (pipeline/defaults.py). GPU speed: precision (autocast),
@@ -207,7 +233,6 @@ class TrainParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_every: int = Field(0, ge=0)
     grad_clip: Optional[float] = Field(1.0, gt=0.0)
-    ema: bool = True
     ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
     ema_warmup: Union[Auto, bool] = "auto"
     checkpoint_every: int = Field(1_000, ge=1)
@@ -219,6 +244,7 @@ class TrainParams(_Section):
     accumulate: int = Field(1, ge=1)
     warmup: int = Field(0, ge=0)
     devices: int = Field(1, ge=1)  # after batch_size and accumulate: its check reads them
+    posthoc: PosthocParams = Field(default_factory=PosthocParams)
 
     @field_validator("steps")
     @classmethod
@@ -398,6 +424,15 @@ class EvalParams(_Section):
         return auto_or_at_least(v, 2)
 
 
+class EmaParams(_Section):
+    """The ema stage: the final model is the decay EMA training kept (train.ema_decay, NCSNv2 technique 5), the
+    post-hoc EMA of width sigma_rel reconstructed from train.posthoc's snapshots (Karras et al. 2024), or the raw
+    weights (none)."""
+
+    method: Literal[EMA_METHODS] = "decay"
+    sigma_rel: float = Field(0.10, gt=0.0, le=SIGMA_REL_MAX)
+
+
 class TrackingParams(_Section):
     """The MLflow experiment name (the store comes from MLFLOW_TRACKING_URI or the repo's mlflow.db)."""
 
@@ -413,6 +448,7 @@ class Config(_Section):
     model: ModelParams = Field(default_factory=ModelParams)
     method: MethodParams = Field(default_factory=MethodParams)
     train: TrainParams = Field(default_factory=TrainParams)
+    ema: EmaParams = Field(default_factory=EmaParams)
     sample: SampleParams = Field(default_factory=SampleParams)
     eval: EvalParams = Field(default_factory=EvalParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
@@ -448,6 +484,12 @@ class Config(_Section):
                     raise ValueError(f"eval.fid_n ({e.fid_n}) must be <= {key} ({have}): FID compares eval.fid_n "
                                      f"images each side")
         _check_fid_seeds(self)
+        if self.ema.method == "posthoc" and not family.posthoc_ema:
+            raise ValueError(f"ema.method: posthoc reconstructs an EMA from the snapshots pipeline.train keeps; "
+                             f"method.name: {m.name} trains otherwise and keeps none (use ema.method: decay or none)")
+        if self.ema.method != "posthoc" and self.ema.sigma_rel != EmaParams().sigma_rel:
+            raise ValueError("ema.sigma_rel is the width of the post-hoc EMA; set ema.method: posthoc (or leave "
+                             f"ema.sigma_rel: {EmaParams().sigma_rel:g})")
         return self
 
 
@@ -718,6 +760,9 @@ def messages(exc: ValidationError, prefix: str = "", root: Optional[type[BaseMod
         by_loc.setdefault(_location(err, prefix), []).append(err)
     lines = []
     for loc, errs in by_loc.items():
+        if errs[0]["type"] == "extra_forbidden" and loc in MOVED:
+            lines.append(f"{loc}: moved to {MOVED[loc]}")
+            continue
         if errs[0]["type"] == "extra_forbidden":
             section = errs[0]["loc"][:-1]
             allowed = ", ".join(_section_model(section, root or Config).model_fields)

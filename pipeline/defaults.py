@@ -24,6 +24,12 @@ POINT_TRAIN = {"steps": 5_000, "batch_size": 512, "lr": 1e-3}
 # data.name: photos (pipeline/data/photos.py): the side of its square crops, which is the largest data.image_size it
 # takes, and the side its crops are resized to when data.image_size is null.
 PHOTOS_CROP = 64
+# Post-hoc EMA (pipeline.posthoc): EDM2's two tracked profiles (Karras et al. 2024, sec. 3.2: sigma_rel 0.05
+# and 0.10); the widest power-function profile (gamma = 0, the uniform average: sqrt(1/12)); snapshots per run
+# (train.posthoc.snapshot_every: auto is train.steps / POSTHOC_SNAPSHOTS).
+SIGMA_RELS = (0.05, 0.10)
+SIGMA_REL_MAX = 12.0 ** -0.5
+POSTHOC_SNAPSHOTS = 20
 PHOTOS_IMAGE_SIZE = 16
 
 
@@ -106,7 +112,8 @@ def edm_spec(spec: Mapping[str, Any], sigma_data: float) -> dict:
 
 
 def train_settings(train: Mapping[str, Any], data: Mapping[str, Any]) -> dict:
-    """train.steps / batch_size / lr / ema_warmup with 'auto' resolved for the data kind and image size.
+    """train.steps / batch_size / lr / ema_warmup / posthoc.snapshot_every with 'auto' resolved for the data kind
+    and image size (snapshots: train.steps / POSTHOC_SNAPSHOTS, at least every step).
 
     The EMA warm-up is on for images, whose short CPU runs would otherwise keep a visible share of the random
     initial weights (pipeline.train.ema_multi_avg_fn); off for points, whose 5,000 steps keep 0.7 % and whose
@@ -117,7 +124,9 @@ def train_settings(train: Mapping[str, Any], data: Mapping[str, Any]) -> dict:
         auto = {"steps": d.steps, "batch_size": d.batch_size, "lr": d.lr, "ema_warmup": True}
     else:
         auto = {**POINT_TRAIN, "ema_warmup": False}
-    return {k: _pick(train[k], v) for k, v in auto.items()}
+    resolved = {k: _pick(train[k], v) for k, v in auto.items()}
+    every = train.get("posthoc", {}).get("snapshot_every", "auto")
+    return resolved | {"snapshot_every": int(_pick(every, max(1, resolved["steps"] // POSTHOC_SNAPSHOTS)))}
 
 
 def fid_n(eval_fid_n: Any, data: Mapping[str, Any]) -> Optional[int]:

@@ -27,6 +27,9 @@ LOSSES = ("dsm", "eps_mse", "ism", "ssm", "elbo")
 SCORE_PARAMETERIZATIONS = ("score", "score_over_sigma", "eps", "x0", "drift")
 PARAMETERIZATIONS = (*SCORE_PARAMETERIZATIONS, "kernel")
 
+# ema.method: how the ema stage makes the final model from training's outputs (pipeline.train.finalize).
+EMA_METHODS = ("decay", "posthoc", "none")
+
 # sample.task: controllable generation with one unconditional (or null-label) model.
 TASKS = ("generate", "inpaint", "inverse", "interpolate", "edit")
 # sample.inpaint.method and .mask (pipeline.inpaint), sample.inverse.method and .operator (pipeline.inverse).

@@ -32,6 +32,7 @@ DOMAIN_REFERENCE = Path("outputs/domain_reference.npz")
 NOISE_SCALES, NOISE_PLOT = Path("outputs/noise_scales.json"), Path("outputs/noise_scales.png")
 CHECKPOINTS = Path("checkpoints")
 RAW_MODEL, EMA_MODEL, MODEL = Path("models/raw.pt"), Path("models/ema.pt"), Path("models/model.pt")
+POSTHOC = Path("models/posthoc")  # the post-hoc EMA's snapshots (pipeline.posthoc), one file per step
 LOSS_CSV, TRAIN_METRICS = Path("plots/train_loss.csv"), Path("metrics/train.json")
 EVAL_CSV, TRAIN_SAMPLES = Path("plots/train_eval.csv"), Path("outputs/train_samples")
 SAMPLES, SAMPLES_PLOT, SAMPLE_METRICS = Path("outputs/samples.npz"), Path("outputs/samples.png"), Path("metrics/sample.json")
@@ -58,6 +59,20 @@ def resolve(cfg: config.Config) -> Resolved:
     import families
 
     return Resolved(cfg, families.get(cfg.method.name), families.plan(cfg))
+
+
+def publish_snapshots(source: Optional[Path]) -> None:
+    """Make POSTHOC hold copies of the snapshot files in `source` (None, or a family that keeps none: empty), the
+    train stage's declared output; the checkpoint folder keeps its own for a resume."""
+    import shutil
+
+    tmp = POSTHOC.with_name(f".{POSTHOC.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for path in sorted(Path(source).glob("*.pt")) if source is not None and Path(source).is_dir() else []:
+        shutil.copyfile(path, tmp / path.name)
+    shutil.rmtree(POSTHOC, ignore_errors=True)
+    tmp.rename(POSTHOC)
 
 
 def data_record() -> dict:

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from pipeline import defaults, io, models
 from pipeline.config import Config
@@ -97,7 +98,10 @@ def batched(m: Loaded, n: int, batch_size: int, seed: int, body: Callable,
     starts = range(0, n, batch_size)
     if group is not None:
         starts = starts[group.rows(len(starts))]
-    with torch.no_grad():
+    # samples per second and the time left over the whole run; each batch's walk shows its steps below it
+    bar = tqdm(total=sum(min(batch_size, n - s) for s in starts), desc="samples", unit="sample",
+               disable=group is not None and not group.is_main, mininterval=1.0)
+    with torch.no_grad(), bar:
         for start in starts:
             rows = slice(start, min(start + batch_size, n))
             out = body(rows, SampleGenerators(seed, range(rows.start, rows.stop)),
@@ -106,4 +110,5 @@ def batched(m: Loaded, n: int, batch_size: int, seed: int, body: Callable,
             chunks.append(m.data.to_output(out.x))
             trajectory = trajectory or [(t, x[:TRAJECTORY_FRAMES].cpu()) for t, x in out.trajectory]
             nfe = max(nfe, out.nfe)
+            bar.update(rows.stop - rows.start)
     return chunks, nfe, trajectory

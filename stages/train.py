@@ -30,7 +30,8 @@ from pipeline.train import (Checkpoints, Hooks, Preempted, TrainData, TrainSetti
                             fingerprinted_train, held_out_evaluator, loss_csv, stop_on_sigterm, train)
 from pipeline.tracking import StageRun
 from stages.common import (CHECKPOINTS, EMA_MODEL, EVAL_CSV, LABELS, LOSS_CSV, NOISE_SCALES, RAW_MODEL, TEST, TRAIN,
-                           TRAIN_METRICS, Resolved, data_record, main, process_of, resolve, sampler_options)
+                           TRAIN_METRICS, Resolved, data_record, main, process_of, publish_snapshots, resolve,
+                           sampler_options)
 from stages.launch import choose_device
 
 # Held-out examples the training-time evaluation averages over, and images in its sample grid (train.eval_every).
@@ -92,10 +93,13 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
     settings = TrainSettings(resolved["steps"], resolved["batch_size"], resolved["lr"], t.grad_clip, t.ema_decay,
                              t.checkpoint_every, t.log_every, cfg.seed, ema_warmup=resolved["ema_warmup"],
                              precision=t.precision, channels_last=t.channels_last, compile=t.compile,
-                             accumulate=t.accumulate, warmup=t.warmup)
+                             accumulate=t.accumulate, warmup=t.warmup,
+                             posthoc_sigma_rels=tuple(t.posthoc.sigma_rels), snapshot_every=resolved["snapshot_every"])
     # Everything that must match for a checkpoint to be resumed; steps, logging and the device may change.
     setup = {"spec": spec, "process": record["process"], "loss": plan.loss, "options": options, "seed": cfg.seed,
-             "data": hashlib.sha256(data.tobytes()).hexdigest(), "resolved": {**resolved, "steps": None},
+             "data": hashlib.sha256(data.tobytes()).hexdigest(),
+             # the snapshot cadence leaves the weights alone, like steps
+             "resolved": {**{k: v for k, v in resolved.items() if k != "snapshot_every"}, "steps": None},
              "augment": kind.augmentation(cfg.data.dequantize, cfg.data.hflip),
              "train": fingerprinted_train(t)}
     if labels is not None:  # only then, so unconditional checkpoints keep their fingerprint
@@ -145,6 +149,7 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
         print(f"train: resumed from the checkpoint at step {result.resumed_from}")
     models.save_model(RAW_MODEL, spec, result.model.state_dict())
     models.save_model(EMA_MODEL, spec, result.ema.state_dict())
+    publish_snapshots(Checkpoints(CHECKPOINTS, setup).snapshots)
     io.write_text(LOSS_CSV, loss_csv(result.loss_rows))
     io.write_text(EVAL_CSV, eval_csv(result.eval_rows, unit))
     final = result.loss_rows[-1][1] if result.loss_rows else None

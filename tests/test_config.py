@@ -72,6 +72,15 @@ def test_yaml12_floats_as_dvc_writes_them(tmp_path):
     ({"method": {"sb": {False: 1}}}, ["method.sb.False: Input should be a valid string"]),  # a YAML key `no`
     ({"eval": {"fid_against": "reference"}}, ["eval.fid_against", "'test' or 'train'"]),
     ({"eval": {"fid_seeds": 0}}, ["eval.fid_seeds", "greater than or equal to 1"]),
+    # post-hoc EMA: the key that moved, widths out of range, posthoc where training keeps no snapshots
+    ({"train": {"ema": False}}, ["train.ema: moved to ema.method", "none"]),
+    ({"train": {"posthoc": {"sigma_rels": [0.05, 0.3]}}}, ["train.posthoc.sigma_rels", "(0, 0.2887]"]),
+    ({"train": {"posthoc": {"sigma_rels": [0.05, 0.05]}}}, ["train.posthoc.sigma_rels", "differ"]),
+    ({"train": {"posthoc": {"snapshot_every": 0}}}, ["train.posthoc.snapshot_every", "integer >= 1"]),
+    ({"ema": {"method": "posthoc", "sigma_rel": 0.5}}, ["ema.sigma_rel", "less than or equal to 0.288"]),
+    ({"ema": {"sigma_rel": 0.08}}, ["ema.sigma_rel is the width of the post-hoc EMA", "ema.method: posthoc"]),
+    ({"data": {"name": "gmm"}, "method": {"name": "exact_score"}, "ema": {"method": "posthoc"}},
+     ["ema.method: posthoc", "exact_score trains otherwise", "decay or none"]),
     # sample.task: inverse
     ({"data": {"name": "digits"}, "sample": {"task": "inverse", "inverse": {"operator": "colorize"}}},
      ["sample.inverse.operator: colorize needs colour images", "digits is grey"]),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import shutil
 import sqlite3
@@ -80,16 +81,19 @@ def _run(name: str, params: str = "params.yaml") -> int:
     return run_named(name, ["--params", params])
 
 
-def test_every_stage_in_process(workdir):
+def test_every_stage_in_process(workdir, capsys):
     for name in STAGES:
         assert _run(name) == 0, name
+    # long stages say how far they are: the sample stage's bar over the samples (rate and time left)
+    bars = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("samples:")]
+    assert bars and "300/300" in bars[-1] and "sample/s" in bars[-1] and re.search(r"<\d\d:\d\d", bars[-1]), bars
     train, test = np.load("data/train.npy"), np.load("data/test.npy")
     assert train.shape == (600, 2) and test.shape == (300, 2)
     scales = json.loads(Path("outputs/noise_scales.json").read_text())
     assert scales["num_scales"] == 8 and "no root" in scales["how"]["num_scales"]
     model = torch.load("models/model.pt", weights_only=True)
     assert set(model) == {"config", "state_dict"} and model["config"]["parameterization"] == "score_over_sigma"
-    # train.ema: true -> the final model is the EMA file
+    # ema.method: decay -> the final model is the EMA file
     assert Path("models/model.pt").read_bytes() == Path("models/ema.pt").read_bytes()
     samples = np.load("outputs/samples.npz")["x"]
     assert samples.shape == (300, 2) and np.isfinite(samples).all()
@@ -118,6 +122,37 @@ def test_every_stage_in_process(workdir):
     assert {"cd", "cd_floor", "emd", "emd_floor", "train.final_loss", "sample.nfe"} <= keys
     params = {k for (k,) in db.execute("select key from params where run_uuid = ?", parents[0])}
     assert {"train.lr", "data.name", "noise.sigma_min", "sample.n"} <= params
+
+
+def test_the_ema_stage_makes_each_final_model(workdir):
+    """ema.method after one training (30 steps, snapshots every 10): decay copies models/ema.pt, none
+    models/raw.pt, posthoc writes the reconstruction, which for a tracked width is that profile's last snapshot
+    and for a width between the two lies between them."""
+    from pipeline.posthoc import reconstruct
+
+    params = _deep_merge(TINY, {"train": {"posthoc": {"snapshot_every": 10}}})
+    _write_params(Path("params.yaml"), params)
+    for name in STAGES[:STAGES.index("ema") + 1]:
+        assert _run(name) == 0, name
+    assert Path("models/model.pt").read_bytes() == Path("models/ema.pt").read_bytes()
+    assert sorted(p.name for p in Path("models/posthoc").iterdir()) == [f"{s:09d}.pt" for s in (10, 20, 30)]
+    _write_params(Path("params.yaml"), _deep_merge(params, {"ema": {"method": "none"}}))
+    assert _run("ema") == 0 and Path("models/model.pt").read_bytes() == Path("models/raw.pt").read_bytes()
+    last = torch.load("models/posthoc/000000030.pt", weights_only=True)
+    weights = {}
+    for sigma_rel in (0.05, 0.07, 0.10):
+        _write_params(Path("params.yaml"), _deep_merge(params, {"ema": {"method": "posthoc", "sigma_rel": sigma_rel}}))
+        assert _run("ema") == 0
+        model = torch.load("models/model.pt", weights_only=True)
+        assert model["config"] == torch.load("models/ema.pt", weights_only=True)["config"]
+        weights[sigma_rel] = model["state_dict"]
+        assert all(torch.equal(v, reconstruct("models/posthoc", sigma_rel)[0][k]) for k, v in model["state_dict"].items())
+    for i, sigma_rel in enumerate((0.05, 0.10)):
+        for k, v in last["states"][i].items():
+            torch.testing.assert_close(weights[sigma_rel][k], v, rtol=1e-6, atol=1e-7)
+    key = next(iter(last["states"][0]))
+    a, b, mid = weights[0.05][key], weights[0.10][key], weights[0.07][key]
+    assert not torch.equal(a, b) and 0.5 * (a - b).abs().max() > (mid - 0.5 * (a + b)).abs().max()
 
 
 # Digits end to end on tiny sizes: a 16-wide U-Net, 20 FID images (Inception ~0.15 s an image here).
@@ -271,6 +306,7 @@ def test_exact_score_on_gmm_needs_no_training(workdir):
         assert _run(name) == 0, name
     model = torch.load("models/model.pt", weights_only=True)
     assert model["config"]["kind"] == "gmm_exact"
+    assert Path("models/posthoc").is_dir() and not any(Path("models/posthoc").iterdir())  # nothing trained
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
     assert {"gmm_weights_err", "gmm_means_err", "gmm_covs_err", "gmm_weights_z", "gmm_means_z", "gmm_covs_z"} <= set(metrics)
     assert json.loads(Path("metrics/train.json").read_text())["steps"] == 0
@@ -473,6 +509,8 @@ def _back_to_baseline(repo: Path, env: dict) -> None:
 @pytest.mark.parametrize("sets, expected", [
     (["method.loss=ssm"], {"train", "ema", "sample", "evaluate", "report"}),
     (["sample.sampler=ddim"], {"sample", "evaluate", "report"}),
+    # post-hoc EMA: a new width from the finished run's snapshots, no training
+    (["ema.method=posthoc", "ema.sigma_rel=0.08"], {"ema", "sample", "evaluate", "report"}),
     (["method.name=ddpm", "method.num_steps=20"], {"noise_scales", "train", "ema", "sample", "evaluate", "report"}),
     (["method.name=schrodinger_bridge", "data.target=moons", "method.sb.iterations=1"],
      {"prepare", "noise_scales", "train", "ema", "sample", "evaluate", "report"}),

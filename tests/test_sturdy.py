@@ -557,7 +557,7 @@ def test_the_ema_stage_refuses_what_is_not_a_model_file(trained, workdir, capsys
         Path("models/ema.pt").write_bytes(content)
     assert _run("ema") == 2
     err = capsys.readouterr().err
-    assert "ema: train.ema: EMA weights: models/ema.pt" in err and words in err and "Traceback" not in err
+    assert "ema: ema.method: decay EMA weights: models/ema.pt" in err and words in err and "Traceback" not in err
     assert Path("models/model.pt").read_bytes() == before
 
 

@@ -4,6 +4,7 @@ warm-up, channels-last and compile against the plain loop; the new train.* keys 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -395,3 +396,16 @@ def test_label_dropout_one_trains_only_the_null_label(tmp_path):
     start = _conditional_mlp().label_emb.weight
     rows = out.model.label_emb.weight.detach()
     assert not torch.equal(rows[0], start[0]) and torch.equal(rows[1:], start[1:].detach())
+
+
+def test_progress_shows_steps_images_per_second_and_the_time_left(tmp_path, capsys):
+    """The train bar (stderr): step count, steps/s, the time left, the last loss row and images/s (batch x
+    steps/s); the sample stage's bar over the samples is checked with the stages (tests/test_stages.py)."""
+    net = ConditionalMLP(2, hidden=8, blocks=1, emb_dim=8)
+    settings = TrainSettings(40, 32, 1e-3, 1.0, 0.99, 1_000, 5, 0)
+    train(net, build_loss("dsm", VPSDE(), "eps"), TrainData(torch.randn(64, 2)), settings,
+          Checkpoints(tmp_path, {}), Hooks(progress=True))
+    err = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    last = [line for line in err if line.startswith("train:")][-1]
+    assert "40/40" in last and "step/s" in last and "loss=" in last and "img/s=" in last, last
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", last), last  # elapsed < left

@@ -13,6 +13,7 @@ class ExactScore(Family):
     noise_defaults = "exact_score"
     stages = "families.exact_score.stages"
     own_stages = ("train",)
+    posthoc_ema = False
 
     def process_kind(self, sde: str) -> str:
         return "noise_scales" if sde == "auto" else sde

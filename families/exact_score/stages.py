@@ -9,7 +9,7 @@ from pipeline.config import Config
 from pipeline.distributed import Group
 from pipeline.gmm import GaussianMixture
 from pipeline.tracking import StageRun
-from stages.common import CHECKPOINTS, EMA_MODEL, EVAL_CSV, LOSS_CSV, RAW_MODEL, TRAIN_METRICS
+from stages.common import CHECKPOINTS, EMA_MODEL, EVAL_CSV, LOSS_CSV, RAW_MODEL, TRAIN_METRICS, publish_snapshots
 
 
 def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> None:
@@ -23,6 +23,7 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
     exact = models.gmm_model_file(GaussianMixture.from_params(g.weights, g.means, g.covs))
     for path in (RAW_MODEL, EMA_MODEL):
         io.save_torch(path, exact)
+    publish_snapshots(None)  # nothing trained: no post-hoc EMA
     io.write_text(LOSS_CSV, "step,loss\n")
     io.write_text(EVAL_CSV, "step,value,se,unit\n")
     io.write_json(TRAIN_METRICS, {"steps": 0, "num_params": 0, "final_loss": None})

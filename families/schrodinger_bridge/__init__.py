@@ -45,6 +45,7 @@ class SchrodingerBridge(Family):
     stages = "families.schrodinger_bridge.stages"
     own_stages = ("train", "sample", "evaluate")
     has_score = False
+    posthoc_ema = False
 
     def process_kind(self, sde: str) -> str:
         if sde != "auto":

@@ -28,7 +28,7 @@ from pipeline.rng import SampleGenerators, sample_seed
 from pipeline.tracking import StageRun
 from stages.common import (EMA_MODEL, EVAL_CSV, EVAL_METRICS, EVAL_PLOT, LOSS_CSV, MODEL, NEIGHBOURS_PLOT,
                            NOISE_SCALES, RAW_MODEL, REFERENCE, SAMPLE_METRICS, SAMPLES, SAMPLES_PLOT, TARGET, TEST,
-                           TRAIN, TRAIN_METRICS, TRAJECTORY_PLOT, data_record, process_of)
+                           TRAIN, TRAIN_METRICS, TRAJECTORY_PLOT, data_record, process_of, publish_snapshots)
 from stages.launch import choose_device
 
 # Updates of each network per half-iteration when train.steps is 'auto'.
@@ -117,6 +117,7 @@ def train_stage(cfg: Config, run: StageRun) -> None:
                           progress=True)
     io.save_torch(RAW_MODEL, model_file({d: spec for d in DIRECTIONS}, result.nets, process, sb.num_steps))
     io.save_torch(EMA_MODEL, model_file({d: spec for d in DIRECTIONS}, result.ema, process, sb.num_steps))
+    publish_snapshots(None)  # the bridge's own loop keeps the decay EMA only
     io.write_text(LOSS_CSV, "step,loss,network,iteration\n" + "".join(f"{s},{v:.8g},{d},{i}\n"
                                                                       for s, v, d, i in result.loss_rows))
     columns = ("cd_source", "emd_target", "emd_source")

@@ -77,7 +77,8 @@ def walk(step: Step, x: Tensor, grid: Tensor | Sequence[float], fn: Callable, pr
     if 0 in keep:
         trajectory.append((times[0], x.detach().clone()))
     name = desc or getattr(step, "__name__", None) or getattr(getattr(step, "func", None), "__name__", "sampling")
-    for i, (t_cur, t_next) in enumerate(tqdm(pairs, desc=name, disable=not progress, mininterval=1.0)):
+    for i, (t_cur, t_next) in enumerate(tqdm(pairs, desc=name, disable=not progress, mininterval=1.0,
+                                                leave=False)):
         x = step(x, t_cur, t_next, counted, process, generator)
         if i + 1 in keep:
             trajectory.append((t_next, x.detach().clone()))

@@ -3,7 +3,8 @@ accumulation, learning-rate warm-up, channels-last and torch.compile for GPUs; p
 processes (a pipeline.distributed.Group: each rank trains on its rows of every global batch, see that module).
 
 train() strings its four parts together, each a module that reads alone:
-  pipeline.train.state       (a) state and resume: Adam, EMA, lr warm-up, GradScaler, the checkpoint and its fingerprint
+  pipeline.train.state       (a) state and resume: Adam, the EMAs, lr warm-up, GradScaler, the checkpoint and its
+                                 fingerprint (pipeline.posthoc: the post-hoc EMA's profiles and snapshots)
   pipeline.train.step        (b) one optimisation step: batch, micro-batches, autocast, grad scaling, clipping, EMA
   pipeline.train.evaluation  (c) loss rows and the held-out evaluation cadence
   pipeline.train.preempt     (d) preemption: should_stop agreed across ranks, checkpoint, Preempted
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from pipeline.distributed import Group
 from pipeline.pixels import image_batches
+from pipeline import posthoc
 from pipeline.train.settings import (NO_COMPILE_LOSSES, PRECISIONS, BatchTransform, Evaluator, Hooks, LossFn,
                                    TrainData, TrainSettings, check_train)
 from pipeline.train.evaluation import eval_csv, evaluate_if_due, held_out_evaluator, log_if_due, loss_csv
@@ -69,8 +71,11 @@ def train(model: nn.Module, loss_fn: LossFn, data: TrainData, settings: TrainSet
     net = training_network(model, settings, group)
     resume(state, checkpoints, settings.steps, device, group)
     resumed_from = state.step
+    if state.posthoc and (group is None or group.is_main):  # the snapshots of a run resumed here, or none
+        posthoc.keep_snapshots_until(checkpoints.snapshots, state.step, settings.snapshot_every)
     model.train()
-    bar = tqdm(total=settings.steps, initial=state.step, desc="train", disable=not hooks.progress, mininterval=1.0)
+    bar = tqdm(total=settings.steps, initial=state.step, desc="train", unit="step", disable=not hooks.progress,
+               mininterval=1.0)
     try:
         while state.step < settings.steps:
             batch, conds = draw_batch(data, settings, state.gen, device)
@@ -78,7 +83,8 @@ def train(model: nn.Module, loss_fn: LossFn, data: TrainData, settings: TrainSet
             _after_step(state, settings, checkpoints, hooks, device, group, bar)
     finally:
         bar.close()
-    if state.step == 0:  # train.steps 0: the checkpoint of the untrained state
+    if state.step == 0:  # train.steps 0: the checkpoint (and snapshot) of the untrained state
+        _snapshot(state, checkpoints, group)
         save_checkpoint(state, checkpoints, device, group)
     if settings.channels_last:  # the returned (and saved) weights are laid out like any other run's
         model.to(memory_format=torch.contiguous_format)
@@ -91,8 +97,11 @@ def _after_step(state: TrainState, settings: TrainSettings, checkpoints: Checkpo
     """The step's held-out row, loss row and checkpoint when due; then checkpoint and raise Preempted if asked."""
     evaluate_if_due(state, hooks)
     mean = log_if_due(state, settings, hooks.on_log, group)
-    if mean is not None:
-        bar.set_postfix(loss=f"{mean:.4f}")
+    if mean is not None and not bar.disable:  # tqdm's bar shows steps/s and the time left; this adds images/s
+        rate = bar.format_dict.get("rate") or 0.0
+        bar.set_postfix({"loss": f"{mean:.4f}", "img/s": f"{rate * settings.batch_size:.0f}"}, refresh=False)
+    if state.posthoc and (state.step % settings.snapshot_every == 0 or state.step == settings.steps):
+        _snapshot(state, checkpoints, group)  # before the checkpoint: a resume never lacks a snapshot it passed
     saved = state.step % settings.checkpoint_every == 0 or state.step == settings.steps
     if saved:
         save_checkpoint(state, checkpoints, device, group)
@@ -101,6 +110,13 @@ def _after_step(state: TrainState, settings: TrainSettings, checkpoints: Checkpo
         if not saved:
             save_checkpoint(state, checkpoints, device, group)
         preempt(state.step, checkpoints.path, group)
+
+
+def _snapshot(state: TrainState, checkpoints: Checkpoints, group: Optional[Group]) -> None:
+    """Write the post-hoc EMA profiles' weights at this step to checkpoints.snapshots (rank 0; none tracked: no-op)."""
+    if state.posthoc and (group is None or group.is_main):
+        posthoc.save_snapshot(checkpoints.snapshots, state.step, state.posthoc_sigma_rels,
+                              [averaged.module.state_dict() for averaged in state.posthoc])
 
 
 def _sharded(group: Optional[Group], settings: TrainSettings) -> Optional[Group]:

@@ -48,7 +48,9 @@ class TrainSettings:
     """The knobs of the loop (train.* in params.yaml; compile_backend is torch.compile's, tests pick a light one).
 
     precision: autocast dtype of the forward pass and loss ('fp32': none; 'fp16' with a GradScaler);
-    accumulate: micro-batches per step (batch_size must divide evenly); warmup: steps of linear lr warm-up.
+    accumulate: micro-batches per step (batch_size must divide evenly); warmup: steps of linear lr warm-up;
+    posthoc_sigma_rels: the power-function EMAs tracked for post-hoc EMA (pipeline.posthoc; () none), their
+    snapshots written every snapshot_every steps and at the last step.
     """
 
     steps: int
@@ -66,6 +68,8 @@ class TrainSettings:
     accumulate: int = 1
     warmup: int = 0
     compile_backend: str = "inductor"
+    posthoc_sigma_rels: tuple[float, ...] = ()
+    snapshot_every: int = 0
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -75,6 +79,8 @@ class TrainSettings:
                              f"({self.accumulate}): each step splits its batch into accumulate equal micro-batches")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.posthoc_sigma_rels and self.snapshot_every < 1:
+            raise ValueError(f"snapshot_every must be >= 1 with post-hoc EMA profiles, got {self.snapshot_every}")
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,7 +3,9 @@ the lr warm-up, the GradScaler, the training generator, the loss since the last 
 with the global RNGs dropout draws from, and resuming from that checkpoint bit for bit.
 
 EMA of the weights is NCSNv2 technique 5 (arXiv:2006.09011, sec. 3.5), kept with
-torch.optim.swa_utils.AveragedModel; optionally with score_sde's warm-up of the decay (ema_multi_avg_fn).
+torch.optim.swa_utils.AveragedModel; optionally with score_sde's warm-up of the decay (ema_multi_avg_fn). Beside it,
+the power-function EMAs of post-hoc EMA (pipeline.posthoc), AveragedModels too, whose snapshots go to
+Checkpoints.snapshots.
 The learning-rate warm-up is DDPM's and score_sde's lr * min(1, step / warmup) (Ho et al. 2020, appendix B:
 5,000 steps; score_sde's optimization_manager).
 """
@@ -24,16 +26,20 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline import io
 from pipeline.distributed import Group
+from pipeline.posthoc import gamma_of, power_multi_avg_fn
 from pipeline.train.settings import TrainSettings
 
 if TYPE_CHECKING:
     from pipeline.config import TrainParams
 
-CHECKPOINT = "last.pt"
+CHECKPOINT, SNAPSHOTS = "last.pt", "posthoc"
 # train.* keys that leave the result alone (the cadence of logs, checkpoints and held-out rows, the device and
 # its TF32 switch, like the device a property of the machine) or only pick the file the ema stage copies. The
 # number of processes is checked apart (pipeline.train: another world size starts over, with a warning).
-NOT_FINGERPRINTED = {"steps", "checkpoint_every", "log_every", "ema", "device", "eval_every", "tf32", "devices"}
+# The post-hoc EMA profiles leave the weights alone too: resume checks the checkpoint's own profiles instead, so that
+# a new snapshot cadence resumes and other profiles start over.
+NOT_FINGERPRINTED = {"steps", "checkpoint_every", "log_every", "ema", "device", "eval_every", "tf32", "devices",
+                     "posthoc"}
 # Keys added after checkpoints existed that change the bits: fingerprinted only away from their defaults, so a
 # checkpoint written before they existed still resumes.
 LATER_KEYS = ("precision", "channels_last", "compile", "accumulate", "warmup")
@@ -77,7 +83,8 @@ class TrainState:
 
     running: the loss summed since the last row, a float64 scalar on the device, read only at a row (no host sync
     per step; float64 sums of float32 losses give the bits of a Python float sum); count: the steps in it.
-    rows: (step, mean loss) per row; eval_rows: {"step": step, **evaluator's row}.
+    rows: (step, mean loss) per row; eval_rows: {"step": step, **evaluator's row}; posthoc: one power-function EMA
+    per posthoc_sigma_rels.
     """
 
     model: nn.Module
@@ -91,6 +98,8 @@ class TrainState:
     step: int = 0
     rows: list[tuple[int, float]] = field(default_factory=list)
     eval_rows: list[dict] = field(default_factory=list)
+    posthoc: list[AveragedModel] = field(default_factory=list)
+    posthoc_sigma_rels: tuple[float, ...] = ()
 
 
 def new_state(model: nn.Module, settings: TrainSettings, device: torch.device) -> TrainState:
@@ -103,8 +112,11 @@ def new_state(model: nn.Module, settings: TrainSettings, device: torch.device) -
     scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
     ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(settings.ema_decay, settings.ema_warmup),
                         use_buffers=True)
+    posthoc = [AveragedModel(model, multi_avg_fn=power_multi_avg_fn(gamma_of(s)), use_buffers=True)
+               for s in settings.posthoc_sigma_rels]
     running = torch.zeros((), dtype=torch.float64, device=device)
-    return TrainState(model, opt, ema, gen, sched, scaler, running)
+    return TrainState(model, opt, ema, gen, sched, scaler, running, posthoc=posthoc,
+                      posthoc_sigma_rels=tuple(float(s) for s in settings.posthoc_sigma_rels))
 
 
 def fingerprint(obj: Mapping[str, Any]) -> str:
@@ -131,6 +143,11 @@ class Checkpoints:
         return Path(self.directory) / CHECKPOINT
 
     @property
+    def snapshots(self) -> Path:
+        """The post-hoc EMA snapshots of the run the checkpoint belongs to (pipeline.posthoc)."""
+        return Path(self.directory) / SNAPSHOTS
+
+    @property
     def fingerprint(self) -> str:
         return fingerprint(self.setup)
 
@@ -150,9 +167,10 @@ def _restore_global_rng(state: Mapping[str, Tensor], device: torch.device) -> No
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _load_compatible(path: Path, expected: str, steps: int, world_size: int = 1, warn: bool = True
-                     ) -> Optional[dict]:
-    """The checkpoint at path if it was written by the same setup, with as many processes, and is not past `steps`.
+def _load_compatible(path: Path, expected: str, steps: int, world_size: int = 1, warn: bool = True,
+                     sigma_rels: tuple[float, ...] = ()) -> Optional[dict]:
+    """The checkpoint at path if it was written by the same setup, with as many processes, is not past `steps` and
+    tracks the same post-hoc EMA profiles (`sigma_rels`: none for a checkpoint written without any).
 
     A checkpoint of another world size is not resumed: the ranks' global RNGs and partial loss sums do not map onto
     another number of processes, and a run stitched from two world sizes could not be replayed. The run starts
@@ -164,6 +182,8 @@ def _load_compatible(path: Path, expected: str, steps: int, world_size: int = 1,
     except Exception:  # unreadable: start over rather than crash
         return None
     if ckpt.get("fingerprint") != expected or int(ckpt["step"]) > steps:
+        return None
+    if tuple(ckpt.get("posthoc_sigma_rels", ())) != tuple(sigma_rels):  # other profiles: their averages start over
         return None
     written = int(ckpt.get("world_size", 1))
     if written != world_size:
@@ -181,12 +201,14 @@ def resume(state: TrainState, checkpoints: Checkpoints, steps: int, device: torc
     """Load the checkpoint into `state` when it fits this run (see _load_compatible), else leave step 0."""
     world_size = 1 if group is None else group.world_size
     ckpt = _load_compatible(checkpoints.path, checkpoints.fingerprint, steps, world_size,
-                            warn=group is None or group.is_main)
+                            warn=group is None or group.is_main, sigma_rels=state.posthoc_sigma_rels)
     if ckpt is None:
         return
     state.model.load_state_dict(ckpt["model"])
     state.opt.load_state_dict(ckpt["optimizer"])
     state.ema.load_state_dict(ckpt["ema"])
+    for averaged, saved in zip(state.posthoc, ckpt.get("posthoc", [])):
+        averaged.load_state_dict(saved)
     state.gen.set_state(ckpt["generator"])
     if state.sched is not None:
         state.sched.load_state_dict(ckpt["scheduler"])
@@ -219,6 +241,9 @@ def save_checkpoint(state: TrainState, checkpoints: Checkpoints, device: torch.d
         out["scheduler"] = state.sched.state_dict()
     if state.scaler is not None:
         out["scaler"] = state.scaler.state_dict()
+    if state.posthoc:  # only then: a checkpoint without profiles keeps the keys it always had
+        out["posthoc"] = [averaged.state_dict() for averaged in state.posthoc]
+        out["posthoc_sigma_rels"] = list(state.posthoc_sigma_rels)
     if group is not None:
         out.update(world_size=group.world_size, ranks=ranks)
     io.save_torch(checkpoints.path, out)

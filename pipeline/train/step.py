@@ -1,5 +1,5 @@
 """One optimisation step, part (b) of the training loop: draw the global batch, run its micro-batches through the
-loss under autocast, average the ranks' gradients, unscale and clip them, then Adam, the lr warm-up and the EMA.
+loss under autocast, average the ranks' gradients, unscale and clip them, then Adam, the lr warm-up and the EMAs.
 
 The training generator draws, in this order: the batch_size indices (with replacement), the transform's randomness,
 the label dropout (with labels only), then each micro-batch's loss noise, micro-batch after micro-batch. Every knob
@@ -79,6 +79,8 @@ def optimisation_step(state: TrainState, net: nn.Module, loss_fn: LossFn, batch:
         _backward(state, net, loss_fn, micro, cond, settings, group)
     _apply_gradients(state, settings, group)
     state.ema.update_parameters(state.model)
+    for averaged in state.posthoc:
+        averaged.update_parameters(state.model)
     state.step += 1
     state.count += 1
 
