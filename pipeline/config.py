@@ -199,9 +199,9 @@ class MethodParams(_Section):
 
 class PosthocParams(_Section):
     """The power-function EMAs training keeps for post-hoc EMA (Karras et al. 2024, sec. 3): their widths sigma_rel
-    and the steps between snapshots of them ('auto': train.steps / 20)."""
+    ([]: none, no snapshots) and the steps between snapshots of them ('auto': train.steps / 20)."""
 
-    sigma_rels: list[float] = Field(default_factory=lambda: list(SIGMA_RELS), min_length=1)
+    sigma_rels: list[float] = Field(default_factory=lambda: list(SIGMA_RELS))
     snapshot_every: Union[Auto, int] = "auto"
 
     @field_validator("sigma_rels")
@@ -484,6 +484,9 @@ class Config(_Section):
                     raise ValueError(f"eval.fid_n ({e.fid_n}) must be <= {key} ({have}): FID compares eval.fid_n "
                                      f"images each side")
         _check_fid_seeds(self)
+        if self.ema.method == "posthoc" and not self.train.posthoc.sigma_rels:
+            raise ValueError("ema.method: posthoc reconstructs an EMA from the snapshots of train.posthoc.sigma_rels, "
+                             "and it is empty: training keeps none (list the widths to track, e.g. [0.05, 0.10])")
         if self.ema.method == "posthoc" and not family.posthoc_ema:
             raise ValueError(f"ema.method: posthoc reconstructs an EMA from the snapshots pipeline.train keeps; "
                              f"method.name: {m.name} trains otherwise and keeps none (use ema.method: decay or none)")

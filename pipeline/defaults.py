@@ -24,13 +24,13 @@ POINT_TRAIN = {"steps": 5_000, "batch_size": 512, "lr": 1e-3}
 # data.name: photos (pipeline/data/photos.py): the side of its square crops, which is the largest data.image_size it
 # takes, and the side its crops are resized to when data.image_size is null.
 PHOTOS_CROP = 64
+PHOTOS_IMAGE_SIZE = 16
 # Post-hoc EMA (pipeline.posthoc): EDM2's two tracked profiles (Karras et al. 2024, sec. 3.2: sigma_rel 0.05
 # and 0.10); the widest power-function profile (gamma = 0, the uniform average: sqrt(1/12)); snapshots per run
 # (train.posthoc.snapshot_every: auto is train.steps / POSTHOC_SNAPSHOTS).
 SIGMA_RELS = (0.05, 0.10)
 SIGMA_REL_MAX = 12.0 ** -0.5
 POSTHOC_SNAPSHOTS = 20
-PHOTOS_IMAGE_SIZE = 16
 
 
 @dataclass(frozen=True)

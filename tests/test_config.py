@@ -79,6 +79,8 @@ def test_yaml12_floats_as_dvc_writes_them(tmp_path):
     ({"train": {"posthoc": {"snapshot_every": 0}}}, ["train.posthoc.snapshot_every", "integer >= 1"]),
     ({"ema": {"method": "posthoc", "sigma_rel": 0.5}}, ["ema.sigma_rel", "less than or equal to 0.288"]),
     ({"ema": {"sigma_rel": 0.08}}, ["ema.sigma_rel is the width of the post-hoc EMA", "ema.method: posthoc"]),
+    ({"train": {"posthoc": {"sigma_rels": []}}, "ema": {"method": "posthoc"}},
+     ["ema.method: posthoc", "train.posthoc.sigma_rels", "empty"]),
     ({"data": {"name": "gmm"}, "method": {"name": "exact_score"}, "ema": {"method": "posthoc"}},
      ["ema.method: posthoc", "exact_score trains otherwise", "decay or none"]),
     # sample.task: inverse

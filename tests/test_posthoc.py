@@ -180,3 +180,34 @@ def test_a_run_of_no_steps_reconstructs_the_initial_weights(tmp_path):
     assert snapshot_steps(ckpts.snapshots) == [0]
     state, _, step = reconstruct(ckpts.snapshots, 0.2)
     assert step == 0 and all(torch.equal(state[k], v) for k, v in start.items())
+
+
+def test_no_profiles_no_snapshots(tmp_path):
+    """train.posthoc.sigma_rels: [] tracks nothing and leaves no snapshot of an earlier run in the folder."""
+    ckpts = Checkpoints(tmp_path, {"test": 2})
+    save_snapshot(ckpts.snapshots, 10, [0.05], [{}])
+    settings = TrainSettings(3, 16, 1e-3, 1.0, 0.99, 10, 10, 0)
+    net = ConditionalMLP(2, hidden=8, blocks=1, emb_dim=8)
+    train(net, build_loss("dsm", VPSDE(), "eps"), TrainData(torch.randn(32, 2)), settings, ckpts, Hooks(progress=False))
+    assert snapshot_steps(ckpts.snapshots) == []
+
+
+def test_other_profiles_start_over_and_a_new_cadence_resumes(tmp_path):
+    """A checkpoint resumes only into a run tracking the same profiles with the same snapshot cadence (the
+    averages cannot be rebuilt, and the snapshots must be a fresh run's); more steps resume."""
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
+    ckpts = Checkpoints(tmp_path, {"test": 3})
+
+    def run(steps, sigma_rels, every):
+        settings = TrainSettings(steps, 16, 1e-3, 1.0, 0.99, 10, 10, 0, posthoc_sigma_rels=sigma_rels,
+                                 snapshot_every=every)
+        net = ConditionalMLP(2, hidden=8, blocks=1, emb_dim=8)
+        return train(net, build_loss("dsm", VPSDE(), "eps"), TrainData(x), settings, ckpts, Hooks(progress=False))
+
+    run(20, (0.05, 0.10), 10)
+    assert run(30, (0.05, 0.10), 10).resumed_from == 20
+    assert run(40, (0.05, 0.10), 5).resumed_from == 0
+    assert snapshot_steps(ckpts.snapshots) == list(range(5, 41, 5))
+    assert run(50, (0.07,), 5).resumed_from == 0
+    assert run(60, (), 5).resumed_from == 0 and snapshot_steps(ckpts.snapshots) == []
+    assert run(70, (), 7).resumed_from == 60  # no profiles: the cadence means nothing

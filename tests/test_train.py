@@ -324,14 +324,17 @@ def test_new_train_keys_are_validated_with_their_names():
 
 def test_checkpoint_fingerprint_keeps_its_keys_at_the_defaults():
     """At their defaults the new keys stay out of the fingerprint, so checkpoints written before them resume;
-    away from them the keys that change the bits enter it; tf32, like the device, never does."""
-    from pipeline.config import TrainParams
+    away from them the keys that change the bits enter it; tf32, like the device, never does, nor the post-hoc
+    EMA's profiles (resume compares those with the checkpoint's own)."""
+    from pipeline.config import PosthocParams, TrainParams
     from pipeline.train import fingerprinted_train
 
-    old = TrainParams().model_dump(exclude={"steps", "checkpoint_every", "log_every", "ema", "device", "eval_every",
-                                            "precision", "tf32", "channels_last", "compile", "accumulate", "warmup", "devices"})
+    old = TrainParams().model_dump(exclude={"steps", "checkpoint_every", "log_every", "device", "eval_every",
+                                            "precision", "tf32", "channels_last", "compile", "accumulate", "warmup",
+                                            "devices", "posthoc"})
     assert fingerprinted_train(TrainParams()) == old
     assert fingerprinted_train(TrainParams(tf32=False)) == old
+    assert fingerprinted_train(TrainParams(posthoc=PosthocParams(sigma_rels=[0.07], snapshot_every=3))) == old
     changed = TrainParams(precision="bf16", channels_last=True, compile=True, accumulate=2, warmup=10)
     assert fingerprinted_train(changed) == {**old, "precision": "bf16", "channels_last": True, "compile": True,
                                             "accumulate": 2, "warmup": 10}

@@ -71,8 +71,9 @@ def train(model: nn.Module, loss_fn: LossFn, data: TrainData, settings: TrainSet
     net = training_network(model, settings, group)
     resume(state, checkpoints, settings.steps, device, group)
     resumed_from = state.step
-    if state.posthoc and (group is None or group.is_main):  # the snapshots of a run resumed here, or none
-        posthoc.keep_snapshots_until(checkpoints.snapshots, state.step, settings.snapshot_every)
+    if group is None or group.is_main:  # the snapshots of a run resumed here; none when it tracks no profile
+        posthoc.keep_snapshots_until(checkpoints.snapshots, state.step if state.posthoc else 0,
+                                     settings.snapshot_every or 1)
     model.train()
     bar = tqdm(total=settings.steps, initial=state.step, desc="train", unit="step", disable=not hooks.progress,
                mininterval=1.0)

@@ -34,12 +34,11 @@ if TYPE_CHECKING:
 
 CHECKPOINT, SNAPSHOTS = "last.pt", "posthoc"
 # train.* keys that leave the result alone (the cadence of logs, checkpoints and held-out rows, the device and
-# its TF32 switch, like the device a property of the machine) or only pick the file the ema stage copies. The
-# number of processes is checked apart (pipeline.train: another world size starts over, with a warning).
-# The post-hoc EMA profiles leave the weights alone too: resume checks the checkpoint's own profiles instead, so that
-# a new snapshot cadence resumes and other profiles start over.
-NOT_FINGERPRINTED = {"steps", "checkpoint_every", "log_every", "ema", "device", "eval_every", "tf32", "devices",
-                     "posthoc"}
+# its TF32 switch, like the device a property of the machine). The number of processes is checked apart
+# (pipeline.train: another world size starts over, with a warning). The post-hoc EMA's profiles and snapshot
+# cadence leave the weights alone too: resume compares them with the checkpoint's own instead, and other ones (or a
+# checkpoint written before there were any) start over, so that the snapshots are a fresh run's.
+NOT_FINGERPRINTED = {"steps", "checkpoint_every", "log_every", "device", "eval_every", "tf32", "devices", "posthoc"}
 # Keys added after checkpoints existed that change the bits: fingerprinted only away from their defaults, so a
 # checkpoint written before they existed still resumes.
 LATER_KEYS = ("precision", "channels_last", "compile", "accumulate", "warmup")
@@ -84,7 +83,7 @@ class TrainState:
     running: the loss summed since the last row, a float64 scalar on the device, read only at a row (no host sync
     per step; float64 sums of float32 losses give the bits of a Python float sum); count: the steps in it.
     rows: (step, mean loss) per row; eval_rows: {"step": step, **evaluator's row}; posthoc: one power-function EMA
-    per posthoc_sigma_rels.
+    per posthoc_sigma_rels, snapshots every posthoc_every steps.
     """
 
     model: nn.Module
@@ -100,6 +99,7 @@ class TrainState:
     eval_rows: list[dict] = field(default_factory=list)
     posthoc: list[AveragedModel] = field(default_factory=list)
     posthoc_sigma_rels: tuple[float, ...] = ()
+    posthoc_every: int = 0
 
 
 def new_state(model: nn.Module, settings: TrainSettings, device: torch.device) -> TrainState:
@@ -116,7 +116,8 @@ def new_state(model: nn.Module, settings: TrainSettings, device: torch.device) -
                for s in settings.posthoc_sigma_rels]
     running = torch.zeros((), dtype=torch.float64, device=device)
     return TrainState(model, opt, ema, gen, sched, scaler, running, posthoc=posthoc,
-                      posthoc_sigma_rels=tuple(float(s) for s in settings.posthoc_sigma_rels))
+                      posthoc_sigma_rels=tuple(float(s) for s in settings.posthoc_sigma_rels),
+                      posthoc_every=settings.snapshot_every if settings.posthoc_sigma_rels else 0)
 
 
 def fingerprint(obj: Mapping[str, Any]) -> str:
@@ -152,6 +153,12 @@ class Checkpoints:
         return fingerprint(self.setup)
 
 
+def _posthoc_key(sigma_rels, every) -> tuple:
+    """What a checkpoint's post-hoc EMA must match: its profiles and, when it has any, their snapshot cadence."""
+    sigma_rels = tuple(float(s) for s in sigma_rels)
+    return sigma_rels, int(every) if sigma_rels else 0
+
+
 def _global_rng(device: torch.device) -> dict:
     """The global RNG states dropout draws from (the CPU's, and the CUDA device's): part of an exact resume."""
     state = {"cpu": torch.get_rng_state()}
@@ -168,9 +175,10 @@ def _restore_global_rng(state: Mapping[str, Tensor], device: torch.device) -> No
 
 
 def _load_compatible(path: Path, expected: str, steps: int, world_size: int = 1, warn: bool = True,
-                     sigma_rels: tuple[float, ...] = ()) -> Optional[dict]:
+                     posthoc: tuple = ((), 0)) -> Optional[dict]:
     """The checkpoint at path if it was written by the same setup, with as many processes, is not past `steps` and
-    tracks the same post-hoc EMA profiles (`sigma_rels`: none for a checkpoint written without any).
+    tracks the same post-hoc EMA profiles with the same snapshot cadence (`posthoc`: (sigma_rels, snapshot_every);
+    a checkpoint written without profiles has none).
 
     A checkpoint of another world size is not resumed: the ranks' global RNGs and partial loss sums do not map onto
     another number of processes, and a run stitched from two world sizes could not be replayed. The run starts
@@ -183,8 +191,8 @@ def _load_compatible(path: Path, expected: str, steps: int, world_size: int = 1,
         return None
     if ckpt.get("fingerprint") != expected or int(ckpt["step"]) > steps:
         return None
-    if tuple(ckpt.get("posthoc_sigma_rels", ())) != tuple(sigma_rels):  # other profiles: their averages start over
-        return None
+    if _posthoc_key(ckpt.get("posthoc_sigma_rels", ()), ckpt.get("posthoc_every", 0)) != _posthoc_key(*posthoc):
+        return None  # other profiles or another cadence: the averages and the snapshots start over
     written = int(ckpt.get("world_size", 1))
     if written != world_size:
         if warn:  # stacklevel 4: the warning names the line that called pipeline.train.train
@@ -201,7 +209,8 @@ def resume(state: TrainState, checkpoints: Checkpoints, steps: int, device: torc
     """Load the checkpoint into `state` when it fits this run (see _load_compatible), else leave step 0."""
     world_size = 1 if group is None else group.world_size
     ckpt = _load_compatible(checkpoints.path, checkpoints.fingerprint, steps, world_size,
-                            warn=group is None or group.is_main, sigma_rels=state.posthoc_sigma_rels)
+                            warn=group is None or group.is_main,
+                            posthoc=(state.posthoc_sigma_rels, state.posthoc_every))
     if ckpt is None:
         return
     state.model.load_state_dict(ckpt["model"])
@@ -244,6 +253,7 @@ def save_checkpoint(state: TrainState, checkpoints: Checkpoints, device: torch.d
     if state.posthoc:  # only then: a checkpoint without profiles keeps the keys it always had
         out["posthoc"] = [averaged.state_dict() for averaged in state.posthoc]
         out["posthoc_sigma_rels"] = list(state.posthoc_sigma_rels)
+        out["posthoc_every"] = state.posthoc_every
     if group is not None:
         out.update(world_size=group.world_size, ranks=ranks)
     io.save_torch(checkpoints.path, out)

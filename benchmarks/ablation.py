@@ -1,0 +1,131 @@
+"""Image defaults by measurement: one training per variant of the `auto` settings of a data set, its quality and
+its time, to choose what `auto` resolves to.
+
+    python -m benchmarks.ablation --data digits [--only NAME ...]
+
+The once-per-data-set stages (prepare, fid_reference, classifier) run once in scratch/references and are copied
+into each variant's own scratch folder, which then runs noise_scales, train, ema, sample and evaluate with the
+repo's params.yaml, data.name and the variant's overrides (the numbers `dvc exp run -S ...` gives for the same
+keys). Each row: fid and fid_domain with their floors, kid, the seconds of each stage and `total_s`, their sum
+with the reference stages' (what a fresh `dvc exp run -S data.name=...` takes). Rows are written to
+benchmarks/ablation_<data>.json as they come, so a long run may be stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.methods import REPO, _fmt, _merge, _run_stages, track_in_repo
+
+REFERENCE_STAGES = ["prepare", "fid_reference", "classifier"]
+MODEL_STAGES = ["noise_scales", "train", "ema", "sample", "evaluate"]
+# Files the reference stages write, copied into every variant's folder.
+REFERENCE_FILES = ("data", "outputs/fid_reference.npz", "metrics/fid_reference.json", "models/classifier.pt",
+                   "outputs/domain_reference.npz", "metrics/classifier.json")
+
+# data set -> {variant: overrides of params.yaml}; "auto" first (every key at its default). Each variant changes one
+# thing against auto unless its name says otherwise.
+VARIANTS: dict[str, dict[str, dict]] = {
+    "digits": {
+        "auto": {},
+        "bf16": {"train": {"precision": "bf16"}},
+        "steps 3000": {"train": {"steps": 3000}},
+        "steps 1500": {"train": {"steps": 1500}},
+        "lr 2e-3": {"train": {"lr": 2e-3}},
+        "lr 5e-4": {"train": {"lr": 5e-4}},
+        "batch 64": {"train": {"batch_size": 64}},
+        "batch 256": {"train": {"batch_size": 256}},
+        "warm-up 200": {"train": {"warmup": 200}},
+        "dropout 0": {"model": {"dropout": 0.0}},
+        "channels 48": {"model": {"channels": 48}},
+        "2 res blocks": {"model": {"num_res_blocks": 2}},
+        "eps": {"method": {"parameterization": "eps"}},
+        "posthoc 0.05": {"ema": {"method": "posthoc", "sigma_rel": 0.05}},
+    },
+    "fashion_mnist": {
+        "auto": {},
+        "bf16": {"train": {"precision": "bf16"}},
+        "ddpm ddim-50": {"method": {"name": "ddpm"}, "sample": {"sampler": "ddim", "steps": 50}},
+        "edm": {"method": {"name": "edm"}},
+    },
+}
+
+
+def _copy_references(src: Path, dst: Path) -> None:
+    for rel in REFERENCE_FILES:
+        if (src / rel).exists():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if (src / rel).is_dir() else shutil.copyfile)(src / rel, dst / rel)
+
+
+def run_data(data: str, names: list[str], scratch: Path, out: Path) -> list[dict[str, Any]]:
+    """The reference stages once, then every variant of `names`; rows written to `out` as they come."""
+    base = _merge(yaml.safe_load((REPO / "params.yaml").read_text()),
+                  {"data": {"name": data}, "tracking": {"experiment": "benchmarks"}})
+    ref = scratch / "references"
+    ref.mkdir(parents=True)
+    os.chdir(ref)
+    Path("params.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    os.environ["DVC_EXP_NAME"] = f"bench-ablation-{data}-references"
+    reference_s = _run_stages(REFERENCE_STAGES)
+    rows = []
+    try:
+        for name in names:
+            work = scratch / name.replace(" ", "_")
+            work.mkdir()
+            _copy_references(ref, work)
+            os.chdir(work)
+            Path("params.yaml").write_text(yaml.safe_dump(_merge(base, VARIANTS[data][name]), sort_keys=False))
+            os.environ["DVC_EXP_NAME"] = f"bench-ablation-{data}-{name.replace(' ', '-')}"
+            seconds = _run_stages(MODEL_STAGES)
+            metrics = json.loads(Path("metrics/evaluate.json").read_text())
+            train = json.loads(Path("metrics/train.json").read_text())
+            rows.append({"data": data, "variant": name, "overrides": VARIANTS[data][name], **metrics,
+                         "num_params": train.get("num_params"), "steps": train.get("steps"),
+                         **{f"{k}_s": v for k, v in {**reference_s, **seconds}.items()},
+                         "total_s": sum(reference_s.values()) + sum(seconds.values())})
+            print(json.dumps(rows[-1]), flush=True)
+            out.write_text(json.dumps(rows, indent=1) + "\n")
+    finally:
+        os.chdir(REPO)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """One line per variant: fid / floor, fid_domain / floor, kid, train s, total s."""
+    head = ("| variant | fid (× floor) | fid_domain (× floor) | kid | train s | total s |\n"
+            "|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        lines.append(f"| {r['variant']} | {_fmt(r['fid'], 2)} ({r['fid'] / r['fid_floor']:.2f}×) | "
+                     f"{_fmt(r['fid_domain'], 2)} ({r['fid_domain'] / r['fid_domain_floor']:.2f}×) | "
+                     f"{_fmt(r['kid'], 4)} | {_fmt(r['train_s'], 0)} | {_fmt(r['total_s'], 0)} |")
+    return head + "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=list(VARIANTS), required=True)
+    parser.add_argument("--only", nargs="*", help="variants to run (default: all of the data set's)")
+    args = parser.parse_args()
+    names = args.only or list(VARIANTS[args.data])
+    unknown = [n for n in names if n not in VARIANTS[args.data]]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; {args.data} has: {', '.join(VARIANTS[args.data])}")
+    track_in_repo()
+    out = REPO / "benchmarks" / f"ablation_{args.data}.json"
+    with tempfile.TemporaryDirectory(prefix="bench-ablation-") as scratch:
+        rows = run_data(args.data, names, Path(scratch), out)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
