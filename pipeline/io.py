@@ -107,10 +107,11 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def load_torch(path: str | os.PathLike) -> Any:
+def load_torch(path: str | os.PathLike, mmap: bool = False) -> Any:
     """torch.load with weights_only=True: nothing but tensors and plain containers. A file that pickles anything
     else (an object a full unpickler would run code for) is refused with a DataError naming it, which every stage
-    turns into a message and exit status 2 rather than a traceback."""
+    turns into a message and exit status 2 rather than a traceback. mmap: the tensors are mapped from the file and
+    read when used (a large file's metadata without its weights)."""
     import pickle
 
     import torch
@@ -118,7 +119,7 @@ def load_torch(path: str | os.PathLike) -> Any:
     from pipeline.errors import DataError
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         # torch's message is a page of advice to load it unsafely; keep only what it found, e.g. "Unsupported
         # global: GLOBAL mymodule.MyClass was not an allowed global by default."

@@ -144,7 +144,7 @@ def _profiles(directory: Path | str) -> tuple[list[int], list[float], list[tuple
     """Every (step, sigma_rel) profile held in the snapshots, with where it is: (file's step, index in it)."""
     steps, sigmas, where = [], [], []
     for step in snapshot_steps(directory):
-        record = io.load_torch(snapshot_path(directory, step))
+        record = io.load_torch(snapshot_path(directory, step), mmap=True)  # the profiles' names, not their weights
         for i, s in enumerate(record["sigma_rels"]):
             steps.append(step)
             sigmas.append(float(s))

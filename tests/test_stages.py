@@ -508,8 +508,8 @@ def _back_to_baseline(repo: Path, env: dict) -> None:
 @pytest.mark.xdist_group("dvc")
 @pytest.mark.parametrize("sets, expected", [
     (["method.loss=ssm"], {"train", "ema", "sample", "evaluate", "report"}),
-    (["sample.sampler=ddim"], {"sample", "evaluate", "report"}),
-    # post-hoc EMA: a new width from the finished run's snapshots, no training
+    # a sample key: test_dvc_exp_run_sample_key_reruns_only_sample_evaluate_report; a new post-hoc EMA width from
+    # the finished run's snapshots: no training
     (["ema.method=posthoc", "ema.sigma_rel=0.08"], {"ema", "sample", "evaluate", "report"}),
     (["method.name=ddpm", "method.num_steps=20"], {"noise_scales", "train", "ema", "sample", "evaluate", "report"}),
     (["method.name=schrodinger_bridge", "data.target=moons", "method.sb.iterations=1"],
