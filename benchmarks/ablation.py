@@ -16,20 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from benchmarks.images import REFERENCE_STAGES, _copy_references
 from benchmarks.methods import REPO, _fmt, _merge, _run_stages, track_in_repo
 
-REFERENCE_STAGES = ["prepare", "fid_reference", "classifier"]
 MODEL_STAGES = ["noise_scales", "train", "ema", "sample", "evaluate"]
-# Files the reference stages write, copied into every variant's folder.
-REFERENCE_FILES = ("data", "outputs/fid_reference.npz", "metrics/fid_reference.json", "models/classifier.pt",
-                   "outputs/domain_reference.npz", "metrics/classifier.json")
 
 # data set -> {variant: overrides of params.yaml}; "auto" first (every key at its default). Each variant changes one
 # thing against auto unless its name says otherwise.
@@ -59,13 +55,6 @@ VARIANTS: dict[str, dict[str, dict]] = {
 }
 
 
-def _copy_references(src: Path, dst: Path) -> None:
-    for rel in REFERENCE_FILES:
-        if (src / rel).exists():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            (shutil.copytree if (src / rel).is_dir() else shutil.copyfile)(src / rel, dst / rel)
-
-
 def run_data(data: str, names: list[str], scratch: Path, out: Path) -> list[dict[str, Any]]:
     """The reference stages once, then every variant of `names`; rows written to `out` as they come."""
     base = _merge(yaml.safe_load((REPO / "params.yaml").read_text()),
@@ -75,7 +64,7 @@ def run_data(data: str, names: list[str], scratch: Path, out: Path) -> list[dict
     os.chdir(ref)
     Path("params.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
     os.environ["DVC_EXP_NAME"] = f"bench-ablation-{data}-references"
-    reference_s = _run_stages(REFERENCE_STAGES)
+    reference_s = _run_stages(list(REFERENCE_STAGES))
     rows = []
     try:
         for name in names:
