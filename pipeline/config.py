@@ -18,8 +18,8 @@ import families
 from families import NAMES, OWNED_KEYS
 from pipeline.defaults import DATA_PATH as DEFAULT_DATA_PATH
 from pipeline.defaults import PHOTOS_CROP, PHOTOS_IMAGE_SIZE, POINT_SIZES, SIGMA_REL_MAX, SIGMA_RELS
-from pipeline.names import (DATA_SETS, EMA_METHODS, GREY_SETS, IMAGE_SETS, INPAINT_METHODS, LABELLED_POINTS, LOSSES, MASKS,
-                            OPERATORS, PARAMETERIZATIONS, POINT_SETS, SAMPLERS, TARGETS, TASKS)
+from pipeline.names import (DATA_SETS, EMA_METHODS, GREY_SETS, IMAGE_SETS, INPAINT_METHODS, LABELLED_POINTS, LOSSES,
+                            MASKS, OPERATORS, PARAMETERIZATIONS, POINT_SETS, SAMPLERS, TARGETS, TASKS)
 
 Auto = Literal["auto"]
 # Keys that moved to another section: named in the error, with where they live now.

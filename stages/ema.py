@@ -48,8 +48,8 @@ def _posthoc(cfg: Config) -> dict:
 # ema.method -> how the final model is made (pipeline.names.EMA_METHODS names the same methods)
 FINAL_MODELS: dict[str, Callable[[Config], dict]] = {
     "decay": lambda cfg: _copy(EMA_MODEL, "decay EMA"),
-    "none": lambda cfg: _copy(RAW_MODEL, "raw"),
     "posthoc": _posthoc,
+    "none": lambda cfg: _copy(RAW_MODEL, "raw"),
 }
 
 

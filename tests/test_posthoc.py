@@ -211,3 +211,11 @@ def test_other_profiles_start_over_and_a_new_cadence_resumes(tmp_path):
     assert run(50, (0.07,), 5).resumed_from == 0
     assert run(60, (), 5).resumed_from == 0 and snapshot_steps(ckpts.snapshots) == []
     assert run(70, (), 7).resumed_from == 60  # no profiles: the cadence means nothing
+
+
+def test_the_ema_stage_makes_every_named_final_model():
+    """ema.method's names (pipeline.names.EMA_METHODS, what params accept) are the ema stage's registry."""
+    from pipeline.names import EMA_METHODS
+    from stages.ema import FINAL_MODELS
+
+    assert tuple(FINAL_MODELS) == EMA_METHODS
