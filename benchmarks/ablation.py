@@ -8,7 +8,8 @@ into each variant's own scratch folder, which then runs noise_scales, train, ema
 repo's params.yaml, data.name and the variant's overrides (the numbers `dvc exp run -S ...` gives for the same
 keys). Each row: fid and fid_domain with their floors, kid, the seconds of each stage and `total_s`, their sum
 with the reference stages' (what a fresh `dvc exp run -S data.name=...` takes). Rows are written to
-benchmarks/ablation_<data>.json as they come, so a long run may be stopped.
+benchmarks/ablation_<data>.json as they come, so a long run may be stopped; a variant run again replaces its row,
+the others' rows are kept.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def run_data(data: str, names: list[str], scratch: Path, out: Path) -> list[dict
     Path("params.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
     os.environ["DVC_EXP_NAME"] = f"bench-ablation-{data}-references"
     reference_s = _run_stages(list(REFERENCE_STAGES))
+    kept = [r for r in (json.loads(out.read_text()) if out.exists() else []) if r["variant"] not in names]
     rows = []
     try:
         for name in names:
@@ -82,7 +84,7 @@ def run_data(data: str, names: list[str], scratch: Path, out: Path) -> list[dict
                          **{f"{k}_s": v for k, v in {**reference_s, **seconds}.items()},
                          "total_s": sum(reference_s.values()) + sum(seconds.values())})
             print(json.dumps(rows[-1]), flush=True)
-            out.write_text(json.dumps(rows, indent=1) + "\n")
+            out.write_text(json.dumps(kept + rows, indent=1) + "\n")
     finally:
         os.chdir(REPO)
     return rows
