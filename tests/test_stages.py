@@ -207,6 +207,18 @@ def test_every_stage_on_images(workdir, method):
     if method["name"] == "edm":
         assert model["config"]["kind"] == "edm" and model["config"]["parameterization"] == "x0"
         assert 0.5 < model["config"]["sigma_data"] < 1.0  # the std of 8x8 digits in [-1, 1]
+    # post-hoc EMA on images: 4 steps, a snapshot each; a tracked width comes back as its last snapshot, in the
+    # same model file format (EDM's preconditioning spec included)
+    assert sorted(p.name for p in Path("models/posthoc").iterdir()) == [f"{s:09d}.pt" for s in (1, 2, 3, 4)]
+    _write_params(Path("params.yaml"), _deep_merge(params, {"ema": {"method": "posthoc", "sigma_rel": 0.05}}))
+    assert _run("ema") == 0
+    posthoc = torch.load("models/model.pt", weights_only=True)
+    last = torch.load("models/posthoc/000000004.pt", weights_only=True)["states"][0]
+    assert posthoc["config"] == model["config"] and set(posthoc["state_dict"]) == set(last)
+    for k, v in last.items():
+        torch.testing.assert_close(posthoc["state_dict"][k], v, rtol=1e-6, atol=1e-7)
+    _write_params(Path("params.yaml"), params)
+    assert _run("ema") == 0
     samples = np.load("outputs/samples.npz")["x"]
     assert samples.dtype == np.uint8 and samples.shape == (20 * sets, 1, 8, 8)  # sample.n: auto draws every set
     scaling = json.loads(Path("outputs/noise_scales.json").read_text())["scaling"]
