@@ -46,6 +46,10 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "2 res blocks": {"model": {"num_res_blocks": 2}},
         "eps": {"method": {"parameterization": "eps"}},
         "posthoc 0.05": {"ema": {"method": "posthoc", "sigma_rel": 0.05}},
+        "bf16 lr 2e-3": {"train": {"precision": "bf16", "lr": 2e-3}},
+        "bf16 lr 2e-3 dropout 0": {"train": {"precision": "bf16", "lr": 2e-3}, "model": {"dropout": 0.0}},
+        "bf16 lr 2e-3 T 10": {"train": {"precision": "bf16", "lr": 2e-3}, "noise": {"steps_per_scale": 10}},
+        "bf16 lr 3e-3": {"train": {"precision": "bf16", "lr": 3e-3}},
     },
     "fashion_mnist": {
         "auto": {},
