@@ -237,7 +237,7 @@ class TrainParams(_Section):
     ema_warmup: Union[Auto, bool] = "auto"
     checkpoint_every: int = Field(1_000, ge=1)
     log_every: int = Field(50, ge=1)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     tf32: bool = True
     channels_last: bool = False
     compile: bool = False

@@ -146,3 +146,17 @@ def set_tf32(device: torch.device, allowed: bool) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = allowed
         torch.backends.cudnn.allow_tf32 = allowed
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively, which train.precision 'auto' asks (pipeline.defaults.train_settings):
+    a CUDA device that supports it (Ampere and later), or a CPU whose oneDNN has bf16 kernels (AVX512-BF16 or AMX;
+    elsewhere bf16 is emulated and slower than fp32)."""
+    import torch
+
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(check is not None and torch.backends.mkldnn.is_available() and check())
+    return False

@@ -466,7 +466,8 @@ class Images(DataKind):
         return {"dequantize": dequantize, "hflip": hflip}
 
     def train_record(self, resolved: dict, arch: str) -> dict:
-        return {"batch_size": resolved["batch_size"], "lr": resolved["lr"], "arch": arch}
+        return {"batch_size": resolved["batch_size"], "lr": resolved["lr"], "arch": arch,
+                "precision": resolved["precision"]}
 
     def likelihood_input(self, held_out: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(held_out)  # pixels: the likelihoods dequantise them with the scaling

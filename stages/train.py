@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline import defaults, io, models, plots
-from pipeline.devices import set_tf32
+from pipeline.devices import bf16_native, set_tf32
 from pipeline.kinds import kind_of
 from pipeline.config import Config
 from pipeline.distributed import Group
@@ -81,7 +81,8 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
     record = io.read_json(NOISE_SCALES)
     process = process_of(record)
     kind = kind_of(info, record.get("scaling"))
-    resolved = defaults.train_settings(t.model_dump(), info)
+    device = choose_device(t.device)
+    resolved = defaults.train_settings(t.model_dump(), info, bf16=bf16_native(device))
     labels = _training_labels(cfg, info)
     spec = defaults.network_spec(cfg.model.model_dump(), info, plan.parameterization,
                                  num_classes=info["num_classes"] if labels is not None else 0)
@@ -92,7 +93,7 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
     check_train(t, resolved["batch_size"], plan.loss, group.world_size if group else 1)
     settings = TrainSettings(resolved["steps"], resolved["batch_size"], resolved["lr"], t.grad_clip, t.ema_decay,
                              t.checkpoint_every, t.log_every, cfg.seed, ema_warmup=resolved["ema_warmup"],
-                             precision=t.precision, channels_last=t.channels_last, compile=t.compile,
+                             precision=resolved["precision"], channels_last=t.channels_last, compile=t.compile,
                              accumulate=t.accumulate, warmup=t.warmup,
                              posthoc_sigma_rels=tuple(t.posthoc.sigma_rels), snapshot_every=resolved["snapshot_every"])
     # Everything that must match for a checkpoint to be resumed; steps, logging and the device may change.
@@ -105,7 +106,6 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
     if labels is not None:  # only then, so unconditional checkpoints keep their fingerprint
         setup["labels"] = {"sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest(),
                            "label_dropout": cfg.method.label_dropout}
-    device = choose_device(t.device)
     set_tf32(device, t.tf32)
     net = models.build_network(spec, seed=cfg.seed)
     # Dropout draws from the global RNG: seeded here, so the masks are the same in every run (and each rank its

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from pipeline import config, defaults
+from pipeline import config, defaults, devices
 from pipeline.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,3 +196,30 @@ def test_file_data_kind_is_left_to_the_file(tmp_path):
 ])
 def test_clip_denoised_auto_clips_images_under_ancestral_and_ddim(setting, sampler, kind, data, want):
     assert defaults.clip_denoised(setting, sampler, kind, {"kind": data}) is want
+
+
+DIGITS_RECORD = {"kind": "images", "shape": [1, 8, 8]}
+
+
+@pytest.mark.parametrize("setting, data, native, want", [
+    ("auto", DIGITS_RECORD, True, "bf16"),  # images on bf16 hardware
+    ("auto", DIGITS_RECORD, False, "fp32"),  # emulated bf16 would be slower than fp32
+    ("auto", {"kind": "points", "shape": [2]}, True, "fp32"),  # the 2-D default keeps its bits
+    ("fp32", DIGITS_RECORD, True, "fp32"),  # a set value wins (the paper presets set fp32)
+    ("fp16", {"kind": "points", "shape": [2]}, False, "fp16"),
+])
+def test_precision_auto_is_bf16_for_images_on_bf16_hardware_only(setting, data, native, want):
+    train = config.TrainParams(precision=setting).model_dump()
+    assert defaults.train_settings(train, data, bf16=native)["precision"] == want
+
+
+def test_bf16_native_asks_the_device(monkeypatch):
+    """CUDA: torch's bf16 support; the CPU: oneDNN's bf16 kernels (emulated elsewhere); anything else: no."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert devices.bf16_native(torch.device("cuda", 0)) is True
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert devices.bf16_native(torch.device("cuda", 0)) is False
+    for native in (True, False):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert devices.bf16_native(torch.device("cpu")) is native
+    assert devices.bf16_native(torch.device("meta")) is False
