@@ -28,28 +28,40 @@ from benchmarks.methods import REPO, _fmt, _merge, _run_stages, track_in_repo
 
 MODEL_STAGES = ["noise_scales", "train", "ema", "sample", "evaluate"]
 
-# data set -> {variant: overrides of params.yaml}; "auto" first (every key at its default). Each variant changes one
-# thing against auto unless its name says otherwise.
+# What `auto` resolved to on digits before this ablation chose its values (fp32, lr 1e-3, dropout 0.1): the rows
+# named "before ..." change one or more things against it, the others against today's auto.
+BEFORE = {"train": {"precision": "fp32", "lr": 1e-3}, "model": {"dropout": 0.1}}
+
+
+def _before(*changes: dict) -> dict:
+    out = BEFORE
+    for change in changes:
+        out = _merge(out, change)
+    return out
+
+
+BF16, LR2 = {"train": {"precision": "bf16"}}, {"train": {"lr": 2e-3}}
+
+# data set -> {variant: overrides of params.yaml}; "auto" first (every key at its default).
 VARIANTS: dict[str, dict[str, dict]] = {
     "digits": {
         "auto": {},
-        "bf16": {"train": {"precision": "bf16"}},
-        "steps 3000": {"train": {"steps": 3000}},
+        "before": _before(),
+        "before + bf16": _before(BF16),
+        "before + steps 3000": _before({"train": {"steps": 3000}}),
+        "before + eps": _before({"method": {"parameterization": "eps"}}),
+        "before + lr 2e-3": _before(LR2),
+        "before + batch 64": _before({"train": {"batch_size": 64}}),
+        "before + bf16 + lr 2e-3": _before(BF16, LR2),
+        "before + bf16 + lr 2e-3 + T 10": _before(BF16, LR2, {"noise": {"steps_per_scale": 10}}),
+        "steps 1800": {"train": {"steps": 1800}},
         "steps 1500": {"train": {"steps": 1500}},
-        "lr 2e-3": {"train": {"lr": 2e-3}},
-        "lr 5e-4": {"train": {"lr": 5e-4}},
-        "batch 64": {"train": {"batch_size": 64}},
+        "lr 3e-3": {"train": {"lr": 3e-3}},
         "batch 256": {"train": {"batch_size": 256}},
         "warm-up 200": {"train": {"warmup": 200}},
-        "dropout 0": {"model": {"dropout": 0.0}},
         "channels 48": {"model": {"channels": 48}},
         "2 res blocks": {"model": {"num_res_blocks": 2}},
-        "eps": {"method": {"parameterization": "eps"}},
         "posthoc 0.05": {"ema": {"method": "posthoc", "sigma_rel": 0.05}},
-        "bf16 lr 2e-3": {"train": {"precision": "bf16", "lr": 2e-3}},
-        "bf16 lr 2e-3 dropout 0": {"train": {"precision": "bf16", "lr": 2e-3}, "model": {"dropout": 0.0}},
-        "bf16 lr 2e-3 T 10": {"train": {"precision": "bf16", "lr": 2e-3}, "noise": {"steps_per_scale": 10}},
-        "bf16 lr 3e-3": {"train": {"precision": "bf16", "lr": 3e-3}},
     },
     "fashion_mnist": {
         "auto": {},

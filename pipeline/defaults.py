@@ -54,8 +54,8 @@ class ImageDefaults:
 IMAGE_CLASSES: tuple[tuple[int, ImageDefaults], ...] = (
     (16, ImageDefaults(channels=32, channel_mult=(1, 2), num_res_blocks=1, dropout=0.0, steps=2_000,
                        batch_size=128, lr=2e-3, fid_n=2_000, sample_batch_size=500)),
-    (32, ImageDefaults(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, dropout=0.1, steps=3_000,
-                       batch_size=64, lr=5e-4, fid_n=2_000, sample_batch_size=250)),
+    (32, ImageDefaults(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, dropout=0.0, steps=6_000,
+                       batch_size=64, lr=1e-3, fid_n=2_000, sample_batch_size=250)),
     (10**9, ImageDefaults(channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2, dropout=0.1, steps=20_000,
                           batch_size=64, lr=2e-4, fid_n=2_000, sample_batch_size=100)),
 )
