@@ -1,9 +1,9 @@
 """What every 'auto' size resolves to, per data kind and image size: one table, read by the stages.
 
 The 2-D values are the ones the swiss-roll runs were tuned and measured with. The image values are
-sized so that a whole pipeline fits a 2-core CPU (digits 8x8: about 10 minutes; 28x28: about an
-hour at 2,000 FID samples); a GPU user raises `train.steps`, `model.channels` and `eval.fid_n`
-(the paper presets of issue 8 do). Every resolved value is written into a stage output (the data
+sized so that a whole pipeline fits a 2-core CPU (digits 8x8: about 6 minutes; 28x28: about an
+hour at 2,000 FID samples with a few-step sampler); a GPU user raises `train.steps`, `model.channels` and `eval.fid_n`
+(the paper presets do). Every resolved value is written into a stage output (the data
 record, the model file's spec, metrics/train.json, metrics/sample.json), so a run says what it used.
 """
 
@@ -50,7 +50,9 @@ class ImageDefaults:
 
 # Keyed by the largest image side they serve. DDPM's CIFAR-10 network (Ho et al. 2020, appendix B) is
 # channels 128, mult (1, 2, 2, 2), 2 blocks, dropout 0.1, lr 2e-4, batch 128: far too slow for a CPU,
-# so the small classes keep its shape at a fraction of the width.
+# so the small classes keep its shape at a fraction of the width. The <= 16 row's lr and dropout were chosen by
+# the digits ablation (benchmarks/ablation.py, docs/benchmarks.md); the <= 32 row's steps fill Fashion-MNIST's
+# hour on a 2-core CPU under bf16, with the <= 16 row's findings (no dropout, a higher lr) carried over.
 IMAGE_CLASSES: tuple[tuple[int, ImageDefaults], ...] = (
     (16, ImageDefaults(channels=32, channel_mult=(1, 2), num_res_blocks=1, dropout=0.0, steps=2_000,
                        batch_size=128, lr=2e-3, fid_n=2_000, sample_batch_size=500)),
