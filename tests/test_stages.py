@@ -179,6 +179,45 @@ def test_image_training_is_the_same_whatever_the_global_rng_held(workdir):
     assert digests[0] == digests[1]
 
 
+def _train_with_bf16_hardware(monkeypatch, native: bool) -> tuple[dict, str]:
+    """The train stage as on a device with (native True) or without native bf16: metrics/train.json, raw.pt's
+    sha256."""
+    import stages.train
+
+    monkeypatch.setattr(stages.train, "bf16_native", lambda device: native)
+    assert _run("train") == 0
+    return (json.loads(Path("metrics/train.json").read_text()),
+            hashlib.sha256(Path("models/raw.pt").read_bytes()).hexdigest())
+
+
+def test_precision_auto_is_bf16_for_images_on_bf16_hardware_through_the_train_stage(workdir, monkeypatch, capsys):
+    """train.precision auto: an image model trains under bf16 where the device has it natively, fp32 elsewhere,
+    the resolved value in metrics/train.json; the checkpoint of one does not resume under the other (the
+    fingerprint holds the resolved precision), the same one does."""
+    params = _deep_merge(TINY, _deep_merge(TINY_IMAGES, {"method": {"name": "ddpm", "num_steps": 20},
+                                                         "train": {"eval_every": 0}}))
+    _write_params(Path("params.yaml"), params)
+    for name in ("prepare", "noise_scales"):
+        assert _run(name) == 0, name
+    bf16, bf16_model = _train_with_bf16_hardware(monkeypatch, True)
+    fp32, fp32_model = _train_with_bf16_hardware(monkeypatch, False)
+    assert (bf16["precision"], fp32["precision"]) == ("bf16", "fp32")
+    assert "resumed" not in capsys.readouterr().out and bf16_model != fp32_model
+    again, again_model = _train_with_bf16_hardware(monkeypatch, False)
+    assert "resumed from the checkpoint at step 4" in capsys.readouterr().out and again_model == fp32_model
+
+
+def test_precision_auto_keeps_points_in_fp32(workdir, monkeypatch):
+    """On points train.precision auto is fp32 whatever the device: the same bytes on bf16 hardware, and the 2-D
+    record of metrics/train.json keeps its keys."""
+    for name in ("prepare", "noise_scales"):
+        assert _run(name) == 0, name
+    with_bf16, model = _train_with_bf16_hardware(monkeypatch, True)
+    shutil.rmtree("checkpoints")
+    without, same = _train_with_bf16_hardware(monkeypatch, False)
+    assert model == same and with_bf16 == without and "precision" not in with_bf16
+
+
 @pytest.mark.parametrize("method", [{"name": "ncsnv2"}, {"name": "ddpm", "num_steps": 20}, {"name": "edm"}])
 def test_every_stage_on_images(workdir, method):
     params = _deep_merge(TINY, _deep_merge(TINY_IMAGES, {"method": method}))
