@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from families.base import Family, Plan
 
 # Every method.name, in the order the docs and the comparison list them; each names its package families/<name>/.
-NAMES = ("ncsnv2", "ncsn", "exact_score", "ddpm", "sde", "sohl_dickstein", "edm", "schrodinger_bridge")
+NAMES = ("ncsnv2", "ncsn", "exact_score", "ddpm", "sde", "sohl_dickstein", "edm", "flow_matching",
+         "schrodinger_bridge")
 # The method.* keys one family or another owns, with their defaults (pipeline.config.MethodParams takes them from
 # here): a family reads its own through its pydantic model (Family.Params, families/base.py) and refuses the others
 # away from these.
@@ -22,7 +23,7 @@ OWNED_KEYS = {"sde": "auto", "schedule": "linear", "num_steps": "auto", "sigma_d
 # The method.* sections a family owns, with their owner, whose pydantic model knows their defaults: another family's
 # run refuses a section away from them (validation only: it can refuse a run, never change what one writes, so the
 # owner's package is no dependency of that run, docs/design.md, "Dependencies").
-OWNED_SECTIONS = {"sb": "schrodinger_bridge"}
+OWNED_SECTIONS = {"sb": "schrodinger_bridge", "fm": "flow_matching"}
 
 
 def get(name: str) -> Family:

@@ -119,8 +119,9 @@ class Family:
         return loss
 
     def parameterization(self, loss: Optional[str], parameterization: str, scale_by_sigma: bool) -> str:
-        if parameterization == "kernel":
-            raise ValueError("method.parameterization: kernel (a learned mean and variance) is Sohl-Dickstein's; "
+        if parameterization in ("kernel", "velocity"):
+            owner = {"kernel": "a learned mean and variance: Sohl-Dickstein's", "velocity": "flow matching's"}
+            raise ValueError(f"method.parameterization: {parameterization} ({owner[parameterization]}) is no score; "
                              f"for method.name: {self.name} use one of score, score_over_sigma, eps, x0, drift")
         if parameterization != "auto":
             return parameterization

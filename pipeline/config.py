@@ -179,7 +179,7 @@ class ModelParams(_Section):
 
 class MethodParams(_Section):
     """The method and its choices; 'auto' resolves per method family (families/), bad combinations are refused.
-    A family's own section (method.sb) is validated by that family alone (its pydantic model)."""
+    A family's own section (method.sb, method.fm) is validated by that family alone (its pydantic model)."""
 
     name: Literal[NAMES] = "ncsnv2"
     # The keys one family or another owns: each is validated by the family that reads it (its Params model,
@@ -189,6 +189,7 @@ class MethodParams(_Section):
     num_steps: Any = OWNED_KEYS["num_steps"]
     sigma_data: Any = OWNED_KEYS["sigma_data"]
     sb: dict[str, Any] = Field(default_factory=dict)
+    fm: dict[str, Any] = Field(default_factory=dict)
     loss: Literal[("auto", *LOSSES)] = "auto"
     weighting: Literal["sigma2", "likelihood"] = "sigma2"
     parameterization: Literal[("auto", *PARAMETERIZATIONS)] = "auto"

@@ -85,6 +85,16 @@ class GaussianMixture:
         resp = torch.softmax(log_comp, dim=1)
         return (-(resp[..., None] * prec_diff).sum(1)).reshape(x.shape).to(x.dtype)
 
+    def denoise(self, x: Tensor, mean_coef=1.0, std=0.0) -> Tensor:
+        """E[x0 | x_t = x] for x_t = m x0 + s z: sum_k r_k(x) (mu_k + m Sigma_k Sigma_{t,k}^-1 (x − m mu_k)), the
+        Gaussian posterior mean of each component weighted by its responsibility; same shape and dtype as x.
+        Defined at m = 0 (the mixture's mean), where Tweedie's (x + s² score) / m is not."""
+        x64, m, s = self._broadcast(x, mean_coef, std)
+        log_comp, prec_diff = self._components(x64, m, s)
+        resp = torch.softmax(log_comp, dim=1)
+        post = self.means[None] + m[:, None, None] * torch.einsum("kij,bkj->bki", self.covs, prec_diff)
+        return (resp[..., None] * post).sum(1).reshape(x.shape).to(x.dtype)
+
     def responsibilities(self, x: Tensor) -> Tensor:
         """Posterior component probabilities r_k(x) under the clean mixture, (B, K)."""
         x64, m, s = self._broadcast(x, 1.0, 0.0)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from pipeline.parameterization import ScoreFn
 from pipeline.processes import Process
-from pipeline.samplers.ode import probability_flow_drift
+from pipeline.samplers.ode import ode_field
 
 VectorField = Callable[[Tensor, Tensor], Tensor]
 DIVERGENCES = ("exact", "rademacher", "gaussian")
@@ -87,6 +87,7 @@ def ode_log_likelihood(
     t_eps: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
     offset: float = 0.0,
+    field: str = "score",
 ) -> dict:
     """log p(x) per example from the probability-flow ODE, plus nll (nats/dim) and bits/dim.
 
@@ -102,6 +103,8 @@ def ode_log_likelihood(
     (the global RNG if None); the integral is then unbiased for each example.
     offset: added to bpd, e.g. 8 for 8-bit data scaled to [0, 1] and uniformly dequantised (the
     density of the discrete data is p(x) / 256^D), 7 for [-1, 1]; 0 for continuous data.
+    field "velocity": score_fn is a flow-matching velocity, the ODE's right-hand side itself (the instantaneous
+    change of variables holds for any flow; Lipman et al. 2023, sec. 5 measure bits/dim this way).
 
     The ODE state lives on the CPU (SciPy); each evaluation of score_fn runs on x's device.
 
@@ -117,7 +120,7 @@ def ode_log_likelihood(
     dim = x64[0].numel()
     n_x = batch * dim
     probe = _draw_probe(divergence, shape, generator, device)
-    drift = probability_flow_drift(process, score_fn)
+    drift = ode_field(process, score_fn, field)
     nfe = 0
 
     def rhs(t: float, y: np.ndarray) -> np.ndarray:
@@ -151,9 +154,9 @@ def model_likelihoods(model_kind: str, fn: Callable, process: Process, x: Tensor
     read at t_min, i.e. smoothed by std(t_min) (0.01 for VP). elbo "discrete": the full bound of
     pipeline.elbo (DDPM with a fixed `elbo_variance`, or Sohl-Dickstein's learned kernel); "huang":
     Huang et al.'s continuous ELBO with `elbo_slices` random times per point, uniform and, where the
-    process defines it, importance-sampled (the `_importance` keys). fn is a score_fn, or a kernel_fn
-    when model_kind == "kernel". Values in nats/dim; `elbo_bpd` = elbo_nll / ln 2 (no dequantisation
-    offset, except for "huang" on pixels, below).
+    process defines it, importance-sampled (the `_importance` keys). fn is a score_fn, a kernel_fn
+    when model_kind == "kernel", or a flow-matching velocity_fn (model_kind "velocity": the ODE only). Values in
+    nats/dim; `elbo_bpd` = elbo_nll / ln 2 (no dequantisation offset, except for "huang" on pixels, below).
 
     scaling None: x is continuous data, used as it is. scaling "minus_one_one" or "zero_one"
     (pipeline.pixels): x is 8-bit pixels (uint8 or integer-valued, (N, C, H, W)). The ODE then runs
@@ -171,7 +174,7 @@ def model_likelihoods(model_kind: str, fn: Callable, process: Process, x: Tensor
     dim, n = x[0].numel(), x.shape[0]
     out: dict[str, float] = {}
     offset = 0.0 if scaling is None else bpd_offset(scaling)  # refuses an unknown scaling before any work
-    run_ode = ode and model_kind == "score"
+    run_ode = ode and model_kind in ("score", "velocity")
     # one dequantised draw, the generator's first, shared by the ODE and Huang's bound (paired estimates)
     # model-space pixels in float64, the precision the likelihoods run in (evaluate loads the network in float64)
     x_dq = x if scaling is None or not (run_ode or elbo == "huang") else to_model(
@@ -179,7 +182,7 @@ def model_likelihoods(model_kind: str, fn: Callable, process: Process, x: Tensor
     if run_ode:
         div = divergence if divergence != "auto" else ("exact" if dim <= 16 else "rademacher")
         r = ode_log_likelihood(process, fn, x_dq, divergence=div, rtol=rtol, atol=atol, generator=generator,
-                               offset=offset)
+                               offset=offset, field="velocity" if model_kind == "velocity" else "score")
         out.update(nll=r["nll"], nll_se=float(r["logp"].std()) / math.sqrt(n) / dim, bpd=r["bpd"],
                    likelihood_nfe=r["nfe"])
     if elbo == "discrete":

@@ -27,7 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from pipeline import rng
+from pipeline.coupling import couple
 from pipeline.elbo import DiscreteELBO
+from pipeline.names import COUPLINGS
 from pipeline.parameterization import PARAMETERIZATIONS, bind_labels, eps_from_score, make_score_fn, x0_from_score
 from pipeline.processes import Process, append_dims
 
@@ -342,8 +344,36 @@ class HuangELBO(_PerturbedLoss):
         return loss if train else loss.detach()
 
 
+class FlowMatchingLoss:
+    """Conditional flow matching: ||v(x_t, t) − (m' x0 + std' z)||² summed over dimensions, (B,).
+
+    Lipman et al. 2023 (arXiv:2210.02747, eq. 23): the regression of the network's velocity on the conditional
+    velocity of the path x_t = m x0 + std z (pipeline.processes.LinearPath: −x0 + (1 − σ_min) z), whose minimiser is
+    the marginal velocity (their Theorem 2). t uniform on [t_min, t_max] (process.sample_time), z ~ N(0, I) from
+    `generator`, then paired with x by `coupling` (pipeline.coupling: independent, or Tong et al. 2023's minibatch
+    OT). The network outputs the velocity; labels (cond) are passed on to it.
+    """
+
+    def __init__(self, process: Process, parameterization: str = "velocity", coupling: str = "independent"):
+        _choice("parameterization", parameterization, ("velocity",))
+        _choice("coupling", coupling, COUPLINGS)
+        self.process, self.parameterization, self.coupling = process, parameterization, coupling
+
+    def __call__(self, model: nn.Module, x: Tensor, cond: Optional[Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        p = self.process
+        t = p.sample_time(x.shape[0], generator).to(device=x.device, dtype=x.dtype)
+        z = couple(x, rng.randn_like(x, generator), self.coupling)
+        x_t = p.perturb(x, t, z)
+        dm, ds = p.marginal_rates(t)
+        target = append_dims(dm, x.ndim).to(x.dtype) * x + append_dims(ds, x.ndim).to(x.dtype) * z
+        v = bind_labels(model, cond)(x_t, p.conditioning(t).to(x.dtype))
+        return _sq(v - target)
+
+
 LOSSES = {"dsm": DenoisingScoreMatching, "eps_mse": EpsilonMSE, "ism": ImplicitScoreMatching,
-          "ssm": SlicedScoreMatching, "huang_elbo": HuangELBO, "vlb": DiscreteELBO, "edm": EDMLoss}
+          "ssm": SlicedScoreMatching, "huang_elbo": HuangELBO, "vlb": DiscreteELBO, "edm": EDMLoss,
+          "flow_matching": FlowMatchingLoss}
 
 
 def loss_options(name: str) -> tuple[str, ...]:
@@ -352,7 +382,8 @@ def loss_options(name: str) -> tuple[str, ...]:
     return tuple(p for p in params if p not in ("self", "process", "parameterization"))
 
 
-def build_loss(name: str, process: Process, parameterization: str, **options: object) -> _PerturbedLoss | DiscreteELBO:
+def build_loss(name: str, process: Process, parameterization: str,
+               **options: object) -> _PerturbedLoss | DiscreteELBO | FlowMatchingLoss:
     """The loss registered as `name`, configured by its keyword options; ValueError names the allowed values."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSSES)}")

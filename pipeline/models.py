@@ -14,8 +14,8 @@ from torch import nn
 from pipeline import io, nets
 from pipeline.gmm import GaussianMixture
 from pipeline.guidance import gmm_class_score_fn
-from pipeline.parameterization import KernelFn, ScoreFn, make_kernel_fn, make_score_fn
-from pipeline.processes import Process
+from pipeline.parameterization import KernelFn, ScoreFn, VelocityFn, make_kernel_fn, make_score_fn, make_velocity_fn
+from pipeline.processes import Process, append_dims
 
 KINDS = (*nets.NETWORKS, "gmm_exact")
 
@@ -37,6 +37,19 @@ def exact_score_fn(mixture: GaussianMixture, process: Process) -> ScoreFn:
     return score_fn
 
 
+def exact_velocity_fn(mixture: GaussianMixture, process: Process) -> VelocityFn:
+    """The mixture's exact probability-flow velocity v = m' E[x0 | x] + std' E[z | x] along the process's marginal
+    (pipeline.parameterization.velocity_from_x0), with E[x0 | x] from the mixture's posterior (defined at m = 0) and
+    E[z | x] = −std score (defined at std = 0): the oracle of flow matching, as exact_score_fn is of score models."""
+
+    def velocity_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        (m, std), (dm, ds) = process.marginal(t), process.marginal_rates(t)
+        b = lambda v: append_dims(v, x.ndim).to(x.dtype)  # noqa: E731
+        return b(dm) * mixture.denoise(x, m, std) - b(ds * std) * mixture.score(x, m, std)
+
+    return velocity_fn
+
+
 def gmm_model_file(mixture: GaussianMixture) -> dict[str, Any]:
     """The model file of the exact-score 'model': the mixture's parameters, nothing trained."""
     state = {"weights": mixture.weights, "means": mixture.means, "covs": mixture.covs}
@@ -49,9 +62,9 @@ def save_model(path: str | Path, spec: Mapping[str, Any], state_dict: Mapping[st
 
 
 def load_model(path: str | Path, process: Process, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> tuple[str, ScoreFn | KernelFn]:
-    """("score", score_fn) or ("kernel", kernel_fn) of a model file: a trained network (its weights cast to
-    `dtype`: float64 for the likelihood's ODE, and moved to `device`) or the exact mixture score. A score_fn takes
+               device: torch.device | str = "cpu") -> tuple[str, ScoreFn | KernelFn | VelocityFn]:
+    """("score", score_fn), ("kernel", kernel_fn) or ("velocity", velocity_fn) of a model file: a trained network
+    (its weights cast to `dtype`: float64 for the likelihood's ODE, and moved to `device`) or the exact mixture score. A score_fn takes
     optional label indices, score_fn(x, t, y=None) (pipeline.guidance): the exact one scores component k at k + 1."""
     obj = io.load_torch(path)
     spec, state = obj["config"], obj["state_dict"]
@@ -66,9 +79,12 @@ def load_model(path: str | Path, process: Process, dtype: torch.dtype = torch.fl
     return network_fn(net, process, spec["parameterization"])
 
 
-def network_fn(net: nn.Module, process: Process, parameterization: str) -> tuple[str, ScoreFn | KernelFn]:
-    """("kernel", kernel_fn) for Sohl-Dickstein's learned kernel, else ("score", score_fn) of a network."""
+def network_fn(net: nn.Module, process: Process, parameterization: str) -> tuple[str, ScoreFn | KernelFn | VelocityFn]:
+    """("kernel", kernel_fn) for Sohl-Dickstein's learned kernel, ("velocity", velocity_fn) for a flow-matching
+    network, else ("score", score_fn) of a network."""
     if parameterization == "kernel":
         return "kernel", make_kernel_fn(net, process)
+    if parameterization == "velocity":
+        return "velocity", make_velocity_fn(net, process)
     return "score", make_score_fn(net, process, parameterization)
 

@@ -23,9 +23,13 @@ SAMPLERS = ("annealed_langevin", "ancestral", "ddim", "pc", "ode", "edm_heun", "
 FAST_SAMPLERS = ("edm_heun", "dpm_solver")
 # Losses a user can name (method.loss); the registry's own losses (pipeline.losses) are resolved from them.
 LOSSES = ("dsm", "eps_mse", "ism", "ssm", "elbo")
-# What a score network outputs (pipeline.parameterization); "kernel" is Sohl-Dickstein's learned mean and variance.
+# What a score network outputs (pipeline.parameterization); "kernel" is Sohl-Dickstein's learned mean and variance,
+# "velocity" flow matching's dx_t/dt.
 SCORE_PARAMETERIZATIONS = ("score", "score_over_sigma", "eps", "x0", "drift")
-PARAMETERIZATIONS = (*SCORE_PARAMETERIZATIONS, "kernel")
+PARAMETERIZATIONS = (*SCORE_PARAMETERIZATIONS, "kernel", "velocity")
+# How flow matching pairs noise with data in a batch (method.fm.coupling): independently (Lipman et al. 2023) or by
+# the exact optimal transport of the batch (Tong et al. 2023).
+COUPLINGS = ("independent", "minibatch_ot")
 
 # ema.method: how the ema stage makes the final model from training's outputs (pipeline.train.finalize).
 EMA_METHODS = ("decay", "posthoc", "none")

@@ -114,6 +114,37 @@ def clip_denoised(score_fn: ScoreFn, process: Process, low: float, high: float) 
     return clipped
 
 
+# "velocity": flow matching's network outputs the velocity dx_t/dt of the path's probability-flow ODE (Lipman et al.
+# 2023, arXiv:2210.02747; Liu et al. 2023, arXiv:2209.03003), here in this codebase's time (data at t = 0). Its
+# samplers and likelihood take the velocity itself: on the linear path the score-to-x0 conversion divides by m,
+# which is 0 at t = 1.
+VelocityFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def velocity_from_x0(x0: Tensor, x: Tensor, t: Tensor, process: Process) -> Tensor:
+    """The probability-flow velocity m' x0 + std' z with z = (x − m x0) / std, shaped like x (Lipman et al. 2023,
+    eq. 15 at the posterior means E[x0 | x_t], E[z | x_t]); `x0` an estimate of E[x0 | x_t]. Needs std > 0."""
+    (m, std), (dm, ds) = process.marginal(t), process.marginal_rates(t)
+    return _b(dm, x) * x0 + _b(ds, x) * (x - _b(m, x) * x0) / _b(std, x)
+
+
+def x0_from_velocity(v: Tensor, x: Tensor, t: Tensor, process: Process) -> Tensor:
+    """E[x0 | x_t] from the velocity v = m' x0 + std' z and x = m x0 + std z: x0 = (std' x − std v) / (std' m −
+    std m'), shaped like x. The denominator is the Wronskian of (m, std), 1 on the linear path at every t, so this
+    holds at t = 1 (m = 0) where Tweedie's formula from the score does not."""
+    (m, std), (dm, ds) = process.marginal(t), process.marginal_rates(t)
+    return (_b(ds, x) * x - _b(std, x) * v) / _b(ds * m - std * dm, x)
+
+
+def make_velocity_fn(model: nn.Module, process: Process) -> VelocityFn:
+    """Wrap a velocity network model(x, c) conditioned on c = process.conditioning(t) as velocity_fn(x, t)."""
+
+    def velocity_fn(x: Tensor, t: Tensor) -> Tensor:
+        return model(x, process.conditioning(t).to(x.dtype))
+
+    return velocity_fn
+
+
 # "kernel": Sohl-Dickstein et al. 2015's reverse kernel p(x_s | x_t) = N(mean, diag(var)), learned
 # mean and variance; the network outputs two maps shaped like x, stacked as (B, 2, *D).
 KernelFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]

@@ -122,6 +122,13 @@ class Process(ABC):
         """Times from an importance density q(t) and their weights 1/q(t), each (B,); see has_importance_sampling."""
         raise NotImplementedError(self.why_not("has_importance_sampling"))
 
+    def marginal_rates(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(dm/dt, dstd/dt) of the marginal at times t (B,), by forward-mode autograd of `marginal` in float64; the
+        conditional velocity of x_t = m x0 + std z is m' x0 + std' z (Lipman et al. 2023, arXiv:2210.02747, eq. 15)."""
+        t64 = t.detach().to(torch.float64)
+        _, (dm, ds) = torch.func.jvp(self.marginal, (t64,), (torch.ones_like(t64),))
+        return dm.to(t.dtype), ds.to(t.dtype)
+
     def perturb(self, x0: Tensor, t: Tensor, z: Tensor) -> Tensor:
         """x_t = mean_coef(t) x0 + std(t) z."""
         m, s = self.marginal(t)
@@ -375,6 +382,47 @@ class EDMProcess(Process):
         return t
 
 
+class LinearPath(Process):
+    """The conditional OT path of flow matching, x_t = (1 − t) x0 + (σ_min + (1 − σ_min) t) z on [0, 1], data at 0.
+
+    Lipman et al. 2023 (arXiv:2210.02747, eq. 20-23) with time reversed to this module's convention (their t = 0 is
+    noise, here the data end is t = 0): m = 1 − t, std = σ_min + (1 − σ_min) t, so m' = −1 and std' = 1 − σ_min, and
+    the conditional velocity dx_t/dt = std' z − x0 is the regression target. σ_min = 0 is the rectified flow of Liu
+    et al. 2023 (arXiv:2209.03003, eq. 1). The prior N(0, I) is exact at t = 1 (m = 0). The path's SDE drift
+    (m'/m) x and any score-to-x0 conversion divide by m, which vanishes at t = 1: the family samples and measures
+    likelihoods with the velocity (pipeline.samplers.ode), so has_sde is False. Times are uniform on [0, 1].
+    """
+
+    kind = "linear_path"
+    has_sde = False
+
+    def __init__(self, sigma_min: float = 0.0, t_min: float = 0.0, t_max: float = 1.0):
+        if not 0.0 <= sigma_min < 1.0:
+            raise ValueError(f"the linear path needs 0 <= sigma_min < 1, got {sigma_min}")
+        self.sigma_min, self.t_min, self.t_max = float(sigma_min), float(t_min), float(t_max)
+
+    def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return 1 - t, self.sigma_min + (1 - self.sigma_min) * t
+
+    def marginal_rates(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return -torch.ones_like(t), torch.full_like(t, 1 - self.sigma_min)
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(self.why_not("has_sde"))
+
+    def why_not(self, capability: str) -> str:
+        if capability == "has_sde":
+            return ("the linear path's SDE drift (m'/m) x is singular at t = 1, where m = 0; flow matching is "
+                    "sampled and measured through its velocity (the ODE samplers, the ODE likelihood)")
+        return super().why_not(capability)
+
+    def conditioning(self, t: Tensor) -> Tensor:
+        return 1000.0 * t / self.t_max  # as VP: DDPM's timestep scale for the sinusoidal embedding
+
+    def spec(self) -> dict:
+        return {"kind": "linear_path", "sigma_min": self.sigma_min, "t_min": self.t_min, "t_max": self.t_max}
+
+
 class NoiseScaleProcess(Process):
     """NCSN's discrete noise scales as a variance-exploding process with time t = sigma.
 
@@ -510,7 +558,7 @@ SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
 
 # Every process by the `kind` of its spec(): the registry process_from_spec rebuilds from.
 PROCESSES: dict[str, type[Process]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "ou": OUProcess,
-                                       "edm": EDMProcess, "brownian": BrownianMotion,
+                                       "edm": EDMProcess, "brownian": BrownianMotion, "linear_path": LinearPath,
                                        "noise_scales": NoiseScaleProcess, "discrete_vp": DiscreteVP}
 
 

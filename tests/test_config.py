@@ -137,6 +137,23 @@ def test_yaml12_floats_as_dvc_writes_them(tmp_path):
     ({"sample": {"task": "edit", "n": 20_000}}, ["sample.n (20000) must be <= data.n_test (10000)", "held-out"]),
     ({"sample": {"task": "interpolate", "devices": 2}}, ["sample.devices: 2 shards sample.task: generate only"]),
     ({"method": {"name": "sde"}, "sample": {"task": "edit", "sampler": "ode"}}, ["rk45", "euler or heun"]),
+    # flow matching: its own section, its velocity and the ODE
+    ({"method": {"name": "flow_matching", "fm": {"coupling": "sinkhorn"}}},
+     ["method.fm.coupling", "independent", "minibatch_ot"]),
+    ({"method": {"name": "flow_matching", "fm": {"sigma_min": 1.0}}}, ["method.fm.sigma_min", "less than 1"]),
+    ({"method": {"name": "flow_matching", "fm": {"reflows": 1}}}, ["method.fm.reflows"]),
+    ({"method": {"name": "edm", "fm": {"coupling": "minibatch_ot"}}},
+     ["method.fm is for method.name: flow_matching", "edm"]),
+    ({"method": {"name": "flow_matching"}, "sample": {"sampler": "edm_heun"}},
+     ["sample.sampler: edm_heun", "m = 1 − t > 0", "ode", "dpm_solver"]),
+    ({"method": {"name": "flow_matching", "sde": "vp"}}, ["method.sde: vp", "linear one"]),
+    ({"method": {"name": "flow_matching", "parameterization": "eps"}}, ["velocity", "got eps"]),
+    ({"method": {"name": "flow_matching", "loss": "dsm"}}, ["method.loss: auto", "got dsm"]),
+    ({"method": {"name": "sde", "parameterization": "velocity"}}, ["velocity", "flow matching's", "is no score"]),
+    ({"data": {"name": "moons"}, "method": {"name": "flow_matching", "conditional": True}},
+     ["method.conditional", "velocity"]),
+    ({"method": {"name": "flow_matching"}, "sample": {"task": "inpaint", "sampler": "ode", "ode_method": "heun"}},
+     ["sample.task: inpaint", "generate or interpolate"]),
 ])
 def test_bad_input_names_the_key_and_what_is_allowed(raw, words):
     with pytest.raises(ConfigError) as info:

@@ -198,15 +198,26 @@ def test_eps_mse_is_twice_sigma2_dsm_and_is_the_noise_regression_for_eps_network
 
 # The discrete ELBO needs a chain that ends at clean data (DDPM's); every other loss takes every process.
 CONTRACT_PROCESSES = {**PROCESSES, "ddpm": lambda: DiscreteVP(linear_betas(10))}
-CONTRACT_PAIRS = [(name, proc) for name in LOSSES for proc in CONTRACT_PROCESSES
-                  if (name == "vlb") == (proc == "ddpm") or (name in ("dsm", "eps_mse", "ism", "ssm", "edm") and proc == "ddpm")]
+# What each loss's network outputs: a score, except flow matching's velocity.
+OUTPUT = {"flow_matching": "velocity"}
+
+
+def _pairs(name: str, proc: str) -> bool:
+    """The discrete ELBO needs DDPM's chain; the score losses but Huang's take it too; Huang's ELBO needs an SDE (the
+    linear path has none); flow matching needs a differentiable marginal (every continuous process)."""
+    if name == "vlb" or proc == "ddpm":
+        return (name == "vlb") == (proc == "ddpm") or name in ("dsm", "eps_mse", "ism", "ssm", "edm")
+    return name != "huang_elbo" or CONTRACT_PROCESSES[proc]().has_sde
+
+
+CONTRACT_PAIRS = [(name, proc) for name in LOSSES for proc in CONTRACT_PROCESSES if _pairs(name, proc)]
 
 
 @pytest.mark.parametrize("shape", [(2,), (1, 8, 8)], ids=["B2", "B1x8x8"])
 @pytest.mark.parametrize("name, proc", CONTRACT_PAIRS)
 def test_loss_contract(name, proc, shape):
     p, dim = CONTRACT_PROCESSES[proc](), math.prod(shape)
-    net, loss = tiny_net(dim), build_loss(name, p, "score")
+    net, loss = tiny_net(dim), build_loss(name, p, OUTPUT.get(name, "score"))
     x = torch.randn((5, *shape), generator=gen(0))
     a = loss(net, x, generator=gen(3))
     b = loss(net, x, generator=gen(3))
@@ -223,7 +234,7 @@ def tiny_conditional_net(dim: int, parameterization: str = "score") -> nn.Module
                           "parameterization": parameterization}, seed=0)
 
 
-CONDITIONAL_CASES = [(name, proc, "score") for name, proc in CONTRACT_PAIRS] + [("vlb", "ddpm", "kernel")]
+CONDITIONAL_CASES = [(name, proc, OUTPUT.get(name, "score")) for name, proc in CONTRACT_PAIRS] + [("vlb", "ddpm", "kernel")]
 
 
 @pytest.mark.parametrize("shape", [(2,), (1, 8, 8)], ids=["B2", "B1x8x8"])
@@ -269,6 +280,8 @@ def test_defaults_are_the_previous_dsm_and_no_grad_detaches():
     (lambda p: build_loss("ssm", p, "score", n_projections=0), "n_projections must be an integer >= 1"),
     (lambda p: build_loss("eps_mse", p, "score", reduction="max"), "allowed: sum, mean"),
     (lambda p: build_loss("dsm", p, "velocity"), "allowed: score, score_over_sigma, eps, x0, drift"),
+    (lambda p: build_loss("flow_matching", p, "score"), "allowed: velocity"),
+    (lambda p: build_loss("flow_matching", p, "velocity", coupling="sinkhorn"), "allowed: independent, minibatch_ot"),
     (lambda p: build_loss("dsm", VESDE(), "score", t_sampling="importance"), "sample_time_importance.*VESDE"),
     (lambda p: build_loss("ism", DiscreteVP(linear_betas(10)), "score", weighting="likelihood"), "sde.*DiscreteVP"),
 ])
@@ -329,27 +342,30 @@ def test_huang_elbo_needs_an_sde():
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 VARIANT_OPTIONS = {"dsm": [{}, {"weighting": "likelihood"}, {"t_sampling": "importance"}],
                    "eps_mse": [{}], "ism": [{}, {"exact_max_dim": 0}], "ssm": [{}, {"probe": "rademacher"}],
-                   "huang_elbo": [{}, {"exact_max_dim": 0}], "vlb": [{}], "edm": [{}, {"sigma_data": 0.3}]}
-DEVICE_CASES = [(name, proc, opts) for name, proc in CONTRACT_PAIRS for opts in VARIANT_OPTIONS[name]
+                   "huang_elbo": [{}, {"exact_max_dim": 0}], "vlb": [{}], "edm": [{}, {"sigma_data": 0.3}],
+                   "flow_matching": [{}, {"coupling": "minibatch_ot"}]}
+DEVICE_CASES = [(name, proc, opts, device) for name, proc in CONTRACT_PAIRS for opts in VARIANT_OPTIONS[name]
+                for device in DEVICES + ["meta"]
                 if not (opts.get("t_sampling") == "importance" and proc != "vp")
-                and not (opts.get("weighting") == "likelihood" and proc == "ddpm")]
+                and not (opts.get("weighting") == "likelihood" and proc == "ddpm")
+                # the OT coupling solves on the host (POT) from the batch's values, which a meta tensor has not
+                and not (opts.get("coupling") == "minibatch_ot" and device == "meta")]
 
 
-@pytest.mark.parametrize("device", DEVICES + ["meta"])
 @pytest.mark.parametrize("shape", [(2,), (1, 8, 8)], ids=["B2", "B1x8x8"])
-@pytest.mark.parametrize("name, proc, opts", DEVICE_CASES)
+@pytest.mark.parametrize("name, proc, opts, device", DEVICE_CASES)
 def test_losses_follow_the_data_device(name, proc, opts, shape, device):
     """Every loss runs with the network and x on any device; on "meta" any CPU tensor left in the loss's
     arithmetic (a time, a noise draw, a probe, a process table) raises."""
     p, dim = CONTRACT_PROCESSES[proc](), math.prod(shape)
-    net, loss = tiny_net(dim).to(device), build_loss(name, p, "score", **opts)
+    net, loss = tiny_net(dim).to(device), build_loss(name, p, OUTPUT.get(name, "score"), **opts)
     x = torch.randn((5, *shape), generator=gen(0)).to(device)
     v = loss(net, x, generator=gen(3))
     assert v.shape == (5,) and v.device == x.device
     v.mean().backward()
     assert all(q.grad is not None and q.grad.device == x.device for q in net.parameters())
     if device != "meta":  # drawn on the CPU then moved: the same loss on every device, up to float reductions
-        cpu = build_loss(name, p, "score", **opts)(tiny_net(dim), x.cpu(), generator=gen(3))
+        cpu = build_loss(name, p, OUTPUT.get(name, "score"), **opts)(tiny_net(dim), x.cpu(), generator=gen(3))
         torch.testing.assert_close(v.detach().cpu(), cpu.detach())
 
 

@@ -390,6 +390,11 @@ METHOD_RUNS = {
                    "eval": {"likelihood": True, "elbo_slices": 2}}, 9, {"nll", "bpd", "elbo_nll"}),
     "ou-ism-ald": ({"method": {"name": "sde", "sde": "ou", "loss": "ism"},
                     "sample": {"steps": 10, "corrector": "ald", "corrector_steps": 2}}, 28, set()),
+    "flow_matching-ot-heun": ({"method": {"name": "flow_matching", "fm": {"coupling": "minibatch_ot"}},
+                               "sample": {"sampler": "ode", "ode_method": "heun", "steps": 5},
+                               "eval": {"likelihood": True}}, 10, {"nll", "bpd", "nll_se"}),
+    "flow_matching-sigma-min-dpm-solver": ({"method": {"name": "flow_matching", "fm": {"sigma_min": 0.01}},
+                                            "sample": {"sampler": "dpm_solver", "steps": 4}}, 4, set()),
 }
 
 

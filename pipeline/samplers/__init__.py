@@ -11,15 +11,17 @@ and RK45, which couple the batch (see their docstrings).
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Callable, Mapping, Optional
 
+import torch
 from torch import Tensor
 
 from pipeline import rng
 from pipeline.names import SAMPLERS
 from pipeline.processes import Process
-from pipeline.samplers.fast import DPMSolverPP2M, dpm_solver_sampler, edm_plan, edm_sampler, fast_grid
+from pipeline.samplers.fast import DPMSolverPP2M, dpm_solver_sampler, edm_plan, edm_sampler, fast_grid, sigma_of
 from pipeline.samplers.ddpm import (VARIANCES, ancestral_step, ddim_sampler, ddim_step, ddpm_sampler, kernel_sampler,
                                     kernel_step)
 from pipeline.samplers.langevin import annealed_langevin, annealed_langevin_plan, annealed_langevin_step
@@ -33,6 +35,10 @@ __all__ = ["SampleResult", "WalkResult", "walk", "draw", "plan", "GRID_SAMPLERS"
            "kernel_step", "pc_step", "annealed_langevin_step", "ode_step", "ddpm_sampler", "ddim_sampler",
            "kernel_sampler", "pc_sampler", "annealed_langevin", "ode_sampler", "edm_sampler", "dpm_solver_sampler"]
 
+# What the walker's fn is (pipeline.models.network_fn): a score, Sohl-Dickstein's learned kernel, or a flow-matching
+# velocity; the velocity's samplers are the ODE's and DPM-Solver (its data prediction needs no score).
+MODEL_KINDS = ("score", "kernel", "velocity")
+VELOCITY_SAMPLERS = ("ode", "dpm_solver")
 # The samplers that are a step walked over a grid ("ode" only with its fixed-step methods, FIXED_STEP_ODE).
 GRID_SAMPLERS = SAMPLERS
 # The few-step samplers' steps when none is given: EDM's 18 Heun steps (35 NFE on CIFAR-10, Karras et al. 2022,
@@ -45,9 +51,18 @@ FIXED_STEP_ODE = tuple(m for m in ODE_METHODS if m != "rk45")
 ODE_DEFAULT_STEPS = 100
 
 
-def _spacing(sampler: str, options: Mapping[str, Any]) -> str:
+def _spacing(sampler: str, options: Mapping[str, Any], process: Process) -> str:
+    """sample.spacing resolved: auto is the sampler's own, or uniform time where σ = std / m is infinite at t_max
+    (flow matching's pure-noise end, which neither the ρ- nor the log-SNR schedule can space)."""
     spacing = options.get("spacing", "auto")
-    return FAST_DEFAULT_SPACING[sampler] if spacing == "auto" else spacing
+    if spacing != "auto":
+        return spacing
+    return "time" if process.continuous and float(sigma_of(process, _t_max(process))) == math.inf else (
+        FAST_DEFAULT_SPACING[sampler])
+
+
+def _t_max(process: Process) -> Tensor:
+    return torch.tensor([process.t_max], dtype=torch.float64)
 
 
 def plan(sampler: str, model_kind: str, process: Process, steps: Optional[int],
@@ -65,6 +80,12 @@ def plan(sampler: str, model_kind: str, process: Process, steps: Optional[int],
         if sampler != "ancestral":
             raise ValueError(f"a learned reverse kernel is sampled ancestrally, not with {sampler!r}")
         return kernel_step, process.grid(), "learned kernel"
+    if model_kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {model_kind!r}; allowed: {', '.join(MODEL_KINDS)}")
+    if model_kind == "velocity" and sampler not in VELOCITY_SAMPLERS:
+        raise ValueError(f"a flow-matching velocity is sampled by the ODE (sample.sampler: "
+                         f"{' or '.join(VELOCITY_SAMPLERS)}), not {sampler!r}, which steps with a score")
+    field = "velocity" if model_kind == "velocity" else "score"
     if sampler == "annealed_langevin":
         step, grid = annealed_langevin_plan(process, o["step_size"], o["steps_per_scale"], o["denoise"])
         return step, grid, "annealed Langevin"
@@ -87,21 +108,23 @@ def plan(sampler: str, model_kind: str, process: Process, steps: Optional[int],
                 raise ValueError(f"the {method} ODE solver picks its own times and is no walk over a grid; "
                                  f"grid ODE methods: {', '.join(FIXED_STEP_ODE)}")
             raise ValueError(f"unknown ODE method {method!r}; allowed: {', '.join(ODE_METHODS)}")
-        return partial(ode_step, method=method), process.grid(steps or ODE_DEFAULT_STEPS), f"ODE ({method})"
+        return (partial(ode_step, method=method, field=field), process.grid(steps or ODE_DEFAULT_STEPS),
+                f"ODE ({method})")
     if sampler == "edm_heun":
         step, grid = edm_plan(process, steps or FAST_DEFAULT_STEPS[sampler], o["rho"], o["churn"], o["s_tmin"],
-                              o["s_tmax"], o["s_noise"], _spacing(sampler, o))
+                              o["s_tmax"], o["s_noise"], _spacing(sampler, o, process))
         return step, grid, "EDM Heun" if o["churn"] == 0 else "EDM Heun (churn)"
     if sampler == "dpm_solver":
-        grid = fast_grid(process, steps or FAST_DEFAULT_STEPS[sampler], _spacing(sampler, o))
-        return DPMSolverPP2M(), grid, "DPM-Solver++(2M)"
+        grid = fast_grid(process, steps or FAST_DEFAULT_STEPS[sampler], _spacing(sampler, o, process))
+        return DPMSolverPP2M(field), grid, "DPM-Solver++(2M)"
     raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(GRID_SAMPLERS)}")
 
 
 def draw(sampler: str, model_kind: str, fn, process: Process, shape: tuple[int, ...], generator: rng.Generator,
          steps: Optional[int], options: Mapping[str, Any], progress: bool = False, record: Optional[int] = None,
          device=None) -> SampleResult:
-    """Draw shape[0] samples with `sampler`; fn is a score_fn, or a kernel_fn when model_kind == "kernel".
+    """Draw shape[0] samples with `sampler`; fn is a score_fn, a kernel_fn when model_kind == "kernel", or a
+    velocity_fn when model_kind == "velocity" (ode, dpm_solver).
 
     options: denoise, variance (ancestral), eta (ddim), predictor, corrector, snr, corrector_steps,
     lam (pc), ode_method, rtol, atol (ode), step_size, steps_per_scale (annealed_langevin), rho, churn, s_tmin,
@@ -112,7 +135,8 @@ def draw(sampler: str, model_kind: str, fn, process: Process, shape: tuple[int, 
     """
     if model_kind != "kernel" and sampler == "ode" and options["ode_method"] == "rk45":
         return ode_sampler(fn, process, shape, generator, method="rk45", steps=steps or ODE_DEFAULT_STEPS,
-                           rtol=options["rtol"], atol=options["atol"], device=device, record=record)
+                           rtol=options["rtol"], atol=options["atol"], device=device, record=record,
+                           field="velocity" if model_kind == "velocity" else "score")
     step, grid, desc = plan(sampler, model_kind, process, steps, options)
     return prior_walk(step, fn, process, shape, generator, grid, device=device, record=record, progress=progress,
                       desc=desc)

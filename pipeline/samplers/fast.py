@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from pipeline import rng
-from pipeline.parameterization import ScoreFn
+from pipeline.parameterization import ScoreFn, x0_from_velocity
 from pipeline.processes import Process
 from pipeline.samplers.walk import SampleResult, prior_walk
 
@@ -77,6 +77,9 @@ def _schedule(process: Process, steps: int, name: str, between) -> Tensor:
         raise ValueError(f"the {name} schedule needs an integer number of steps >= 1, got {steps!r}")
     if process.continuous:
         ends = sigma_of(process, torch.tensor([process.t_max, process.t_min], dtype=torch.float64))
+        if not math.isfinite(float(ends[0])):
+            raise ValueError(f"the {name} schedule spaces σ = std / m, which is infinite at t_max (m = 0: pure noise, "
+                             f"flow matching's t = 1); use sample.spacing: time")
         clean = float(sigma_of(process, torch.zeros(1, dtype=torch.float64))) == 0.0
         n = steps if clean else steps + 1
         t = time_of_sigma(process, between(float(ends[0]), float(ends[1]), n))
@@ -161,10 +164,18 @@ def _coefficients(process: Process, t: float) -> tuple[float, float]:
     return float(m), float(std)
 
 
-def denoised(x: Tensor, t: float, score_fn: ScoreFn, process: Process) -> Tensor:
-    """Tweedie's x0_hat = (x + std² score(x, t)) / m, shape of x: EDM's D(x̂; σ) in data units."""
+def denoised(x: Tensor, t: float, score_fn: ScoreFn, process: Process, field: str = "score") -> Tensor:
+    """x0_hat at time t, shape of x: Tweedie's (x + std² score(x, t)) / m (EDM's D(x̂; σ) in data units), or from a
+    flow-matching velocity (field "velocity": pipeline.parameterization.x0_from_velocity, defined where m = 0)."""
+    if field == "velocity":
+        return x0_from_velocity(score_fn(x, _times(x, t)), x, _times(x, t), process)
     m, std = _coefficients(process, t)
     return (x + std ** 2 * score_fn(x, _times(x, t))) / m
+
+
+def _log_snr(m: float, std: float) -> float:
+    """λ = log(m / std); −∞ at a pure-noise end (m = 0: the linear path's t = 1)."""
+    return math.log(m / std) if m > 0 else -math.inf
 
 
 def edm_heun_step(x: Tensor, t_cur: float, t_next: float, score_fn: ScoreFn, process: Process,
@@ -210,9 +221,12 @@ class DPMSolverPP2M:
     x_next = (std_next / std_cur) x − m_next (e^(−h) − 1) D̃, where D̃ = D_cur on a first step (DDIM, η = 0) and
     D̃ = (1 + 1/(2r)) D_cur − 1/(2r) D_prev with r = h_prev / h afterwards (the "midpoint" form, as diffusers'
     DPMSolverMultistepScheduler). One network evaluation per step; into a clean end (std 0) x_next = m D_cur.
-    The memory restarts whenever a step does not begin where the last one ended (a new batch, RePaint's jumps)."""
+    The memory restarts whenever a step does not begin where the last one ended (a new batch, RePaint's jumps).
+    From a pure-noise end (m = 0, λ = −∞: flow matching's t = 1) h is infinite and the first step is
+    x_next = (std_next / std_cur) x + m_next D, DDIM's. field: what the walker's fn is (denoised)."""
 
-    def __init__(self):
+    def __init__(self, field: str = "score"):
+        self.field = field
         self._end: Optional[float] = None
         self._prev: Optional[tuple[float, Tensor]] = None  # (h of the previous step, its D)
 
@@ -220,11 +234,11 @@ class DPMSolverPP2M:
                  generator: rng.Generator = None) -> Tensor:
         m_cur, std_cur = _coefficients(process, t_cur)
         m_next, std_next = _coefficients(process, t_next)
-        d_cur = denoised(x, t_cur, score_fn, process)
+        d_cur = denoised(x, t_cur, score_fn, process, self.field)
         if std_next == 0:  # into a clean end: h = ∞, the first-order step is the data prediction itself
             self._prev, self._end = None, None
             return m_next * d_cur
-        h = math.log(m_next / std_next) - math.log(m_cur / std_cur)
+        h = _log_snr(m_next, std_next) - _log_snr(m_cur, std_cur)
         if self._end != t_cur or self._prev is None or self._prev[1].shape != x.shape:
             d = d_cur  # first order: the memory does not continue this walk
         else:

@@ -34,16 +34,30 @@ def probability_flow_drift(process: Process, score_fn: ScoreFn) -> DriftFn:
     return drift
 
 
+# What the walker's fn is for the ODE: a score (the drift is f − ½ g² s) or the velocity itself (flow matching).
+FIELDS = ("score", "velocity")
+
+
+def ode_field(process: Process, fn: Callable, field: str = "score") -> DriftFn:
+    """The ODE's right-hand side dx/dt from the walker's fn: probability_flow_drift of a score_fn (field "score"),
+    or a flow-matching velocity_fn as it is (field "velocity"; pipeline.parameterization)."""
+    if field == "score":
+        return probability_flow_drift(process, fn)
+    if field == "velocity":
+        return fn
+    raise ValueError(f"unknown ODE field {field!r}; allowed: {', '.join(FIELDS)}")
+
+
 def ode_step(x: Tensor, t_cur: float, t_next: float, score_fn: ScoreFn, process: Process,
-             generator: rng.Generator = None, method: str = "euler") -> Tensor:
+             generator: rng.Generator = None, method: str = "euler", field: str = "score") -> Tensor:
     """One Euler or Heun step of the probability-flow ODE from t_cur to t_next (no randomness).
 
     Heun: Karras et al. 2022 (arXiv:2206.00364), Algorithm 1 without the extra noise: the Euler
-    prediction corrected by the trapezoidal rule, two drift evaluations.
+    prediction corrected by the trapezoidal rule, two drift evaluations. field: what score_fn is (ode_field).
     """
     if method not in ("euler", "heun"):
         raise ValueError(f"unknown fixed-step ODE method {method!r}; allowed: euler, heun")
-    drift = probability_flow_drift(process, score_fn)
+    drift = ode_field(process, score_fn, field)
     dt = t_next - t_cur
     d_cur = drift(x, torch.full((x.shape[0],), t_cur, dtype=x.dtype, device=x.device))
     x_next = x + dt * d_cur
@@ -65,6 +79,7 @@ def ode_sampler(
     *,
     device=None,
     record: Optional[int] = None,
+    field: str = "score",
 ) -> SampleResult:
     """Integrate the probability-flow ODE from a prior draw at t_max to t_min, x of shape `shape`.
 
@@ -74,15 +89,16 @@ def ode_sampler(
 
     RK45 is not batch-size invariant: its step sizes are chosen from the error norm of the whole
     batch state, so a sample's path depends on the others in its batch. Its trajectory (`record`)
-    is the start and the end only. Euler and Heun treat samples independently.
+    is the start and the end only. Euler and Heun treat samples independently. field: what score_fn is
+    (ode_field: a score, or a flow-matching velocity).
     """
     if method not in ODE_METHODS:
         raise ValueError(f"unknown ODE method {method!r}; allowed: {', '.join(ODE_METHODS)}")
     if method != "rk45":
-        return prior_walk(partial(ode_step, method=method), score_fn, process, shape, generator, process.grid(steps),
-                          device=device, record=record, desc=f"ODE ({method})")
+        return prior_walk(partial(ode_step, method=method, field=field), score_fn, process, shape, generator,
+                          process.grid(steps), device=device, record=record, desc=f"ODE ({method})")
     record_positions(record, 2)  # refuse a bad `record` as the walker would
-    drift = probability_flow_drift(process, score_fn)
+    drift = ode_field(process, score_fn, field)
     x = process.prior_sample(shape, generator, device)
     nfe, per_call = 0, getattr(score_fn, "evaluations", 1)  # as the walker counts (a guided score says 2)
 

@@ -1,0 +1,112 @@
+"""Flow matching (Lipman et al. 2023, arXiv:2210.02747) and rectified flow (Liu et al. 2023, arXiv:2209.03003): a
+network regresses the velocity of the linear path between data and N(0, I) (pipeline.processes.LinearPath), with
+noise paired to data independently or by minibatch optimal transport (Tong et al. 2023, arXiv:2302.00482); samples
+and likelihoods come from the ODE of that velocity (Euler, Heun, RK45, DPM-Solver++ on its data prediction)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Literal, Optional, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from families.base import Family, FamilyParams, Plan
+from pipeline.names import COUPLINGS
+
+# The samplers a velocity walks (pipeline.samplers.VELOCITY_SAMPLERS): the ODE's, and DPM-Solver++, whose data
+# prediction comes from the velocity without the score.
+SAMPLERS = ("ode", "dpm_solver")
+# The tasks that only draw from the prior and walk the ODE; the others wrap a score.
+TASKS = ("generate", "interpolate")
+
+
+class FlowParams(BaseModel):
+    """method.fm: the path's σ_min (0: rectified flow) and the coupling of noise and data in a batch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    sigma_min: float = Field(0.0, ge=0.0, lt=1.0)
+    coupling: Literal[COUPLINGS] = "independent"
+
+
+class FlowMatchingParams(FamilyParams):
+    """The family's own method.* keys: its section method.fm."""
+
+    fm: FlowParams = Field(default_factory=FlowParams)
+
+
+class FlowMatching(Family):
+    name = "flow_matching"
+    paper = "Lipman et al. 2023, Flow matching for generative modeling; Liu et al. 2023, Flow straight and fast"
+    Params = FlowMatchingParams
+    has_score = False
+
+    def fm(self, m: Any) -> FlowParams:
+        """method.fm of `m` (MethodParams; None: the defaults) as FlowParams."""
+        return self.params(m).fm
+
+    def process_kind(self, sde: str) -> str:
+        if sde != "auto":
+            raise ValueError(f"method.sde: {sde} does not apply to method.name: flow_matching, whose path is the "
+                             f"linear one between data and noise (method.fm.sigma_min); leave method.sde: auto")
+        return "linear_path"
+
+    def loss(self, kind: str, loss: str) -> Optional[str]:
+        if loss != "auto":
+            raise ValueError(f"method.name: flow_matching trains on its own velocity regression (Lipman et al.'s "
+                             f"conditional flow matching); leave method.loss: auto, got {loss}")
+        return "flow_matching"
+
+    def parameterization(self, loss: Optional[str], parameterization: str, scale_by_sigma: bool) -> str:
+        if parameterization not in ("auto", "velocity"):
+            raise ValueError(f"method.name: flow_matching's network outputs the velocity; leave "
+                             f"method.parameterization: auto (or velocity), got {parameterization}")
+        return "velocity"
+
+    def default_sampler(self, kind: str) -> str:
+        return "ode"
+
+    def sampler(self, kind: str, sampler: str) -> str:
+        if sampler == "auto":
+            return self.default_sampler(kind)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sample.sampler: {sampler} steps with a score, which the linear path's velocity gives "
+                             f"only where m = 1 − t > 0; flow matching walks its ODE: sample.sampler ode "
+                             f"(sample.ode_method rk45, euler or heun) or dpm_solver")
+        return sampler
+
+    def plan(self, m: Any, scale_by_sigma: bool = True, sampler: str = "auto", likelihood: bool = False) -> Plan:
+        """The score model's plan, with the ODE likelihood (the velocity's change of variables) and no ELBO."""
+        return replace(super().plan(m, scale_by_sigma, sampler, likelihood), ode=True, elbo=None)
+
+    def check_likelihood(self, kind: str) -> None:
+        """The ODE likelihood exists for every flow."""
+
+    def check_conditional(self) -> None:
+        raise ValueError("method.conditional: guidance steers a score, and flow matching learns a velocity; leave "
+                         "method.conditional: false for method.name: flow_matching")
+
+    def check_clip_denoised(self) -> None:
+        raise ValueError("sample.clip_denoised clips a score model's x0_hat; flow matching's ODE walks its velocity "
+                         "(leave sample.clip_denoised: auto or false)")
+
+    def check(self, cfg: Any, plan: Plan) -> None:
+        super().check(cfg, plan)
+        if cfg.sample.task not in TASKS:
+            raise ValueError(f"sample.task: {cfg.sample.task} wraps a score model's sampler step; method.name: "
+                             f"flow_matching draws with {' or '.join(TASKS)}")
+
+    def sampling_steps(self, process, steps: int | str, sampler: str) -> Optional[int]:
+        """sample.steps: 'auto' is the sampler's own default (the fixed-step ODE's 100, DPM-Solver's 20)."""
+        return None if steps == "auto" else int(steps)
+
+    def build_process(self, kind: str, m: Any, sigmas: Sequence[float]):
+        from pipeline.processes import LinearPath
+
+        return LinearPath(self.fm(m).sigma_min)
+
+    def loss_options(self, loss: str, m: Any, decoder: Optional[dict] = None) -> dict:
+        return {"coupling": self.fm(m).coupling}
+
+
+FAMILY = FlowMatching()
