@@ -226,7 +226,8 @@ def test_bridge_params_are_its_own_model():
 
 # A bad value of each key a family owns, and the words of its refusal (the family's Params model, not the config's).
 BAD_OWNED = {"sde": ("bm", "'auto', 'vp', 've', 'subvp' or 'ou'"), "schedule": ("quadratic", "'linear' or 'cosine'"),
-             "num_steps": (1, "integer >= 2"), "sigma_data": (0.0, "a number > 0"), "sb": ({"sigma": -1.0}, "greater than 0")}
+             "num_steps": (1, "integer >= 2"), "sigma_data": (0.0, "a number > 0"), "sb": ({"sigma": -1.0}, "greater than 0"),
+             "fm": ({"coupling": "sinkhorn"}, "'independent' or 'minibatch_ot'")}
 
 
 @pytest.mark.parametrize("name", families.NAMES)
@@ -245,7 +246,7 @@ def test_every_family_validates_its_own_keys_with_its_own_model(name):
             family.params(defaults.model_copy(update={key: value}))
         assert words in str(err.value)
     for key in set(BAD_OWNED) - set(family.reads):
-        value = BAD_OWNED[key][0] if key != "sb" else {"iterations": 3}
+        value = {"sb": {"iterations": 3}, "fm": {"coupling": "minibatch_ot"}}.get(key, BAD_OWNED[key][0])
         raw = {"method": {"name": name, key: value}, "data": {"name": "gmm", "target": "moons"}}
         with pytest.raises(config.ConfigError, match=f"method.{key}"):
             config.validate(raw)

@@ -17,6 +17,7 @@ from pipeline.processes import (
     BrownianMotion,
     DiscreteVP,
     EDMProcess,
+    LinearPath,
     NoiseScaleProcess,
     OUProcess,
     SubVPSDE,
@@ -275,7 +276,8 @@ def test_prior_sample_is_drawn_where_the_generator_lives():
 
 # One instance of every registered process (pipeline.processes.PROCESSES), by kind.
 REGISTERED = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(), "ou": OUProcess(), "edm": EDMProcess(),
-              "brownian": BrownianMotion(0.7), "noise_scales": NoiseScaleProcess([5.0, 1.0, 0.2, 0.05]), "discrete_vp": DiscreteVP(linear_betas(20))}
+              "brownian": BrownianMotion(0.7), "noise_scales": NoiseScaleProcess([5.0, 1.0, 0.2, 0.05]), "discrete_vp": DiscreteVP(linear_betas(20)),
+              "linear_path": LinearPath(0.01)}
 CAPABILITIES = ("continuous", "has_sde", "has_importance_sampling", "has_discrete_elbo")
 
 
