@@ -26,7 +26,7 @@ import yaml
 from benchmarks.images import REFERENCE_STAGES, _copy_references
 from benchmarks.methods import REPO, _fmt, _merge, _run_stages, track_in_repo
 
-MODEL_STAGES = ["noise_scales", "train", "ema", "sample", "evaluate"]
+MODEL_STAGES = ["noise_scales", "train", "ema", "distill", "sample", "evaluate"]
 
 # What `auto` resolved to on digits before this ablation chose its values (fp32, lr 1e-3, dropout 0.1): the rows
 # named "before ..." change one or more things against it, the others against today's auto.

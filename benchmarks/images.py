@@ -59,7 +59,7 @@ def run_model(name: str, data: str, scratch: Path, references: Path) -> list[dic
     work.mkdir(parents=True)
     _copy_references(references, work)
     os.chdir(work)
-    return run_variants(name, base, variants, ["noise_scales", "train", "ema", "sample", "evaluate", "report"])
+    return run_variants(name, base, variants, ["noise_scales", "train", "ema", "distill", "sample", "evaluate", "report"])
 
 
 def table(rows: list[dict[str, Any]]) -> str:

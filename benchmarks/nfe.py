@@ -221,7 +221,7 @@ def diffusers_steps(name: str, target: int) -> int:
 
 
 def diffusers_sample(name: str, target: int, params: dict) -> dict:
-    """Sample the trained DDPM (models/model.pt, current directory) with diffusers' `name` scheduler at `target`
+    """Sample the trained DDPM (models/final.pt, current directory) with diffusers' `name` scheduler at `target`
     NFE, from the sample stage's initial noise; store outputs/samples.npz and metrics/sample.json as the sample
     stage does. The row's sampling part: nfe, steps, spacing, sample_s."""
     import torch
@@ -229,13 +229,13 @@ def diffusers_sample(name: str, target: int, params: dict) -> dict:
     from pipeline import config, defaults, io, pixels
     from pipeline.models import build_network
     from pipeline.rng import SampleGenerators
-    from stages.common import MODEL, NOISE_SCALES, SAMPLE_METRICS, SAMPLES, data_record, process_of
+    from stages.common import FINAL_MODEL, NOISE_SCALES, SAMPLE_METRICS, SAMPLES, data_record, process_of
     from stages.launch import choose_device
 
     cfg = config.validate(params)
     info, record = data_record(), io.read_json(NOISE_SCALES)
     process = process_of(record)
-    obj = io.load_torch(MODEL)
+    obj = io.load_torch(FINAL_MODEL)
     spec = obj["config"]
     if spec.get("parameterization") != "eps" or not hasattr(process, "betas"):
         raise RuntimeError(f"diffusers rows need an eps network on DDPM's chain, got {spec.get('parameterization')} "
@@ -338,7 +338,7 @@ def run_model(name: str, base: dict, data: str, nfes: list[int], scratch: Path, 
     _write_params(params)
     os.environ["DVC_EXP_NAME"] = f"bench-nfe-{data}-{name}"
     print(f"\n=== {name}: training (noise_scales, train, ema)", flush=True)
-    seconds = _run_stages(["noise_scales", "train", "ema"])
+    seconds = _run_stages(["noise_scales", "train", "ema", "distill"])
     print(f"=== {name}: trained in {sum(seconds.values()):.0f} s", flush=True)
     from stages.common import SAMPLE_METRICS
     from stages.launch import choose_device

@@ -65,7 +65,7 @@ def run_study(name: str, scratch: Path) -> list[dict[str, Any]]:
             ema = {"method": "posthoc", "sigma_rel": sigma_rel}
             Path("params.yaml").write_text(yaml.safe_dump(_merge(base, {"ema": ema}), sort_keys=False))
             os.environ["DVC_EXP_NAME"] = f"bench-posthoc-{name}-{sigma_rel:g}"
-            rows.append(_row(name, ema, _run_stages(["ema", "sample", "evaluate"])))
+            rows.append(_row(name, ema, _run_stages(["ema", "distill", "sample", "evaluate"])))
         return rows
     finally:
         os.chdir(REPO)

@@ -276,6 +276,10 @@ class Family:
             return None
         return DEFAULT_SDE_STEPS if process.continuous else None
 
+    def reflows(self, m: Any) -> int:
+        """How many reflows the distill stage trains on the final model (method.fm.reflow of a flow; 0 else)."""
+        return 0
+
     def stage(self, name: str) -> Optional[Callable]:
         """This family's own body of stage `name`, or None where the score model's body applies."""
         if name not in self.own_stages:

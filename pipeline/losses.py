@@ -361,19 +361,37 @@ class FlowMatchingLoss:
 
     def __call__(self, model: nn.Module, x: Tensor, cond: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> Tensor:
+        t = self.process.sample_time(x.shape[0], generator).to(device=x.device, dtype=x.dtype)
+        return self._regress(model, x, couple(x, rng.randn_like(x, generator), self.coupling), t, cond)
+
+    def _regress(self, model: nn.Module, x0: Tensor, z: Tensor, t: Tensor, cond: Optional[Tensor]) -> Tensor:
+        """||v(x_t, t) − (m' x0 + std' z)||² per example for the pairs (x0, z) at times t (B,)."""
         p = self.process
-        t = p.sample_time(x.shape[0], generator).to(device=x.device, dtype=x.dtype)
-        z = couple(x, rng.randn_like(x, generator), self.coupling)
-        x_t = p.perturb(x, t, z)
         dm, ds = p.marginal_rates(t)
-        target = append_dims(dm, x.ndim).to(x.dtype) * x + append_dims(ds, x.ndim).to(x.dtype) * z
-        v = bind_labels(model, cond)(x_t, p.conditioning(t).to(x.dtype))
+        target = append_dims(dm, x0.ndim).to(x0.dtype) * x0 + append_dims(ds, x0.ndim).to(x0.dtype) * z
+        v = bind_labels(model, cond)(p.perturb(x0, t, z), p.conditioning(t).to(x0.dtype))
         return _sq(v - target)
+
+
+class ReflowLoss(FlowMatchingLoss):
+    """Flow matching on given pairs: x (B, 2, *D) stacks (x0, z), a sample of the previous flow and the noise it
+    started from, so the new flow's paths are straight between them (Liu et al. 2023, arXiv:2209.03003, sec. 2.2,
+    "reflow"). t uniform from `generator`; no coupling: the pairs are the coupling."""
+
+    def __init__(self, process: Process, parameterization: str = "velocity"):
+        super().__init__(process, parameterization, "independent")
+
+    def __call__(self, model: nn.Module, x: Tensor, cond: Optional[Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        if x.ndim < 3 or x.shape[1] != 2:
+            raise ValueError(f"reflow trains on pairs stacked as (B, 2, *D) (x0, z), got a batch of {tuple(x.shape)}")
+        t = self.process.sample_time(x.shape[0], generator).to(device=x.device, dtype=x.dtype)
+        return self._regress(model, x[:, 0], x[:, 1], t, cond)
 
 
 LOSSES = {"dsm": DenoisingScoreMatching, "eps_mse": EpsilonMSE, "ism": ImplicitScoreMatching,
           "ssm": SlicedScoreMatching, "huang_elbo": HuangELBO, "vlb": DiscreteELBO, "edm": EDMLoss,
-          "flow_matching": FlowMatchingLoss}
+          "flow_matching": FlowMatchingLoss, "reflow": ReflowLoss}
 
 
 def loss_options(name: str) -> tuple[str, ...]:

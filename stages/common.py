@@ -32,6 +32,8 @@ DOMAIN_REFERENCE = Path("outputs/domain_reference.npz")
 NOISE_SCALES, NOISE_PLOT = Path("outputs/noise_scales.json"), Path("outputs/noise_scales.png")
 CHECKPOINTS = Path("checkpoints")
 RAW_MODEL, EMA_MODEL, MODEL = Path("models/raw.pt"), Path("models/ema.pt"), Path("models/model.pt")
+# What sample and evaluate load: the ema stage's model, or what the distill stage trained from it (reflow)
+FINAL_MODEL, REFLOW = Path("models/final.pt"), Path("outputs/reflow")
 POSTHOC = Path("models/posthoc")  # the post-hoc EMA's snapshots (pipeline.posthoc), one file per step
 LOSS_CSV, TRAIN_METRICS = Path("plots/train_loss.csv"), Path("metrics/train.json")
 EVAL_CSV, TRAIN_SAMPLES = Path("plots/train_eval.csv"), Path("outputs/train_samples")
@@ -140,7 +142,7 @@ def run_stage(name: str, body: StageBody, argv: Optional[Sequence[str]] = None) 
 # The stages that ask the run's method family (its process, loss, sampler, or a body of its own); dvc.yaml lists
 # families/${method.name} among their deps. The others use the family only to validate params, which can refuse a
 # run but never change an output.
-FAMILY_STAGES = ("noise_scales", "train", "sample", "evaluate")
+FAMILY_STAGES = ("noise_scales", "train", "distill", "sample", "evaluate")
 
 
 def _family_body(cfg: config.Config, name: str) -> Optional[StageBody]:
@@ -196,7 +198,8 @@ def _tracked(name: str, cfg: config.Config, call: Callable[[Any], None]) -> int:
 
 # Every stage in dvc.yaml's order, with the name of its body function in stages/<name>.py.
 STAGE_BODIES = {"prepare": "prepare", "noise_scales": "noise_scales", "fid_reference": "fid_reference_stage",
-                "classifier": "classifier_stage", "train": "train_stage", "ema": "ema_stage", "sample": "sample_stage",
+                "classifier": "classifier_stage", "train": "train_stage", "ema": "ema_stage",
+                "distill": "distill_stage", "sample": "sample_stage",
                 "evaluate": "evaluate_stage", "report": "report_stage"}
 
 

@@ -21,7 +21,7 @@ from pipeline.kinds import NEIGHBOUR_SAMPLES, DataKind, Evaluation, Files, kind_
 from pipeline.likelihood import model_likelihoods
 from pipeline.tracking import StageRun
 from stages.common import (CLASSIFIER, CLASSIFIER_METRICS, DOMAIN_REFERENCE, EVAL_METRICS, EVAL_PLOT, FID_METRICS,
-                           FID_REFERENCE, LABELS, MODEL, NEIGHBOURS_PLOT, NOISE_SCALES, REFERENCE, SAMPLES, TEST, TRAIN,
+                           FID_REFERENCE, LABELS, FINAL_MODEL, NEIGHBOURS_PLOT, NOISE_SCALES, REFERENCE, SAMPLES, TEST, TRAIN,
                            Resolved, data_record, main, process_of, resolve)
 from stages.launch import choose_device
 
@@ -67,7 +67,7 @@ def _likelihoods(r: Resolved, data: DataKind, record: dict, device: torch.device
     """The method's likelihoods of the first eval.likelihood_n test items; on data with an exact mixture, their gaps
     to the true likelihood."""
     e, process = ev.settings, process_of(record)
-    kind, fn = models.load_model(MODEL, process, dtype=torch.float64, device=device)
+    kind, fn = models.load_model(FINAL_MODEL, process, dtype=torch.float64, device=device)
     x = data.likelihood_input(ev.files["test"][: e.likelihood_n]).to(device)
     found = model_likelihoods(kind, fn, process, x, ode=r.plan.ode, elbo=r.plan.elbo, divergence=e.divergence,
                               rtol=e.rtol, atol=e.atol, elbo_slices=e.elbo_slices, elbo_variance=e.elbo_variance,

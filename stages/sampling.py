@@ -19,7 +19,7 @@ from pipeline.parameterization import clip_denoised
 from pipeline.processes import Process
 from pipeline.rng import SampleGenerators
 from pipeline.tracking import StageRun
-from stages.common import (MODEL, NOISE_SCALES, SAMPLES_PLOT, TEST, TRAJECTORY_PLOT, data_record, process_of, resolve,
+from stages.common import (FINAL_MODEL, NOISE_SCALES, SAMPLES_PLOT, TEST, TRAJECTORY_PLOT, data_record, process_of, resolve,
                            sampler_options)
 from stages.launch import choose_device
 
@@ -60,7 +60,7 @@ class Loaded:
 def load(cfg: Config) -> Loaded:
     info, record, r = data_record(), io.read_json(NOISE_SCALES), resolve(cfg)
     process, sampler, device = process_of(record), r.plan.sampler, choose_device(cfg.train.device)
-    model_kind, fn = models.load_model(MODEL, process, device=device)
+    model_kind, fn = models.load_model(FINAL_MODEL, process, device=device)
     clip = defaults.clip_denoised(cfg.sample.clip_denoised, sampler, model_kind, info)
     steps, options = sampler_options(r, process, record)
     return Loaded(info, kind_of(info, record.get("scaling")), process, sampler, device, model_kind, fn, clip, steps,

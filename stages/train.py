@@ -26,7 +26,7 @@ from pipeline.guidance import guided_score
 from pipeline.losses import build_loss
 from pipeline.rng import SampleGenerators, sample_seed
 from pipeline.samplers import draw
-from pipeline.train import (Checkpoints, Hooks, Preempted, TrainData, TrainSettings, check_train, eval_csv,
+from pipeline.train import (Checkpoints, Hooks, Preempted, TrainData, check_train, eval_csv, settings_from,
                             fingerprinted_train, held_out_evaluator, loss_csv, stop_on_sigterm, train)
 from pipeline.tracking import StageRun
 from stages.common import (CHECKPOINTS, EMA_MODEL, EVAL_CSV, LABELS, LOSS_CSV, NOISE_SCALES, RAW_MODEL, TEST, TRAIN,
@@ -91,11 +91,7 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
     options = r.family.loss_options(plan.loss, cfg.method, kind.decoder()) | extra
     loss = build_loss(plan.loss, process, plan.parameterization, **options)
     check_train(t, resolved["batch_size"], plan.loss, group.world_size if group else 1)
-    settings = TrainSettings(resolved["steps"], resolved["batch_size"], resolved["lr"], t.grad_clip, t.ema_decay,
-                             t.checkpoint_every, t.log_every, cfg.seed, ema_warmup=resolved["ema_warmup"],
-                             precision=resolved["precision"], channels_last=t.channels_last, compile=t.compile,
-                             accumulate=t.accumulate, warmup=t.warmup,
-                             posthoc_sigma_rels=tuple(t.posthoc.sigma_rels), snapshot_every=resolved["snapshot_every"])
+    settings = settings_from(cfg.train, resolved, cfg.seed)
     # Everything that must match for a checkpoint to be resumed; steps, logging and the device may change.
     setup = {"spec": spec, "process": record["process"], "loss": plan.loss, "options": options, "seed": cfg.seed,
              "data": hashlib.sha256(data.tobytes()).hexdigest(),

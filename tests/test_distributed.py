@@ -260,7 +260,7 @@ def _params(path: Path, extra: dict) -> None:
 def test_two_processes_sample_the_same_bytes(project):
     """sample.devices 2 writes the bytes of sample.devices 1: with 6 batches (3 per rank) and with 1 batch (rank 1
     draws it, rank 0 has none)."""
-    for name in ("train", "ema"):
+    for name in ("train", "ema", "distill"):
         assert run_named(name, ["--params", "params.yaml"]) == 0
     got = {}
     for batch in (50, 300):

@@ -14,7 +14,7 @@ from scipy.optimize import linear_sum_assignment
 from pipeline.coupling import couple, ot_permutation, transport_cost
 from pipeline.gmm import GaussianMixture
 from pipeline.likelihood import ode_log_likelihood
-from pipeline.losses import FlowMatchingLoss
+from pipeline.losses import FlowMatchingLoss, ReflowLoss
 from pipeline.models import exact_score_fn, exact_velocity_fn
 from pipeline.parameterization import velocity_from_x0, x0_from_velocity
 from pipeline.processes import LinearPath, Process, VPSDE
@@ -237,3 +237,20 @@ def test_minibatch_ot_cost_approaches_w2_of_two_gaussians():
     assert abs(means[0] - independent) < 4 * se
     assert abs(means[-1] - w2) < 4 * float(costs[2048].std()) / math.sqrt(n), (means[-1], w2)
     assert means[-1] < independent - 10 * se
+
+
+def test_reflow_loss_regresses_the_straight_path_between_the_given_pairs():
+    """Reflow (Liu et al. 2023, sec. 2.2) trains on the pairs it is given, (B, 2, *D) = (sample, noise): x_t on the
+    straight line between them, target z − x0, t uniform and nothing else drawn; anything but pairs is refused."""
+    p = LinearPath(0.0)
+    pairs = torch.randn(6, 2, 1, 3, 3, generator=gen(0))
+    spy, used = _Spy(), gen(5)
+    loss = ReflowLoss(p)(spy, pairs, generator=used)
+    g = gen(5)
+    t = p.sample_time(6, g).reshape(-1, 1, 1, 1)
+    x0, z = pairs[:, 0], pairs[:, 1]
+    torch.testing.assert_close(spy.seen["x_t"], (1 - t) * x0 + t * z)
+    torch.testing.assert_close(loss, (z - x0).pow(2).flatten(1).sum(1))
+    assert torch.equal(used.get_state(), g.get_state())  # the times, and no noise
+    with pytest.raises(ValueError, match=r"pairs stacked as \(B, 2, \*D\)"):
+        ReflowLoss(p)(spy, torch.randn(6, 2), generator=gen(5))

@@ -199,7 +199,7 @@ def test_eps_mse_is_twice_sigma2_dsm_and_is_the_noise_regression_for_eps_network
 # The discrete ELBO needs a chain that ends at clean data (DDPM's); every other loss takes every process.
 CONTRACT_PROCESSES = {**PROCESSES, "ddpm": lambda: DiscreteVP(linear_betas(10))}
 # What each loss's network outputs: a score, except flow matching's velocity.
-OUTPUT = {"flow_matching": "velocity"}
+OUTPUT = {"flow_matching": "velocity", "reflow": "velocity"}
 
 
 def _pairs(name: str, proc: str) -> bool:
@@ -210,6 +210,11 @@ def _pairs(name: str, proc: str) -> bool:
     return name != "huang_elbo" or CONTRACT_PROCESSES[proc]().has_sde
 
 
+def batch(name: str, shape: tuple, n: int) -> torch.Tensor:
+    """n examples of `shape` as the loss `name` takes them: reflow's are pairs, (n, 2, *shape)."""
+    return torch.randn((n, 2, *shape) if name == "reflow" else (n, *shape), generator=gen(0))
+
+
 CONTRACT_PAIRS = [(name, proc) for name in LOSSES for proc in CONTRACT_PROCESSES if _pairs(name, proc)]
 
 
@@ -218,7 +223,7 @@ CONTRACT_PAIRS = [(name, proc) for name in LOSSES for proc in CONTRACT_PROCESSES
 def test_loss_contract(name, proc, shape):
     p, dim = CONTRACT_PROCESSES[proc](), math.prod(shape)
     net, loss = tiny_net(dim), build_loss(name, p, OUTPUT.get(name, "score"))
-    x = torch.randn((5, *shape), generator=gen(0))
+    x = batch(name, shape, 5)
     a = loss(net, x, generator=gen(3))
     b = loss(net, x, generator=gen(3))
     c = loss(net, x, generator=gen(4))
@@ -244,7 +249,7 @@ def test_every_loss_takes_class_labels(name, proc, parameterization, shape):
     embedding rows of the labels in the batch."""
     p, dim = CONTRACT_PROCESSES[proc](), math.prod(shape)
     net, loss = tiny_conditional_net(dim, parameterization), build_loss(name, p, parameterization)
-    x = torch.randn((6, *shape), generator=gen(0))
+    x = batch(name, shape, 6)
     g_none, g_one, g_two = gen(3), gen(3), gen(3)
     unlabelled = loss(net, x, generator=g_none)
     ones = loss(net, x, cond=torch.ones(6, dtype=torch.long), generator=g_one)
@@ -343,7 +348,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 VARIANT_OPTIONS = {"dsm": [{}, {"weighting": "likelihood"}, {"t_sampling": "importance"}],
                    "eps_mse": [{}], "ism": [{}, {"exact_max_dim": 0}], "ssm": [{}, {"probe": "rademacher"}],
                    "huang_elbo": [{}, {"exact_max_dim": 0}], "vlb": [{}], "edm": [{}, {"sigma_data": 0.3}],
-                   "flow_matching": [{}, {"coupling": "minibatch_ot"}]}
+                   "flow_matching": [{}, {"coupling": "minibatch_ot"}], "reflow": [{}]}
 DEVICE_CASES = [(name, proc, opts, device) for name, proc in CONTRACT_PAIRS for opts in VARIANT_OPTIONS[name]
                 for device in DEVICES + ["meta"]
                 if not (opts.get("t_sampling") == "importance" and proc != "vp")
@@ -359,7 +364,7 @@ def test_losses_follow_the_data_device(name, proc, opts, shape, device):
     arithmetic (a time, a noise draw, a probe, a process table) raises."""
     p, dim = CONTRACT_PROCESSES[proc](), math.prod(shape)
     net, loss = tiny_net(dim).to(device), build_loss(name, p, OUTPUT.get(name, "score"), **opts)
-    x = torch.randn((5, *shape), generator=gen(0)).to(device)
+    x = batch(name, shape, 5).to(device)
     v = loss(net, x, generator=gen(3))
     assert v.shape == (5,) and v.device == x.device
     v.mean().backward()

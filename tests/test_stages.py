@@ -93,8 +93,10 @@ def test_every_stage_in_process(workdir, capsys):
     assert scales["num_scales"] == 8 and "no root" in scales["how"]["num_scales"]
     model = torch.load("models/model.pt", weights_only=True)
     assert set(model) == {"config", "state_dict"} and model["config"]["parameterization"] == "score_over_sigma"
-    # ema.method: decay -> the final model is the EMA file
+    # ema.method: decay -> the final model is the EMA file, and without a reflow distill passes it on as it is
     assert Path("models/model.pt").read_bytes() == Path("models/ema.pt").read_bytes()
+    assert Path("models/final.pt").read_bytes() == Path("models/model.pt").read_bytes()
+    assert json.loads(Path("outputs/reflow/record.json").read_text()) == {"reflows": 0, "runs": []}
     samples = np.load("outputs/samples.npz")["x"]
     assert samples.shape == (300, 2) and np.isfinite(samples).all()
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
@@ -329,7 +331,7 @@ def _check_fid_sets(metrics: dict, samples: np.ndarray, sets: int, against: str)
 def test_image_samples_do_not_depend_on_the_batch_size(workdir):
     params = _deep_merge(TINY, TINY_IMAGES)
     _write_params(Path("params.yaml"), params)
-    for name in ("prepare", "noise_scales", "train", "ema", "sample"):
+    for name in ("prepare", "noise_scales", "train", "ema", "distill", "sample"):
         assert _run(name) == 0, name
     first = Path("outputs/samples.npz").read_bytes()
     _write_params(Path("params.yaml"), _deep_merge(params, {"sample": {"batch_size": 20}}))
@@ -410,6 +412,39 @@ def test_every_method_runs_through_the_same_stages(workdir, name):
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
     assert keys <= set(metrics) and all(np.isfinite(metrics[k]) for k in keys)
     assert Path("reports/report.md").is_file()
+
+
+def test_reflow_trains_each_flow_on_the_pairs_of_the_one_before(workdir, capsys):
+    """method.fm.reflow 2: the distill stage draws pairs from flow 0 (the ema stage's model) by RK45, trains reflow 1
+    on them, draws from reflow 1, trains reflow 2; the pairs are outputs, and pair i is the flow's ODE from noise i.
+    Asking for one more reflow in the same workspace resumes the finished ones from their checkpoints."""
+    from pipeline import io, models
+    from pipeline.processes import process_from_spec
+    from pipeline.reflow import draw_pairs
+
+    params = _deep_merge(TINY, {"method": {"name": "flow_matching", "fm": {"reflow": 1, "pairs": 64}},
+                                "sample": {"ode_method": "euler", "steps": 1}})
+    _write_params(Path("params.yaml"), params)
+    for name in ("prepare", "noise_scales", "train", "ema", "distill"):
+        assert _run(name) == 0, name
+    one = Path("models/final.pt").read_bytes()
+    _write_params(Path("params.yaml"), _deep_merge(params, {"method": {"fm": {"reflow": 2}}}))
+    capsys.readouterr()
+    assert _run("distill") == 0
+    assert "distill: reflow 1 resumed from its checkpoint at step 30" in capsys.readouterr().out
+    record = json.loads(Path("outputs/reflow/record.json").read_text())
+    assert [r["reflow"] for r in record["runs"]] == [1, 2] and record["runs"][0]["resumed_from"] == 30
+    assert Path("models/final.pt").read_bytes() != one != Path("models/model.pt").read_bytes()
+    process = process_from_spec(json.loads(Path("outputs/noise_scales.json").read_text())["process"])
+    _, velocity = models.load_model("models/model.pt", process)
+    pairs = io.load_npz("outputs/reflow/pairs_1.npz")
+    assert pairs["z"].shape == pairs["x"].shape == (64, 2)
+    z, x = draw_pairs(velocity, process, 64, (2,), params["seed"] + 1, params["train"]["batch_size"])
+    assert np.array_equal(z.numpy(), pairs["z"]) and np.array_equal(x.numpy(), pairs["x"])
+    assert not np.array_equal(pairs["x"], io.load_npz("outputs/reflow/pairs_2.npz")["x"])
+    for name in ("sample", "evaluate"):
+        assert _run(name) == 0, name
+    assert json.loads(Path("metrics/sample.json").read_text())["nfe"] == 1
 
 
 @pytest.mark.parametrize("sde", ["vp", "ve", "subvp"])
@@ -563,13 +598,14 @@ def _back_to_baseline(repo: Path, env: dict) -> None:
 
 @pytest.mark.xdist_group("dvc")
 @pytest.mark.parametrize("sets, expected", [
-    (["method.loss=ssm"], {"train", "ema", "sample", "evaluate", "report"}),
+    (["method.loss=ssm"], {"train", "ema", "distill", "sample", "evaluate", "report"}),
     # a sample key: test_dvc_exp_run_sample_key_reruns_only_sample_evaluate_report; a new post-hoc EMA width from
     # the finished run's snapshots: no training
-    (["ema.method=posthoc", "ema.sigma_rel=0.08"], {"ema", "sample", "evaluate", "report"}),
-    (["method.name=ddpm", "method.num_steps=20"], {"noise_scales", "train", "ema", "sample", "evaluate", "report"}),
+    (["ema.method=posthoc", "ema.sigma_rel=0.08"], {"ema", "distill", "sample", "evaluate", "report"}),
+    (["method.name=ddpm", "method.num_steps=20"],
+     {"noise_scales", "train", "ema", "distill", "sample", "evaluate", "report"}),
     (["method.name=schrodinger_bridge", "data.target=moons", "method.sb.iterations=1"],
-     {"prepare", "noise_scales", "train", "ema", "sample", "evaluate", "report"}),
+     {"prepare", "noise_scales", "train", "ema", "distill", "sample", "evaluate", "report"}),
 ])
 def test_dvc_exp_run_reruns_only_the_stages_whose_keys_changed(dvc_repo, dvc_baseline, sets, expected):
     env = _dvc_env(dvc_repo)
@@ -638,7 +674,7 @@ def test_exact_class_scores_sample_each_gmm_component(workdir, moment_errors):
     params = _deep_merge(TINY, {"data": {"name": "gmm"}, "method": {"name": "exact_score", "conditional": True},
                                 "sample": {"n": 2000, "batch_size": 500}, "eval": {"n": 300}})
     _write_params(Path("params.yaml"), params)
-    for name in ("prepare", "noise_scales", "train", "ema", "sample", "evaluate"):
+    for name in ("prepare", "noise_scales", "train", "ema", "distill", "sample", "evaluate"):
         assert _run(name) == 0, name
     out = np.load("outputs/samples.npz")
     x, y = torch.from_numpy(out["x"]).double(), out["y"]
@@ -683,7 +719,7 @@ def test_conditional_images_and_refusals(workdir, capsys):
                                                                     "conditional": True},
                                                          "sample": {"guidance": 1.0}}))
     _write_params(Path("params.yaml"), params)
-    for name in ("prepare", "noise_scales", "train", "ema", "sample"):
+    for name in ("prepare", "noise_scales", "train", "ema", "distill", "sample"):
         assert _run(name) == 0, name
     out = np.load("outputs/samples.npz")
     assert out["x"].shape == (20, 1, 8, 8) and out["y"].tolist() == [i % 10 for i in range(20)]

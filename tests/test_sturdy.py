@@ -406,7 +406,8 @@ KILL_PARAMS = _deep_merge(TINY, {"noise": {"fallback_num_scales": 2, "steps_per_
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A tiny project up to models/model.pt (prepare, noise_scales, train, ema), made once for this module."""
+    """A tiny project up to models/final.pt (prepare, noise_scales, train, ema, distill), made once for this
+    module."""
     root = tmp_path_factory.mktemp("trained")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -414,7 +415,7 @@ def trained(tmp_path_factory) -> Path:
             mp.delenv(key, raising=False)
         mp.setenv("MLFLOW_TRACKING_URI", NO_TRACKING)
         _write_params(root / "params.yaml", KILL_PARAMS)
-        for name in STAGES[:STAGES.index("ema") + 1]:
+        for name in STAGES[:STAGES.index("distill") + 1]:
             if name not in ("fid_reference", "classifier"):  # images only
                 assert _run(name) == 0, name
     return root
@@ -426,15 +427,15 @@ def test_a_model_file_with_a_pickled_object_is_refused(trained, workdir, capsys,
     shutil.copytree(trained, workdir, dirs_exist_ok=True)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", NO_TRACKING)
     marker = workdir / "payload-ran"
-    model = torch.load("models/model.pt", weights_only=True)
+    model = torch.load("models/final.pt", weights_only=True)
     assert set(model) == {"config", "state_dict"}
-    torch.save({**model, "extra": Payload(marker)}, "models/model.pt")
-    with pytest.raises(DataError, match="models/model.pt is not a weights-only model file"):
-        io.load_torch("models/model.pt")
+    torch.save({**model, "extra": Payload(marker)}, "models/final.pt")
+    with pytest.raises(DataError, match="models/final.pt is not a weights-only model file"):
+        io.load_torch("models/final.pt")
     capsys.readouterr()
     assert _run("sample") == 2
     err = capsys.readouterr().err
-    assert "sample: models/model.pt is not a weights-only model file" in err and "Traceback" not in err, err
+    assert "sample: models/final.pt is not a weights-only model file" in err and "Traceback" not in err, err
     assert not any(Path(p).exists() for p in SAMPLE_OUTPUTS)
     assert not marker.exists()  # the object was never unpickled
 

@@ -6,11 +6,12 @@ and likelihoods come from the ODE of that velocity (Euler, Heun, RK45, DPM-Solve
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from families.base import Family, FamilyParams, Plan
+from pipeline.config import auto_or_at_least
 from pipeline.names import COUPLINGS
 
 # The samplers a velocity walks (pipeline.samplers.VELOCITY_SAMPLERS): the ODE's, and DPM-Solver++, whose data
@@ -21,12 +22,20 @@ TASKS = ("generate", "interpolate")
 
 
 class FlowParams(BaseModel):
-    """method.fm: the path's σ_min (0: rectified flow) and the coupling of noise and data in a batch."""
+    """method.fm: the path's σ_min (0: rectified flow), the coupling of noise and data in a batch, and the number of
+    reflows (Liu et al. 2023) with the pairs each draws from the flow before it (auto: as many as training data)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     sigma_min: float = Field(0.0, ge=0.0, lt=1.0)
     coupling: Literal[COUPLINGS] = "independent"
+    reflow: int = Field(0, ge=0)
+    pairs: Union[Literal["auto"], int] = "auto"
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs(cls, v):
+        return auto_or_at_least(v, 1)
 
 
 class FlowMatchingParams(FamilyParams):
@@ -107,6 +116,14 @@ class FlowMatching(Family):
 
     def loss_options(self, loss: str, m: Any, decoder: Optional[dict] = None) -> dict:
         return {"coupling": self.fm(m).coupling}
+
+    def reflows(self, m: Any) -> int:
+        return self.fm(m).reflow
+
+    def reflow_pairs(self, m: Any, n_train: int) -> int:
+        """method.fm.pairs: auto draws as many pairs as there are training examples."""
+        pairs = self.fm(m).pairs
+        return n_train if pairs == "auto" else int(pairs)
 
 
 FAMILY = FlowMatching()

@@ -25,7 +25,7 @@ from pipeline.distributed import Group
 from pipeline.pixels import image_batches
 from pipeline import posthoc
 from pipeline.train.settings import (NO_COMPILE_LOSSES, PRECISIONS, BatchTransform, Evaluator, Hooks, LossFn,
-                                   TrainData, TrainSettings, check_train)
+                                   TrainData, TrainSettings, check_train, settings_from)
 from pipeline.train.evaluation import eval_csv, evaluate_if_due, held_out_evaluator, log_if_due, loss_csv
 from pipeline.train.preempt import Preempted, preempt, stop_on_sigterm, stop_requested
 from pipeline.train.state import (CHECKPOINT, Checkpoints, TrainState, ema_multi_avg_fn, fingerprint,
@@ -37,7 +37,7 @@ __all__ = [
     "CHECKPOINT", "NO_COMPILE_LOSSES", "PRECISIONS", "BatchTransform", "Checkpoints", "Evaluator", "Hooks", "LossFn",
     "Preempted", "TrainData", "TrainResult", "TrainSettings", "TrainState", "autocast", "check_train",
     "ema_multi_avg_fn", "eval_csv", "fingerprint", "fingerprinted_train", "held_out_evaluator", "image_batches",
-    "loss_csv", "micro_batches", "stop_on_sigterm", "to_device", "train", "warmup_factor",
+    "loss_csv", "micro_batches", "settings_from", "stop_on_sigterm", "to_device", "train", "warmup_factor",
 ]
 
 

@@ -5,7 +5,7 @@ check_train refuses the train.* values that params validation cannot see (they d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -112,3 +112,15 @@ class Hooks:
     eval_every: int = 0
     should_stop: Optional[Callable[[], bool]] = None
     progress: bool = True
+
+
+def settings_from(train: Any, resolved: Mapping[str, Any], seed: int, posthoc: bool = True) -> TrainSettings:
+    """TrainSettings from the train.* section (`train`: pipeline.config's TrainParams) and its resolved 'auto's
+    (pipeline.defaults.train_settings); posthoc False keeps no post-hoc EMA profiles (a reflow's training)."""
+    t = train
+    return TrainSettings(resolved["steps"], resolved["batch_size"], resolved["lr"], t.grad_clip, t.ema_decay,
+                         t.checkpoint_every, t.log_every, seed, ema_warmup=resolved["ema_warmup"],
+                         precision=resolved["precision"], channels_last=t.channels_last, compile=t.compile,
+                         accumulate=t.accumulate, warmup=t.warmup,
+                         posthoc_sigma_rels=tuple(t.posthoc.sigma_rels) if posthoc else (),
+                         snapshot_every=resolved["snapshot_every"])
