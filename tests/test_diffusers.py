@@ -1,4 +1,5 @@
-"""The project's DDIM and DPM-Solver++(2M) against diffusers' schedulers on the same eps model: the same samples.
+"""The project's DDIM and DPM-Solver++(2M) against diffusers' schedulers on the same eps model, and its flow Euler
+step against FlowMatchEulerDiscreteScheduler on the same velocity: the same samples.
 
 DDPM's chain (DiscreteVP(linear_betas(1000))) with the exact score of a 2-D Gaussian mixture as the model,
 eps(x, t) = -std(t) score(x, t), wrapped for diffusers as model(sample, timestep) -> eps. Both sides get the same
@@ -29,10 +30,11 @@ import pytest
 import torch
 
 from pipeline.gmm import GaussianMixture
-from pipeline.models import exact_score_fn
-from pipeline.processes import DiscreteVP, linear_betas
+from pipeline.models import exact_score_fn, exact_velocity_fn
+from pipeline.processes import DiscreteVP, LinearPath, linear_betas
 from pipeline.samplers.ddpm import ddim_step
 from pipeline.samplers.fast import DPMSolverPP2M, sigma_of
+from pipeline.samplers.ode import ode_step
 from pipeline.samplers.walk import walk
 
 # diffusers 0.42.1 builds its sigmas with np.array(tensor ** 0.5), which NumPy 2 flags: theirs, not ours
@@ -158,6 +160,43 @@ def test_the_time_spacing_is_diffusers_trailing_and_samples_alike(n):
 
 
 # --------------------------------------------------------------------------- diffusers stays out of the pipeline
+
+
+FLOW = LinearPath(0.0)
+VELOCITY = exact_velocity_fn(GaussianMixture.from_params(**MIX), FLOW)
+
+
+class VelocityModel:
+    """The exact mixture's rectified-flow velocity as diffusers calls a flow model: model(sample, timestep) with
+    timestep = σ · 1000 (FlowMatchEulerDiscreteScheduler's num_train_timesteps), σ this project's t; counts calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        self.calls += 1
+        t = torch.full((sample.shape[0],), float(timestep) / 1000.0, dtype=torch.float64)
+        return VELOCITY(sample.double(), t).to(sample.dtype)
+
+
+@pytest.mark.parametrize("n", NFES)
+def test_flow_euler_matches_diffusers_flow_match_euler_scheduler(n):
+    """The ODE's Euler step on a velocity (field "velocity") over diffusers' own σ grid = FlowMatchEulerDiscreteScheduler
+    (shift 1: σ from 1 to 1/1000 in n − 1 equal steps, then 0): x ← x + (σ_next − σ) v(x, σ), the same convention of
+    time (σ = 1 noise, 0 data) and velocity (noise − data). The project's own uniform grid (1 → 0) is another walk and
+    lands farther away than the tolerance."""
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(n)
+    grid = scheduler.sigmas.double().tolist()
+    x_T = _x_T()
+    ours = walk(partial(ode_step, method="euler", field="velocity"), x_T, grid, VELOCITY, FLOW, None)
+    model, x = VelocityModel(), x_T.float()  # the flow scheduler starts from the noise as it is
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t), t, x).prev_sample
+    assert ours.nfe == model.calls == n and x.dtype == torch.float32
+    torch.testing.assert_close(x, ours.x.float(), **TOL)
+    uniform = walk(partial(ode_step, method="euler", field="velocity"), x_T, FLOW.grid(n), VELOCITY, FLOW, None)
+    assert float((uniform.x - ours.x).abs().max()) > DIFFERENT
 
 
 def test_the_pipeline_and_the_stages_do_not_import_diffusers_at_run_time():
