@@ -50,13 +50,14 @@ import yaml
 from benchmarks.methods import BENCH_EXPERIMENT, _fmt, _merge, _run_stages, track_in_repo
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_NFE = (5, 10, 20, 35, 50, 100, 1000)
+DEFAULT_NFE = (1, 2, 5, 10, 20, 35, 50, 100, 1000)
 
 # The project's samplers by row name: their sample.* keys (sample.steps is set per NFE).
 SAMPLERS: dict[str, dict] = {
     "ancestral": {"sampler": "ancestral"},
     "ddim": {"sampler": "ddim"},
     "pc": {"sampler": "pc"},  # params.yaml: reverse_diffusion predictor, 1 Langevin corrector step
+    "ode-euler": {"sampler": "ode", "ode_method": "euler"},
     "ode-heun": {"sampler": "ode", "ode_method": "heun"},
     "edm_heun": {"sampler": "edm_heun"},
     "dpm_solver": {"sampler": "dpm_solver"},
@@ -70,6 +71,11 @@ MODELS: dict[str, tuple[dict, tuple[str, ...]]] = {
     "sde-subvp": ({"method": {"name": "sde", "sde": "subvp"}}, SDE_SAMPLERS),
     "sde-ve": ({"method": {"name": "sde", "sde": "ve"}}, SDE_SAMPLERS),
     "edm": ({"method": {"name": "edm"}}, ("edm_heun", "dpm_solver", "dpm_solver-time", "ddim", "ancestral")),
+    # flows walk their velocity: the ODE's Euler and Heun steps and DPM-Solver++ (on uniform time)
+    "flow_matching": ({"method": {"name": "flow_matching"}}, ("ode-euler", "ode-heun", "dpm_solver")),
+    "flow_matching-ot": ({"method": {"name": "flow_matching", "fm": {"coupling": "minibatch_ot"}}},
+                         ("ode-euler", "ode-heun", "dpm_solver")),
+    "reflow-1": ({"method": {"name": "flow_matching", "fm": {"reflow": 1}}}, ("ode-euler", "ode-heun", "dpm_solver")),
 }
 DIFFUSERS_MODEL = "ddpm"
 DIFFUSERS = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler")
@@ -103,14 +109,15 @@ def nfe_of_steps(sampler_keys: dict, params: dict, steps: int) -> Optional[int]:
     from pipeline import config, io
     from pipeline.samplers import plan
     from pipeline.samplers.walk import walk
-    from stages.common import NOISE_SCALES, process_of, sampler_options
+    from stages.common import NOISE_SCALES, process_of, resolve, sampler_options
 
     record = io.read_json(NOISE_SCALES)
     process = process_of(record)
     try:  # params validation or the plan refuses steps the sampler cannot take (DDPM's grid: at most N)
-        cfg = config.validate(_merge(params, {"sample": {**sampler_keys, "steps": steps}}))
-        resolved, options = sampler_options(cfg, process, record)
-        step, grid, _ = plan(sampler_keys["sampler"], "score", process, resolved, options)
+        r = resolve(config.validate(_merge(params, {"sample": {**sampler_keys, "steps": steps}})))
+        resolved, options = sampler_options(r, process, record)
+        kind = "velocity" if r.plan.parameterization == "velocity" else "score"
+        step, grid, _ = plan(sampler_keys["sampler"], kind, process, resolved, options)
     except ValueError:  # config.ConfigError included
         return None
     x = torch.ones(1, 2, dtype=torch.float64)
@@ -337,7 +344,7 @@ def run_model(name: str, base: dict, data: str, nfes: list[int], scratch: Path, 
     os.chdir(work)
     _write_params(params)
     os.environ["DVC_EXP_NAME"] = f"bench-nfe-{data}-{name}"
-    print(f"\n=== {name}: training (noise_scales, train, ema)", flush=True)
+    print(f"\n=== {name}: training (noise_scales, train, ema, distill)", flush=True)
     seconds = _run_stages(["noise_scales", "train", "ema", "distill"])
     print(f"=== {name}: trained in {sum(seconds.values()):.0f} s", flush=True)
     from stages.common import SAMPLE_METRICS
