@@ -34,9 +34,25 @@ def get(name: str) -> Family:
 
 
 def plan(cfg) -> Plan:
-    """The plan of a validated config (pipeline.config.Config): its family's resolution of method.* and
-    sample.sampler."""
-    return get(cfg.method.name).plan(cfg.method, cfg.model.scale_by_sigma, cfg.sample.sampler, cfg.eval.likelihood)
+    """The plan of a config (pipeline.config.Config): its family's resolution of method.* and sample.sampler.
+
+    With distill.method other than none the final model is a consistency model distilled from the family's
+    (stages/distill.py): it is sampled with the consistency sampler alone and has no likelihood; the family
+    says whether its model can be distilled (Family.check_distill). ValueError says what works."""
+    from dataclasses import replace
+
+    family, s, distill = get(cfg.method.name), cfg.sample, cfg.distill.method
+    if distill == "none":
+        return family.plan(cfg.method, cfg.model.scale_by_sigma, s.sampler, cfg.eval.likelihood)
+    family.check_distill()
+    if s.sampler not in ("auto", "consistency"):
+        raise ValueError(f"sample.sampler: {s.sampler} walks the method's own model; distill.method: {distill} makes "
+                         f"a consistency model, sampled with sample.sampler: consistency (or auto)")
+    if cfg.eval.likelihood:
+        raise ValueError(f"eval.likelihood: a consistency model (distill.method: {distill}) maps noise to data in "
+                         f"one or a few jumps and has no ODE or ELBO to measure (leave eval.likelihood: false)")
+    base = family.plan(cfg.method, cfg.model.scale_by_sigma, "auto", False)
+    return replace(base, sampler="consistency", ode=False, elbo=None)
 
 
 def label(name: str, sde: str = "auto") -> str:

@@ -31,6 +31,13 @@ def _or(names: Sequence[str]) -> str:
     return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
 
 
+def refuse_consistency(sampler: str) -> None:
+    """sample.sampler: consistency walks a consistency model, which only the distill stage makes (families.plan)."""
+    if sampler == "consistency":
+        raise ValueError("sample.sampler: consistency samples a consistency model; set distill.method: cd to distil "
+                         "one from this run's model (or pick another sampler)")
+
+
 class FamilyParams(BaseModel):
     """A family's own method.* keys, validated by the family alone (none here: a family that owns none); each
     family's Params extends it with the keys it reads, defaults from OWNED_KEYS."""
@@ -132,14 +139,19 @@ class Family:
             return "ancestral"
         return "annealed_langevin" if kind == "noise_scales" else "pc"
 
+    def check_distill(self) -> None:
+        """distill.method other than none: the consistency model starts from this family's trained network and
+        reads x0_hat from it (pipeline.consistency); a family without one refuses."""
+
     def sampler(self, kind: str, sampler: str) -> str:
         """sample.sampler resolved against the process: what each sampler needs of it."""
+        refuse_consistency(sampler)
         if sampler == "auto":
             return self.default_sampler(kind)
         if sampler == "annealed_langevin" and kind != "noise_scales":
             raise ValueError(f"sample.sampler: annealed_langevin walks NCSN's noise scales (method.name ncsn, "
                              f"ncsnv2, or exact_score with method.sde: auto); for {kind} use "
-                             f"{_or([s for s in SAMPLERS if s != 'annealed_langevin'])}")
+                             f"{_or([s for s in SAMPLERS if s not in ('annealed_langevin', 'consistency')])}")
         if sampler in ("pc", "ode") and kind == "discrete_vp":
             raise ValueError(f"sample.sampler: {sampler} needs an SDE; DDPM's discrete chain has none. "
                              f"Use ancestral, ddim, edm_heun or dpm_solver (they step between the chain's own "
@@ -222,7 +234,7 @@ class Family:
         pick among them), a chain bounds it."""
         if steps == "auto":
             return
-        if kind == "noise_scales" and sampler not in FAST_SAMPLERS:
+        if kind == "noise_scales" and sampler not in (*FAST_SAMPLERS, "consistency"):
             raise ValueError(f"sample.steps: NCSN's noise scales fix the grid (noise.num_scales levels); leave "
                              f"sample.steps: auto for method.name: {self.name} (or pick "
                              f"{' or '.join(FAST_SAMPLERS)}, which walk some of the scales)")
@@ -272,7 +284,7 @@ class Family:
         few-step samplers None, their own default (pipeline.samplers.FAST_DEFAULT_STEPS)."""
         if steps != "auto":
             return int(steps)
-        if sampler in FAST_SAMPLERS:
+        if sampler in FAST_SAMPLERS or sampler == "consistency":
             return None
         return DEFAULT_SDE_STEPS if process.continuous else None
 

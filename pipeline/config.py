@@ -18,7 +18,7 @@ import families
 from families import NAMES, OWNED_KEYS
 from pipeline.defaults import DATA_PATH as DEFAULT_DATA_PATH
 from pipeline.defaults import PHOTOS_CROP, PHOTOS_IMAGE_SIZE, POINT_SIZES, SIGMA_REL_MAX, SIGMA_RELS
-from pipeline.names import (DATA_SETS, EMA_METHODS, GREY_SETS, IMAGE_SETS, INPAINT_METHODS, LABELLED_POINTS, LOSSES,
+from pipeline.names import (DATA_SETS, DISTILL_METHODS, EMA_METHODS, GREY_SETS, IMAGE_SETS, INPAINT_METHODS, LABELLED_POINTS, LOSSES,
                             MASKS, OPERATORS, PARAMETERIZATIONS, POINT_SETS, SAMPLERS, TARGETS, TASKS)
 
 Auto = Literal["auto"]
@@ -434,6 +434,20 @@ class EmaParams(_Section):
     sigma_rel: float = Field(0.10, gt=0.0, le=SIGMA_REL_MAX)
 
 
+class DistillParams(_Section):
+    """The distill stage's consistency distillation (Song et al. 2023, Algorithm 2): method, the teacher ODE's
+    discretisation N (num_scales, 18 as Song et al. on CIFAR-10) and the student's training steps (auto: train's)."""
+
+    method: Literal[DISTILL_METHODS] = "none"
+    num_scales: int = Field(18, ge=2)
+    steps: Union[Literal["auto"], int] = "auto"
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v):
+        return auto_or_at_least(v, 1)
+
+
 class TrackingParams(_Section):
     """The MLflow experiment name (the store comes from MLFLOW_TRACKING_URI or the repo's mlflow.db)."""
 
@@ -450,6 +464,7 @@ class Config(_Section):
     method: MethodParams = Field(default_factory=MethodParams)
     train: TrainParams = Field(default_factory=TrainParams)
     ema: EmaParams = Field(default_factory=EmaParams)
+    distill: DistillParams = Field(default_factory=DistillParams)
     sample: SampleParams = Field(default_factory=SampleParams)
     eval: EvalParams = Field(default_factory=EvalParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
@@ -458,7 +473,7 @@ class Config(_Section):
     def _combinations(self) -> "Config":
         d, e, m, s = self.data, self.eval, self.method, self.sample
         family = families.get(m.name)  # imports that family's package alone
-        p = family.plan(m, self.model.scale_by_sigma, s.sampler, e.likelihood)
+        p = families.plan(self)  # the family's plan, a consistency model's where distill.method asks for one
         family.check_data(d.name)
         _check_data(d)
         if d.target_path is not None and d.target != "file":

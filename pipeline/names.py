@@ -19,7 +19,7 @@ TARGETS = (*POINT_SETS, "gaussian", "file")
 SDES = ("vp", "ve", "subvp", "ou")
 # Samplers (pipeline.samplers); FAST_SAMPLERS need only the marginals at the grid's times, so they walk any score
 # model's grid: a continuous process, DDPM's chain or NCSN's scales (pipeline.samplers.fast).
-SAMPLERS = ("annealed_langevin", "ancestral", "ddim", "pc", "ode", "edm_heun", "dpm_solver")
+SAMPLERS = ("annealed_langevin", "ancestral", "ddim", "pc", "ode", "edm_heun", "dpm_solver", "consistency")
 FAST_SAMPLERS = ("edm_heun", "dpm_solver")
 # Losses a user can name (method.loss); the registry's own losses (pipeline.losses) are resolved from them.
 LOSSES = ("dsm", "eps_mse", "ism", "ssm", "elbo")
@@ -30,6 +30,10 @@ PARAMETERIZATIONS = (*SCORE_PARAMETERIZATIONS, "kernel", "velocity")
 # How flow matching pairs noise with data in a batch (method.fm.coupling): independently (Lipman et al. 2023) or by
 # the exact optimal transport of the batch (Tong et al. 2023).
 COUPLINGS = ("independent", "minibatch_ot")
+
+# distill.method: what the distill stage trains from the final model besides method.fm.reflow's reflows: nothing, or
+# a consistency model by consistency distillation (Song et al. 2023), sampled with sample.sampler: consistency.
+DISTILL_METHODS = ("none", "cd")
 
 # ema.method: how the ema stage makes the final model from training's outputs (pipeline.train.finalize).
 EMA_METHODS = ("decay", "posthoc", "none")

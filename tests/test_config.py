@@ -154,6 +154,17 @@ def test_yaml12_floats_as_dvc_writes_them(tmp_path):
      ["method.conditional", "velocity"]),
     ({"method": {"name": "flow_matching"}, "sample": {"task": "inpaint", "sampler": "ode", "ode_method": "heun"}},
      ["sample.task: inpaint", "generate or interpolate"]),
+    # a consistency model: made by the distill stage, sampled by its own sampler
+    ({"sample": {"sampler": "consistency"}}, ["sample.sampler: consistency", "distill.method: cd"]),
+    ({"method": {"name": "edm"}, "distill": {"method": "cd"}, "sample": {"sampler": "edm_heun"}},
+     ["sample.sampler: edm_heun", "sample.sampler: consistency (or auto)"]),
+    ({"method": {"name": "edm"}, "distill": {"method": "cd"}, "eval": {"likelihood": True}},
+     ["eval.likelihood", "consistency model"]),
+    ({"method": {"name": "sohl_dickstein"}, "distill": {"method": "cd"}}, ["distill.method", "learned kernels"]),
+    ({"data": {"name": "gmm"}, "method": {"name": "exact_score"}, "distill": {"method": "cd"}},
+     ["distill.method", "exact_score has none"]),
+    ({"distill": {"method": "ct"}}, ["distill.method", "'none' or 'cd'"]),
+    ({"distill": {"num_scales": 1}}, ["distill.num_scales", "greater than or equal to 2"]),
 ])
 def test_bad_input_names_the_key_and_what_is_allowed(raw, words):
     with pytest.raises(ConfigError) as info:

@@ -30,6 +30,11 @@ class ExactScore(Family):
                              "method.parameterization: auto")
         return "score"
 
+    def check_distill(self) -> None:
+        raise ValueError("distill.method: a consistency model starts from the trained network of its teacher, and "
+                         "method.name: exact_score has none (the score is analytic); distil from ddpm, sde, edm, "
+                         "ncsnv2 or flow_matching")
+
     def check_data(self, data_name: str) -> None:
         if data_name != "gmm":
             raise ValueError(f"method.name: exact_score needs data.name: gmm (the analytic score is known only for a "

@@ -10,7 +10,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from families.base import Family, FamilyParams, Plan
+from families.base import Family, FamilyParams, Plan, refuse_consistency
 from pipeline.config import auto_or_at_least
 from pipeline.names import COUPLINGS
 
@@ -76,6 +76,7 @@ class FlowMatching(Family):
         return "ode"
 
     def sampler(self, kind: str, sampler: str) -> str:
+        refuse_consistency(sampler)
         if sampler == "auto":
             return self.default_sampler(kind)
         if sampler not in SAMPLERS:

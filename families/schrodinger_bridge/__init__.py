@@ -77,6 +77,10 @@ class SchrodingerBridge(Family):
         raise ValueError("eval.likelihood: true computes a score model's likelihood; method.name: schrodinger_bridge "
                          "is evaluated by cd / emd at its end and the cost of its coupling (leave eval.likelihood: false)")
 
+    def check_distill(self) -> None:
+        raise ValueError("distill.method: a consistency model maps noise to data; a Schrödinger bridge maps one data "
+                         "set to another with its own walk (leave distill.method: none)")
+
     def check_conditional(self) -> None:
         raise ValueError("method.conditional: a Schrödinger bridge has no class-conditional form here; use "
                          "method.name ddpm, sde, ncsnv2, ncsn or edm for guided generation")

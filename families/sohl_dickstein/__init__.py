@@ -35,6 +35,10 @@ class SohlDickstein(ChainFamily):
             raise ValueError("sample.steps: Sohl-Dickstein's learned kernels exist only for the chain's own steps; "
                              "leave sample.steps: auto (method.num_steps sets the chain)")
 
+    def check_distill(self) -> None:
+        raise ValueError("distill.method: a consistency model reads x0_hat from its teacher, and Sohl-Dickstein's "
+                         "learned kernels predict none; distil from ddpm, sde, edm, ncsnv2 or flow_matching")
+
     def check_conditional(self) -> None:
         raise ValueError("method.conditional: Sohl-Dickstein's learned kernels have no score to guide; use "
                          "method.name ddpm, sde, ncsnv2, ncsn (or exact_score on gmm)")

@@ -21,6 +21,7 @@ from torch import Tensor
 from pipeline import rng
 from pipeline.names import SAMPLERS
 from pipeline.processes import Process
+from pipeline.samplers.consistency import consistency_plan
 from pipeline.samplers.fast import DPMSolverPP2M, dpm_solver_sampler, edm_plan, edm_sampler, fast_grid, sigma_of
 from pipeline.samplers.ddpm import (VARIANCES, ancestral_step, ddim_sampler, ddim_step, ddpm_sampler, kernel_sampler,
                                     kernel_step)
@@ -38,31 +39,31 @@ __all__ = ["SampleResult", "WalkResult", "walk", "draw", "plan", "GRID_SAMPLERS"
 # What the walker's fn is (pipeline.models.network_fn): a score, Sohl-Dickstein's learned kernel, or a flow-matching
 # velocity; the velocity's samplers are the ODE's and DPM-Solver (its data prediction needs no score).
 MODEL_KINDS = ("score", "kernel", "velocity")
-VELOCITY_SAMPLERS = ("ode", "dpm_solver")
+VELOCITY_SAMPLERS = ("ode", "dpm_solver", "consistency")
 # The samplers that are a step walked over a grid ("ode" only with its fixed-step methods, FIXED_STEP_ODE).
 GRID_SAMPLERS = SAMPLERS
 # The few-step samplers' steps when none is given: EDM's 18 Heun steps (35 NFE on CIFAR-10, Karras et al. 2022,
 # Table 2) and DPM-Solver++(2M)'s 20 (Lu et al. 2022b's budget for unguided sampling).
-FAST_DEFAULT_STEPS = {"edm_heun": 18, "dpm_solver": 20}
-# Their time spacing when sample.spacing is 'auto': each paper's own (EDM's ρ-schedule, DPM-Solver's log-SNR).
-FAST_DEFAULT_SPACING = {"edm_heun": "karras", "dpm_solver": "logsnr"}
+FAST_DEFAULT_STEPS = {"edm_heun": 18, "dpm_solver": 20, "consistency": 1}
+# Their time spacing when sample.spacing is 'auto': each paper's own (EDM's ρ-schedule, DPM-Solver's log-SNR; the
+# consistency model's: EDM's, as Song et al. 2023 discretise).
+FAST_DEFAULT_SPACING = {"edm_heun": "karras", "dpm_solver": "logsnr", "consistency": "karras"}
 FIXED_STEP_ODE = tuple(m for m in ODE_METHODS if m != "rk45")
 # The fixed-step ODE's number of steps when none is given (what ode_sampler's `steps` defaults to).
 ODE_DEFAULT_STEPS = 100
 
 
 def _spacing(sampler: str, options: Mapping[str, Any], process: Process) -> str:
-    """sample.spacing resolved: auto is the sampler's own, or uniform time where σ = std / m is infinite at t_max
-    (flow matching's pure-noise end, which neither the ρ- nor the log-SNR schedule can space)."""
+    """sample.spacing resolved: auto is the sampler's own (spacing_of)."""
     spacing = options.get("spacing", "auto")
-    if spacing != "auto":
-        return spacing
-    return "time" if process.continuous and float(sigma_of(process, _t_max(process))) == math.inf else (
-        FAST_DEFAULT_SPACING[sampler])
+    return spacing_of(FAST_DEFAULT_SPACING[sampler], process) if spacing == "auto" else spacing
 
 
-def _t_max(process: Process) -> Tensor:
-    return torch.tensor([process.t_max], dtype=torch.float64)
+def spacing_of(spacing: str, process: Process) -> str:
+    """`spacing`, or uniform time where σ = std / m is infinite at t_max (flow matching's pure-noise end, which
+    neither the ρ- nor the log-SNR schedule can space)."""
+    t_max = torch.tensor([process.t_max], dtype=torch.float64)
+    return "time" if process.continuous and float(sigma_of(process, t_max)) == math.inf else spacing
 
 
 def plan(sampler: str, model_kind: str, process: Process, steps: Optional[int],
@@ -117,6 +118,10 @@ def plan(sampler: str, model_kind: str, process: Process, steps: Optional[int],
     if sampler == "dpm_solver":
         grid = fast_grid(process, steps or FAST_DEFAULT_STEPS[sampler], _spacing(sampler, o, process))
         return DPMSolverPP2M(field), grid, "DPM-Solver++(2M)"
+    if sampler == "consistency":
+        step, grid = consistency_plan(process, steps or FAST_DEFAULT_STEPS[sampler], _spacing(sampler, o, process),
+                                      field)
+        return step, grid, "consistency"
     raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(GRID_SAMPLERS)}")
 
 
