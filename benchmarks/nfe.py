@@ -62,6 +62,7 @@ SAMPLERS: dict[str, dict] = {
     "edm_heun": {"sampler": "edm_heun"},
     "dpm_solver": {"sampler": "dpm_solver"},
     "dpm_solver-time": {"sampler": "dpm_solver", "spacing": "time"},  # diffusers' uniform-time grid
+    "consistency": {"sampler": "consistency"},  # a distilled consistency model's multistep sampler
 }
 SDE_SAMPLERS = ("ancestral", "ddim", "pc", "ode-heun", "edm_heun", "dpm_solver", "dpm_solver-time")
 # name -> (overrides of params.yaml, the samplers that apply)
@@ -76,6 +77,9 @@ MODELS: dict[str, tuple[dict, tuple[str, ...]]] = {
     "flow_matching-ot": ({"method": {"name": "flow_matching", "fm": {"coupling": "minibatch_ot"}}},
                          ("ode-euler", "ode-heun", "dpm_solver")),
     "reflow-1": ({"method": {"name": "flow_matching", "fm": {"reflow": 1}}}, ("ode-euler", "ode-heun", "dpm_solver")),
+    # consistency models distilled (distill.method cd) from EDM and from the rectified flow
+    "edm-cd": ({"method": {"name": "edm"}, "distill": {"method": "cd"}}, ("consistency",)),
+    "flow_matching-cd": ({"method": {"name": "flow_matching"}, "distill": {"method": "cd"}}, ("consistency",)),
 }
 DIFFUSERS_MODEL = "ddpm"
 DIFFUSERS = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler")
@@ -95,6 +99,11 @@ FEW_STEP_LIMIT = 100
 WITHIN = 0.10
 POINTS_BUDGET, IMAGES_BUDGET = 20, 35
 EDM_CD, EDM_BUDGET = 0.12, 35
+# Flows and few-step models (issue 25): flow matching's cd at <= 10 NFE; reflow or a consistency model at 1 NFE; on
+# images the best 2-NFE model's fid_domain within 1.5 x EDM's at 35 NFE.
+FLOW_CD, FLOW_BUDGET, ONE_STEP_CD = 0.12, 10, 0.15
+FEW_STEP_MODELS = ("reflow-1", "edm-cd", "flow_matching-cd")
+TWO_NFE_RATIO = 1.5
 
 
 # --------------------------------------------------------------------------- steps for a target NFE
@@ -485,7 +494,39 @@ def checks(rows: list[dict], images: bool) -> list[str]:
             best = min(edm, key=lambda r: r["cd"])
             out.append(f"{'PASS' if best['cd'] <= EDM_CD else 'FAIL'} {label}: {best['sampler']} at {best['nfe']} NFE, "
                        f"cd {best['cd']:.4f}")
-    return out
+    return out + _flow_checks(rows, images)
+
+
+def _best(rows: list[dict], models, key: str, nfe: int, exact: bool = False) -> Optional[dict]:
+    """The row of `models` with the lowest `key` at <= nfe (exactly nfe with `exact`), or None."""
+    found = [r for r in rows if r["model"] in models and r["source"] == "project" and _ok(r, key)
+             and isinstance(r.get("nfe"), int) and (r["nfe"] == nfe if exact else r["nfe"] <= nfe)]
+    return min(found, key=lambda r: r[key]) if found else None
+
+
+def _flow_checks(rows: list[dict], images: bool) -> list[str]:
+    """Issue 25's: flow matching at <= FLOW_BUDGET NFE and one-step models on points; two steps against EDM's 35 on
+    images."""
+    out = []
+    if not images:
+        for models, nfe, bound, label in ((("flow_matching", "flow_matching-ot"), FLOW_BUDGET, FLOW_CD,
+                                           f"flow matching: cd <= {FLOW_CD} at <= {FLOW_BUDGET} NFE"),
+                                          (FEW_STEP_MODELS, 1, ONE_STEP_CD,
+                                           f"reflow or consistency model: cd <= {ONE_STEP_CD} at 1 NFE")):
+            best = _best(rows, models, "cd", nfe, exact=nfe == 1)
+            out.append(f"n/a  {label}: no rows" if best is None else
+                       f"{'PASS' if best['cd'] <= bound else 'FAIL'} {label}: {best['model']} {best['sampler']} at "
+                       f"{best['nfe']} NFE, cd {best['cd']:.4f}")
+        return out
+    label = f"best 2-NFE model: fid_domain <= {TWO_NFE_RATIO} x edm's at <= {EDM_BUDGET} NFE"
+    edm = _best(rows, ("edm",), "fid_domain", EDM_BUDGET)
+    two = _best(rows, [m for m in MODELS if m != "edm"], "fid_domain", 2)
+    if edm is None or two is None:
+        return [f"n/a  {label}: {'no edm row' if edm is None else 'no row at <= 2 NFE'}"]
+    ok = two["fid_domain"] <= TWO_NFE_RATIO * edm["fid_domain"]
+    return [f"{'PASS' if ok else 'FAIL'} {label}: {two['model']} {two['sampler']} at {two['nfe']} NFE, fid_domain "
+            f"{two['fid_domain']:.4f} vs edm {edm['sampler']} at {edm['nfe']} NFE {edm['fid_domain']:.4f} "
+            f"(x{two['fid_domain'] / edm['fid_domain']:.3f})"]
 
 
 def figure(rows: list[dict], images: bool, path: Path, title: str) -> None:

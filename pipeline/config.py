@@ -436,11 +436,20 @@ class EmaParams(_Section):
 
 class DistillParams(_Section):
     """The distill stage's consistency distillation (Song et al. 2023, Algorithm 2): method, the teacher ODE's
-    discretisation N (num_scales, 18 as Song et al. on CIFAR-10) and the student's training steps (auto: train's)."""
+    discretisation N (num_scales, 18 as Song et al. on CIFAR-10), the student's training steps (auto: train's) and
+    learning rate (auto: pipeline.defaults.distill_lr)."""
 
     method: Literal[DISTILL_METHODS] = "none"
     num_scales: int = Field(18, ge=2)
     steps: Union[Literal["auto"], int] = "auto"
+    lr: Union[Literal["auto"], float] = "auto"
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v):
+        if v != "auto" and not v > 0:
+            raise ValueError("must be 'auto' or a number > 0")
+        return v
 
     @field_validator("steps")
     @classmethod

@@ -104,7 +104,7 @@ def _consistency(cfg: Config, run: StageRun, s: _Setup) -> dict:
     import numpy as np
     import torch
 
-    from pipeline import models
+    from pipeline import defaults, models
     from pipeline.consistency import ConsistencyDistillationLoss, distillation_grid
     from pipeline.kinds import kind_of
     from pipeline.samplers import FAST_DEFAULT_SPACING, spacing_of
@@ -115,16 +115,18 @@ def _consistency(cfg: Config, run: StageRun, s: _Setup) -> dict:
     grid = distillation_grid(s.process, d.num_scales, spacing_of(FAST_DEFAULT_SPACING["consistency"], s.process))
     loss = ConsistencyDistillationLoss(s.process, fn, param, grid, field="velocity" if kind == "velocity" else "score")
     steps = s.settings.steps if d.steps == "auto" else int(d.steps)
-    settings = replace(s.settings, steps=steps)
+    settings = replace(s.settings, steps=steps, lr=defaults.distill_lr(d.lr, s.settings.lr))
     data_kind = kind_of(s.info, s.record.get("scaling"))
     data = TrainData(torch.from_numpy(np.load(TRAIN)), data_kind.batch_transform(cfg.data.dequantize, cfg.data.hflip))
-    setup = s.fingerprint(cfg, consistency=d.method, num_scales=d.num_scales, reflows=s.reflows)
-    print(f"distill: consistency distillation ({d.method}) over {len(grid)} times, {steps} steps")
+    setup = s.fingerprint(cfg, consistency=d.method, num_scales=d.num_scales, reflows=s.reflows, lr=settings.lr)
+    print(f"distill: consistency distillation ({d.method}) over {len(grid)} times, {steps} steps at lr "
+          f"{settings.lr:g}")
     result = train(s.network(s.state, trainable=True), loss, data, settings, Checkpoints(CHECKPOINTS / "consistency",
                    setup), Hooks(on_log=lambda step, value: run.log_metric_buffered("consistency_loss", value, step),
                                  progress=True), device=s.device)
     s.state = {k: v.detach().cpu() for k, v in result.ema.state_dict().items()}
-    return {"method": d.method, "num_scales": d.num_scales, "steps": steps, "resumed_from": result.resumed_from,
+    return {"method": d.method, "num_scales": d.num_scales, "steps": steps, "lr": settings.lr,
+            "resumed_from": result.resumed_from,
             "final_loss": result.loss_rows[-1][1] if result.loss_rows else None}
 
 
