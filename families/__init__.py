@@ -45,6 +45,12 @@ def plan(cfg) -> Plan:
     if distill == "none":
         return family.plan(cfg.method, cfg.model.scale_by_sigma, s.sampler, cfg.eval.likelihood)
     family.check_distill()
+    if cfg.method.conditional:
+        raise ValueError(f"distill.method: {distill} distils an unconditional model (the consistency model has no "
+                         f"labels to guide); leave method.conditional: false")
+    if s.task not in ("generate", "interpolate"):
+        raise ValueError(f"sample.task: {s.task} wraps a sampler's step around a score; a consistency model "
+                         f"(distill.method: {distill}) draws with sample.task generate or interpolate")
     if s.sampler not in ("auto", "consistency"):
         raise ValueError(f"sample.sampler: {s.sampler} walks the method's own model; distill.method: {distill} makes "
                          f"a consistency model, sampled with sample.sampler: consistency (or auto)")

@@ -32,7 +32,7 @@ class _Setup:
     """What every training of the stage shares: the data record, the process, the device, train.*'s resolved
     settings, the ema stage's model (spec, weights, and its file's sha256, which fingerprints the checkpoints)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, reflows: int):
         from pipeline import defaults
         from pipeline.devices import bf16_native
         from pipeline.train import settings_from
@@ -46,6 +46,7 @@ class _Setup:
         model = io.load_torch(MODEL)
         self.spec, self.state = model["config"], model["state_dict"]
         self.model_sha256 = hashlib.sha256(MODEL.read_bytes()).hexdigest()
+        self.reflows = reflows
 
     def fingerprint(self, cfg: Config, **extra) -> dict:
         """The checkpoint setup of one training here: the model it starts from, its settings (steps may change)."""
@@ -138,8 +139,7 @@ def distill_stage(cfg: Config, run: StageRun) -> None:
     if reflows or cfg.distill.method != "none":
         from pipeline import models
 
-        setup = _Setup(cfg)
-        setup.reflows = reflows
+        setup = _Setup(cfg, reflows)
         if reflows:
             summary = _reflow(cfg, run, setup, reflows)
         if cfg.distill.method != "none":

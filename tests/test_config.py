@@ -164,6 +164,10 @@ def test_yaml12_floats_as_dvc_writes_them(tmp_path):
     ({"data": {"name": "gmm"}, "method": {"name": "exact_score"}, "distill": {"method": "cd"}},
      ["distill.method", "exact_score has none"]),
     ({"distill": {"method": "ct"}}, ["distill.method", "'none' or 'cd'"]),
+    ({"data": {"name": "moons"}, "method": {"conditional": True}, "distill": {"method": "cd"}},
+     ["distill.method: cd distils an unconditional model", "method.conditional: false"]),
+    ({"method": {"name": "edm"}, "distill": {"method": "cd"}, "sample": {"task": "edit"}},
+     ["sample.task: edit", "generate or interpolate"]),
     ({"distill": {"num_scales": 1}}, ["distill.num_scales", "greater than or equal to 2"]),
 ])
 def test_bad_input_names_the_key_and_what_is_allowed(raw, words):
