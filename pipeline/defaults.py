@@ -138,8 +138,8 @@ def train_settings(train: Mapping[str, Any], data: Mapping[str, Any], bf16: bool
 
 
 # Consistency distillation fine-tunes the teacher's weights: its learning rate is the teacher's times this. Measured on
-# the swiss roll (1 NFE from the rectified flow, 5,000 steps, N = 18; docs/benchmarks.md): lr 1e-3 gives cd 0.79,
-# 1e-4 0.17, 3e-5 0.12, 1e-5 0.17 (the EMA's samples).
+# the swiss roll (python -m benchmarks.distill_lr: 1 NFE from the rectified flow, 5,000 steps, N = 18, the EMA's
+# samples; docs/benchmarks.md): lr 1e-3 (the teacher's) gives cd 0.346, 1e-4 0.165, 3e-5 0.123, 1e-5 0.152.
 DISTILL_LR_FACTOR = 0.03
 
 
