@@ -21,6 +21,9 @@ SDES = ("vp", "ve", "subvp", "ou")
 # model's grid: a continuous process, DDPM's chain or NCSN's scales (pipeline.samplers.fast).
 SAMPLERS = ("annealed_langevin", "ancestral", "ddim", "pc", "ode", "edm_heun", "dpm_solver", "consistency")
 FAST_SAMPLERS = ("edm_heun", "dpm_solver")
+# The samplers a flow's velocity walks: the ODE's, and DPM-Solver++ on the data prediction the velocity gives
+# (consistency too, once distilled: distill.method).
+VELOCITY_SAMPLERS = ("ode", "dpm_solver")
 # Losses a user can name (method.loss); the registry's own losses (pipeline.losses) are resolved from them.
 LOSSES = ("dsm", "eps_mse", "ism", "ssm", "elbo")
 # What a score network outputs (pipeline.parameterization); "kernel" is Sohl-Dickstein's learned mean and variance,

@@ -91,3 +91,13 @@ def test_the_user_data_is_a_dependency_of_prepare():
     assert "${data.path}" in DVC["stages"]["prepare"]["deps"]
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert (ROOT / params["data"]["path"]).is_dir()  # the default path exists in every clone (DVC needs it)
+
+
+def test_reflow_and_distillation_keys_reach_the_distill_stage_and_never_train():
+    """Changing method.fm.reflow, method.fm.pairs or distill.* re-runs distill and what follows, never the first flow's
+    training (the issue's "reflow 1 -> 2 retrains nothing of the first flow"): train lists none of them, distill all."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    train, distill = stages["train"]["params"], stages["distill"]["params"]
+    for key in ("method.fm.reflow", "method.fm.pairs", "distill"):
+        assert key in distill and not any(p == key or key.startswith(p + ".") for p in train if isinstance(p, str))
+    assert "method.fm" not in train and {"method.fm.sigma_min", "method.fm.coupling"} <= set(train)

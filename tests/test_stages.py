@@ -395,12 +395,9 @@ METHOD_RUNS = {
     "flow_matching-ot-heun": ({"method": {"name": "flow_matching", "fm": {"coupling": "minibatch_ot"}},
                                "sample": {"sampler": "ode", "ode_method": "heun", "steps": 5},
                                "eval": {"likelihood": True}}, 10, {"nll", "bpd", "nll_se"}),
-    "flow_matching-sigma-min-dpm-solver": ({"method": {"name": "flow_matching", "fm": {"sigma_min": 0.01}},
-                                            "sample": {"sampler": "dpm_solver", "steps": 4}}, 4, set()),
+    # a consistency model distilled from a score model (a flow's: tests/test_consistency.py, and the reflow test)
     "edm-consistency-2": ({"method": {"name": "edm"}, "distill": {"method": "cd", "num_scales": 6},
                            "sample": {"steps": 2}}, 2, set()),
-    "flow_matching-consistency": ({"method": {"name": "flow_matching"}, "distill": {"method": "cd", "num_scales": 6,
-                                                                                    "steps": 20}}, 1, set()),
 }
 
 

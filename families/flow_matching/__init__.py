@@ -12,11 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from families.base import Family, FamilyParams, Plan, refuse_consistency
 from pipeline.config import auto_or_at_least
-from pipeline.names import COUPLINGS
+from pipeline.names import COUPLINGS, VELOCITY_SAMPLERS
 
-# The samplers a velocity walks (pipeline.samplers.VELOCITY_SAMPLERS): the ODE's, and DPM-Solver++, whose data
-# prediction comes from the velocity without the score.
-SAMPLERS = ("ode", "dpm_solver")
 # The tasks that only draw from the prior and walk the ODE; the others wrap a score.
 TASKS = ("generate", "interpolate")
 
@@ -79,7 +76,7 @@ class FlowMatching(Family):
         refuse_consistency(sampler)
         if sampler == "auto":
             return self.default_sampler(kind)
-        if sampler not in SAMPLERS:
+        if sampler not in VELOCITY_SAMPLERS:
             raise ValueError(f"sample.sampler: {sampler} steps with a score, which the linear path's velocity gives "
                              f"only where m = 1 − t > 0; flow matching walks its ODE: sample.sampler ode "
                              f"(sample.ode_method rk45, euler or heun) or dpm_solver")

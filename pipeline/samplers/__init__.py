@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from pipeline import rng
-from pipeline.names import SAMPLERS
+from pipeline.names import SAMPLERS, VELOCITY_SAMPLERS
 from pipeline.processes import Process
 from pipeline.samplers.consistency import consistency_plan
 from pipeline.samplers.fast import DPMSolverPP2M, dpm_solver_sampler, edm_plan, edm_sampler, fast_grid, sigma_of
@@ -37,13 +37,13 @@ __all__ = ["SampleResult", "WalkResult", "walk", "draw", "plan", "GRID_SAMPLERS"
            "kernel_sampler", "pc_sampler", "annealed_langevin", "ode_sampler", "edm_sampler", "dpm_solver_sampler"]
 
 # What the walker's fn is (pipeline.models.network_fn): a score, Sohl-Dickstein's learned kernel, or a flow-matching
-# velocity; the velocity's samplers are the ODE's and DPM-Solver (its data prediction needs no score).
+# velocity, which the ODE, DPM-Solver++ and the consistency sampler walk (their data prediction needs no score).
 MODEL_KINDS = ("score", "kernel", "velocity")
-VELOCITY_SAMPLERS = ("ode", "dpm_solver", "consistency")
+VELOCITY_WALKS = (*VELOCITY_SAMPLERS, "consistency")
 # The samplers that are a step walked over a grid ("ode" only with its fixed-step methods, FIXED_STEP_ODE).
 GRID_SAMPLERS = SAMPLERS
 # The few-step samplers' steps when none is given: EDM's 18 Heun steps (35 NFE on CIFAR-10, Karras et al. 2022,
-# Table 2) and DPM-Solver++(2M)'s 20 (Lu et al. 2022b's budget for unguided sampling).
+# Table 2), DPM-Solver++(2M)'s 20 (Lu et al. 2022b's budget for unguided sampling) and a consistency model's one.
 FAST_DEFAULT_STEPS = {"edm_heun": 18, "dpm_solver": 20, "consistency": 1}
 # Their time spacing when sample.spacing is 'auto': each paper's own (EDM's ρ-schedule, DPM-Solver's log-SNR; the
 # consistency model's: EDM's, as Song et al. 2023 discretise).
@@ -83,9 +83,9 @@ def plan(sampler: str, model_kind: str, process: Process, steps: Optional[int],
         return kernel_step, process.grid(), "learned kernel"
     if model_kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {model_kind!r}; allowed: {', '.join(MODEL_KINDS)}")
-    if model_kind == "velocity" and sampler not in VELOCITY_SAMPLERS:
+    if model_kind == "velocity" and sampler not in VELOCITY_WALKS:
         raise ValueError(f"a flow-matching velocity is sampled by the ODE (sample.sampler: "
-                         f"{' or '.join(VELOCITY_SAMPLERS)}), not {sampler!r}, which steps with a score")
+                         f"{' or '.join(VELOCITY_WALKS)}), not {sampler!r}, which steps with a score")
     field = "velocity" if model_kind == "velocity" else "score"
     if sampler == "annealed_langevin":
         step, grid = annealed_langevin_plan(process, o["step_size"], o["steps_per_scale"], o["denoise"])
@@ -129,7 +129,7 @@ def draw(sampler: str, model_kind: str, fn, process: Process, shape: tuple[int, 
          steps: Optional[int], options: Mapping[str, Any], progress: bool = False, record: Optional[int] = None,
          device=None) -> SampleResult:
     """Draw shape[0] samples with `sampler`; fn is a score_fn, a kernel_fn when model_kind == "kernel", or a
-    velocity_fn when model_kind == "velocity" (ode, dpm_solver).
+    velocity_fn when model_kind == "velocity" (ode, dpm_solver, consistency).
 
     options: denoise, variance (ancestral), eta (ddim), predictor, corrector, snr, corrector_steps,
     lam (pc), ode_method, rtol, atol (ode), step_size, steps_per_scale (annealed_langevin), rho, churn, s_tmin,
