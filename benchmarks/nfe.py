@@ -23,7 +23,9 @@ epsilon, no clipping or thresholding, their default timestep spacing ("trailing"
 timestep and breaks the solver: DPM-Solver's "linspace" at 1000 steps), driving the trained network as
 eps = net(x, timestep) (Euler and Heun at fractional timesteps, after scale_model_input). Same initial noise as the
 sample stage (per-sample generators from sample.seed; Euler and Heun times init_noise_sigma); NFE = model calls.
-Their samples are stored as the sample stage stores its own and measured by the same code.
+Their samples are stored as the sample stage stores its own and measured by the same code. The flows (flow_matching,
+flow_matching-ot, reflow-1) get FlowMatchEulerDiscreteScheduler rows the same way: its default σ grid (shift 1),
+the trained velocity network called at its timestep (1000 σ, the network's own conditioning).
 
 Output: rows (model, sampler, source, target_nfe, nfe, steps, cd, cd_floor, emd, emd_floor | fid_domain,
 fid_domain_floor, sample_s, ...) in benchmarks/nfe_<data>.json, written after every row (a stopped run keeps
@@ -83,6 +85,9 @@ MODELS: dict[str, tuple[dict, tuple[str, ...]]] = {
 }
 DIFFUSERS_MODEL = "ddpm"
 DIFFUSERS = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler")
+# diffusers' flow scheduler drives the trained flows (its σ grid: 1 → 1/1000 in equal steps, then 0; shift 1)
+FLOW_DIFFUSERS = ("FlowMatchEulerDiscreteScheduler",)
+FLOW_MODELS = ("flow_matching", "flow_matching-ot", "reflow-1")
 # --quick: a few minutes end to end on the CPU.
 QUICK_NFE = (10, 20)
 QUICK_TRAIN_STEPS = {"points": 1000, "images": 300}
@@ -212,6 +217,10 @@ def make_scheduler(name: str, betas, steps: int, device=None):
     spacing). HeunDiscreteScheduler repeats every interior timestep by design (its two evaluations per step)."""
     import diffusers
 
+    if name in FLOW_DIFFUSERS:  # a flow's scheduler: no betas, its own σ grid
+        scheduler = getattr(diffusers, name)()
+        scheduler.set_timesteps(steps, device=device)
+        return scheduler, f"shift {scheduler.config.shift:g}"
     common = {"num_train_timesteps": len(betas), "trained_betas": betas, "prediction_type": "epsilon"}
     extra = {"DDIMScheduler": {"clip_sample": False, "thresholding": False, "set_alpha_to_one": True},
              "DPMSolverMultistepScheduler": {"algorithm_type": "dpmsolver++", "solver_order": 2,
@@ -253,16 +262,20 @@ def diffusers_sample(name: str, target: int, params: dict) -> dict:
     process = process_of(record)
     obj = io.load_torch(FINAL_MODEL)
     spec = obj["config"]
-    if spec.get("parameterization") != "eps" or not hasattr(process, "betas"):
-        raise RuntimeError(f"diffusers rows need an eps network on DDPM's chain, got {spec.get('parameterization')} "
-                           f"on {type(process).__name__}")
+    flow = name in FLOW_DIFFUSERS
+    if (flow and spec.get("parameterization") != "velocity") or (
+            not flow and (spec.get("parameterization") != "eps" or not hasattr(process, "betas"))):
+        raise RuntimeError(f"diffusers rows need an eps network on DDPM's chain (a velocity network for "
+                           f"{name}), got {spec.get('parameterization')} on {type(process).__name__}")
     device = choose_device(cfg.train.device)
     net = build_network(spec, seed=0)
     net.load_state_dict(obj["state_dict"])
     net.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
     calls = 0
 
-    def model(x: torch.Tensor, timestep) -> torch.Tensor:  # diffusers' interface: eps of the whole batch at t
+    # diffusers' interface: the output of the whole batch at `timestep`, which is the network's conditioning itself:
+    # DDPM's chain index, or 1000 σ for a flow (σ this project's t; LinearPath.conditioning is 1000 t)
+    def model(x: torch.Tensor, timestep) -> torch.Tensor:
         nonlocal calls
         calls += 1
         c = torch.full((x.shape[0],), float(timestep), dtype=x.dtype, device=x.device)
@@ -271,7 +284,7 @@ def diffusers_sample(name: str, target: int, params: dict) -> dict:
     s = cfg.sample
     n, batch_size = defaults.sample_sizes(s.n, s.batch_size, cfg.eval.fid_n, info)
     shape, scaling = tuple(info["shape"]), record.get("scaling")
-    betas = process.betas.numpy()
+    betas = None if flow else process.betas.numpy()
     steps = diffusers_steps(name, target)
     chunks, nfe, spacing = [], 0, None
     start_time = time.perf_counter()
@@ -280,10 +293,11 @@ def diffusers_sample(name: str, target: int, params: dict) -> dict:
             b = min(batch_size, n - start)
             scheduler, spacing = make_scheduler(name, betas, steps, device)
             x = process.prior_sample((b, *shape), SampleGenerators(s.seed, range(start, start + b))).to(device)
-            x = x * scheduler.init_noise_sigma
+            x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # the flow scheduler starts from the noise itself
             calls = 0
             for t in scheduler.timesteps:
-                x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+                inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+                x = scheduler.step(model(inp, t), t, x).prev_sample
             nfe = max(nfe, calls)
             if not torch.isfinite(x).all():
                 raise FloatingPointError(f"{name}: non-finite samples at {steps} steps")
@@ -385,10 +399,9 @@ def run_model(name: str, base: dict, data: str, nfes: list[int], scratch: Path, 
             except Exception as err:  # a diverged sampler (FloatingPointError) or a failed stage: keep going
                 row["error"] = f"{type(err).__name__}: {err}"
             emit(row)
-    if name != DIFFUSERS_MODEL:
-        return
+    schedulers = DIFFUSERS if name == DIFFUSERS_MODEL else FLOW_DIFFUSERS if name in FLOW_MODELS else ()
     _write_params(params)
-    for scheduler in (s for s in DIFFUSERS if not only or s in only):
+    for scheduler in (s for s in schedulers if not only or s in only):
         for target in _targets(scheduler, nfes, every):
             row = {"model": name, "sampler": scheduler, "source": "diffusers", "target_nfe": target}
             os.environ["DVC_EXP_NAME"] = f"bench-nfe-{data}-{name}-diffusers-{scheduler}-{target}"
@@ -618,7 +631,7 @@ def main() -> None:
     parser.add_argument("--every-sampler", action="store_true",
                         help=f"run every sampler at targets above {FEW_STEP_LIMIT} too (default: the reference "
                              f"{REFERENCE_SAMPLER} alone there)")
-    parser.add_argument("--samplers", nargs="*", choices=[*SAMPLERS, *DIFFUSERS],
+    parser.add_argument("--samplers", nargs="*", choices=[*SAMPLERS, *DIFFUSERS, *FLOW_DIFFUSERS],
                         help="only these project samplers and diffusers schedulers (default: every one that applies)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="run nothing: join the rows of these JSON files (e.g. two runs of disjoint --only) and "
