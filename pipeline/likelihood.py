@@ -182,7 +182,7 @@ def model_likelihoods(model_kind: str, fn: Callable, process: Process, x: Tensor
     if run_ode:
         div = divergence if divergence != "auto" else ("exact" if dim <= 16 else "rademacher")
         r = ode_log_likelihood(process, fn, x_dq, divergence=div, rtol=rtol, atol=atol, generator=generator,
-                               offset=offset, field="velocity" if model_kind == "velocity" else "score")
+                               offset=offset, field=model_kind)
         out.update(nll=r["nll"], nll_se=float(r["logp"].std()) / math.sqrt(n) / dim, bpd=r["bpd"],
                    likelihood_nfe=r["nfe"])
     if elbo == "discrete":

@@ -114,7 +114,7 @@ def _consistency(cfg: Config, run: StageRun, s: _Setup) -> dict:
     d, param = cfg.distill, s.spec["parameterization"]
     kind, fn = models.network_fn(s.network(s.state, trainable=False), s.process, param)
     grid = distillation_grid(s.process, d.num_scales, spacing_of(FAST_DEFAULT_SPACING["consistency"], s.process))
-    loss = ConsistencyDistillationLoss(s.process, fn, param, grid, field="velocity" if kind == "velocity" else "score")
+    loss = ConsistencyDistillationLoss(s.process, fn, param, grid, field=kind)
     steps = s.settings.steps if d.steps == "auto" else int(d.steps)
     settings = replace(s.settings, steps=steps, lr=defaults.distill_lr(d.lr, s.settings.lr))
     data_kind = kind_of(s.info, s.record.get("scaling"))

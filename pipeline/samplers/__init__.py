@@ -86,7 +86,7 @@ def plan(sampler: str, model_kind: str, process: Process, steps: Optional[int],
     if model_kind == "velocity" and sampler not in VELOCITY_WALKS:
         raise ValueError(f"a flow-matching velocity is sampled by the ODE (sample.sampler: "
                          f"{' or '.join(VELOCITY_WALKS)}), not {sampler!r}, which steps with a score")
-    field = "velocity" if model_kind == "velocity" else "score"
+    field = model_kind  # what fn is, as the ODE and the data prediction read it (pipeline.samplers.ode.FIELDS)
     if sampler == "annealed_langevin":
         step, grid = annealed_langevin_plan(process, o["step_size"], o["steps_per_scale"], o["denoise"])
         return step, grid, "annealed Langevin"
@@ -141,7 +141,7 @@ def draw(sampler: str, model_kind: str, fn, process: Process, shape: tuple[int, 
     if model_kind != "kernel" and sampler == "ode" and options["ode_method"] == "rk45":
         return ode_sampler(fn, process, shape, generator, method="rk45", steps=steps or ODE_DEFAULT_STEPS,
                            rtol=options["rtol"], atol=options["atol"], device=device, record=record,
-                           field="velocity" if model_kind == "velocity" else "score")
+                           field=model_kind)
     step, grid, desc = plan(sampler, model_kind, process, steps, options)
     return prior_walk(step, fn, process, shape, generator, grid, device=device, record=record, progress=progress,
                       desc=desc)

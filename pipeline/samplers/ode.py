@@ -34,7 +34,8 @@ def probability_flow_drift(process: Process, score_fn: ScoreFn) -> DriftFn:
     return drift
 
 
-# What the walker's fn is for the ODE: a score (the drift is f − ½ g² s) or the velocity itself (flow matching).
+# What the walker's fn is for the ODE, named as the model kinds are (pipeline.models.network_fn): a score (the drift
+# is f − ½ g² s) or the velocity itself (flow matching).
 FIELDS = ("score", "velocity")
 
 
