@@ -3,14 +3,21 @@
 Importing mlflow costs ~1.8 s on a 2-core machine, more than the whole work of a short stage (report, ema). A stage
 that draws no live curve therefore logs into a `Recorder` (no mlflow import); at exit the record (calls, start and
 end times, status, copies of the artifacts) is written to `<repo>/.mlflow-spool/<end time>-<pid>-<stage>.json`
-and `python -m pipeline.spool <dir>` starts detached, which `drain`s the folder: every pending record, in the order
-the stages ended, replayed with the stage's own times under the lock that live stages also take around the parent
-run. DVC files stay the record (docs/design.md, "Tracking"): a replay that fails (a server down) warns in
-`replay.log`, keeps its record for the next replay, and never fails a stage.
+and, unless a replayer is alive, `python -m pipeline.spool --linger S <dir>` starts detached. The replayer `drain`s
+the folder: every pending record, in the order the stages ended, replayed with the stage's own times under the lock
+that live stages also take around the parent run; then it waits S seconds for the next stage's record before it
+exits, so that a pipeline's stages share one replayer (one mlflow import) instead of starting one each. DVC files
+stay the record (docs/design.md, "Tracking"): a replay that fails (a server down) warns in `replay.log`, keeps its
+record for the next replay, and never fails a stage.
+
+Who takes a record: a replayer holds `replayer.lock` while it serves. A stage writes its record, then starts a
+replayer only if that lock is free. A replayer, after releasing the lock, looks once more for records it has not
+tried: a stage that found the lock held wrote its record before that look, so no record waits for a later stage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,11 +25,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from pipeline.tracking import LOCK_FILE, StageRun, Tracker, error_text, file_lock, flatten
 
 LOG = "replay.log"
+# Held by the replayer serving the folder (see the module docstring); a stage starts a replayer only when it is free.
+ALIVE_LOCK = "replayer.lock"
+# How long a detached replayer waits for the next stage's record (the stages of a pipeline end seconds apart).
+LINGER_SECONDS = 30.0
 
 
 def _now_ms() -> int:
@@ -158,13 +169,14 @@ def replay(path: Path, trackers: dict) -> bool:
     return True
 
 
-def drain(spool: Path) -> int:
-    """Replay every pending record in order, holding the spool's lock; how many are left (0 unless a store failed).
+def _drain(spool: Path) -> list[Path]:
+    """Replay every pending record in order, holding the spool's lock; the records it tried and left (their store
+    failed), not those that arrived meanwhile.
 
     The lock is the one live stages take around the parent run, so nothing else creates parents meanwhile; a
     record whose store fails stays, and so do the later ones of the same store, to keep their order."""
-    spool = Path(spool)
     trackers: dict = {}
+    left = []
     with file_lock(spool / LOCK_FILE):
         for path in pending(spool):
             if not path.exists():  # replayed by another drain that held the lock before us
@@ -174,12 +186,76 @@ def drain(spool: Path) -> int:
             except Exception as err:  # a corrupt record must not block the others forever
                 print(f"replay of {path.name} failed: {type(err).__name__}: {err}", file=sys.stderr)
                 path.rename(path.with_suffix(".failed"))
-        return len(pending(spool))
+            if path.exists():
+                left.append(path)
+    return left
 
 
-def start_replay(spool: Path) -> None:
-    """Start `python -m pipeline.spool <spool>` detached (its own session, output to replay.log), not waiting."""
+def drain(spool: Path) -> int:
+    """Replay every pending record (see _drain); how many of them are left (0 unless a store failed)."""
+    return len(_drain(Path(spool)))
+
+
+@contextlib.contextmanager
+def _alive(spool: Path, wait: bool = False) -> Iterator[bool]:
+    """Hold the folder's replayer lock inside the block if it is free (or, with `wait`, once it is); yields whether
+    this process holds it."""
+    import fcntl
+
+    spool.mkdir(parents=True, exist_ok=True)
+    with open(spool / ALIVE_LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def replayer_alive(spool: Path) -> bool:
+    """Whether a replayer serves `spool` now (and so will take any record written before this call)."""
+    with _alive(Path(spool)) as mine:
+        return not mine
+
+
+def serve(spool: Path, linger: float, poll: float = 0.25) -> list[Path]:
+    """Drain `spool`, then drain what arrives until `linger` seconds pass without a new record, holding the
+    replayer lock; exits at once when another replayer holds it. The records it tried and left (their store failed).
+
+    After releasing the lock it looks once more for untried records (a stage that found the lock held has written
+    its record by then) and serves again if it can take the lock; else their replayer does."""
+    spool = Path(spool)
+    tried: set[Path] = set()
+    left: list[Path] = []
+    while True:
+        with _alive(spool) as mine:
+            if not mine:
+                return left
+            idle_since = time.monotonic()
+            while time.monotonic() - idle_since < linger or _untried(spool, tried):
+                if _untried(spool, tried):
+                    left = _drain(spool)
+                    tried.update(left)
+                    idle_since = time.monotonic()
+                else:
+                    time.sleep(poll)
+        if not _untried(spool, tried):
+            return left
+
+
+def _untried(spool: Path, tried: set[Path]) -> list[Path]:
+    return [p for p in pending(spool) if p not in tried]
+
+
+def start_replay(spool: Path, linger: float = LINGER_SECONDS) -> None:
+    """Start `python -m pipeline.spool --linger S <spool>` detached (its own session, output to replay.log), not
+    waiting; nothing when a replayer is alive, since it takes the record written before this call."""
     spool = Path(spool).resolve()
+    if replayer_alive(spool):
+        return
     env = dict(os.environ)
     # A queued experiment runs in a temp copy that DVC deletes when it ends, maybe before the replay: run the
     # repo's own copy of this module (the spool sits in the repo) from the spool folder, never from the temp copy.
@@ -187,19 +263,24 @@ def start_replay(spool: Path) -> None:
     code_root = str(repo if (repo / "pipeline" / "spool.py").is_file() else Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (code_root, env.get("PYTHONPATH")) if p)
     with open(spool / LOG, "ab") as log:
-        subprocess.Popen([sys.executable, "-m", "pipeline.spool", str(spool)], stdin=subprocess.DEVNULL,
-                         stdout=log, stderr=log, env=env, cwd=spool, start_new_session=True)
+        subprocess.Popen([sys.executable, "-m", "pipeline.spool", "--linger", str(linger), str(spool)],
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=spool,
+                         start_new_session=True)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m pipeline.spool DIR`: drain DIR; exit 1 when records are left (their store failed)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m pipeline.spool SPOOL_DIR", file=sys.stderr)
-        return 2
-    left = drain(Path(argv[0]))
+    """`python -m pipeline.spool [--linger S] DIR`: drain DIR (and, with --linger, what arrives in the next S
+    seconds); exit 1 when records are left (their store failed)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.spool", description="Replay the stages' MLflow records.")
+    parser.add_argument("--linger", type=float, default=None, metavar="S",
+                        help="serve as the folder's replayer, waiting S seconds for new records before exiting")
+    parser.add_argument("spool", type=Path, metavar="SPOOL_DIR")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    left = len(serve(args.spool, args.linger)) if args.linger is not None else drain(args.spool)
     if left:
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {left} record(s) left in {argv[0]}: their store failed "
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {left} record(s) left in {args.spool}: their store failed "
               "(see the warning above); the next replay tries again", file=sys.stderr)
     return 1 if left else 0
 

@@ -116,6 +116,59 @@ def test_the_spool_command_drains_and_says_what_is_left(tmp_path):
     assert bad.returncode == 2 and "usage" in bad.stderr
 
 
+def test_one_lingering_replayer_takes_the_records_of_the_later_stages(tmp_path, monkeypatch):
+    """A pipeline's stages share one replayer: while it lingers, a stage's record is taken by it and the stage starts
+    no other (each would import mlflow again); once it has exited, the next stage starts one."""
+    import time
+
+    from pipeline import spool
+
+    spool_path = spool_dir(tmp_path)
+    _record(tmp_path, "prepare", "k3")
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.spool", "--linger", "3", str(spool_path)], cwd=REPO)
+    started = []
+    monkeypatch.setattr(spool.subprocess, "Popen", lambda *a, **k: started.append(a[0]))
+    deadline = time.monotonic() + 60
+    while pending(spool_path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pending(spool_path) == [] and spool.replayer_alive(spool_path)
+    for stage in ("ema", "sample"):  # each stage's exit: its record, then start_replay
+        _record(tmp_path, stage, "k3")
+        spool.start_replay(spool_path)
+        while pending(spool_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pending(spool_path) == [] and started == []
+    assert server.wait(timeout=60) == 0 and not spool.replayer_alive(spool_path)
+    spool.start_replay(spool_path, linger=7.0)
+    assert len(started) == 1 and started[0][-3:] == ["--linger", "7.0", str(spool_path.resolve())]
+    monkeypatch.undo()  # the patch is subprocess's own Popen, which importing mlflow calls
+    store = store_of(tmp_path, {})
+    client = _client(store["uri"])
+    runs = client.search_runs([client.get_experiment_by_name(store["experiment"]).experiment_id])
+    assert sorted(r.info.run_name for r in runs if PARENT_TAG in r.data.tags) == ["ema", "prepare", "sample"]
+
+
+def test_a_replayer_leaves_at_once_when_another_serves_and_counts_only_the_records_it_tried(tmp_path, monkeypatch):
+    """A second replayer started in a race exits without waiting; a record that arrives during a drain is not
+    reported as left by a failing store (the replayer that takes it decides)."""
+    from pipeline import spool
+
+    spool_path = spool_dir(tmp_path)
+    _record(tmp_path, "ema", "k4")
+    with spool._alive(spool_path) as mine:
+        assert mine and spool.serve(spool_path, linger=3600) == [] and len(pending(spool_path)) == 1
+    real_replay = spool.replay
+
+    def replay_then_a_new_record(path, trackers):
+        if path.name.endswith("-ema.json"):
+            _record(tmp_path, "sample", "k4")
+        return real_replay(path, trackers)
+
+    monkeypatch.setattr(spool, "replay", replay_then_a_new_record)
+    assert drain(spool_path) == 0 and [p.name.rsplit("-", 1)[1] for p in pending(spool_path)] == ["sample.json"]
+    assert spool.serve(spool_path, linger=0) == [] and pending(spool_path) == []
+
+
 @pytest.mark.parametrize("stage", ["report", "ema"])
 def test_short_stages_import_neither_torch_nor_mlflow(stage):
     """The fixed cost of a short stage (docs/tracking.md: report ≤ 2 s): importing it and loading params.yaml must not pull
