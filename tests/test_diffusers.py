@@ -1,5 +1,6 @@
-"""The project's DDIM and DPM-Solver++(2M) against diffusers' schedulers on the same eps model, and its flow Euler
-step against FlowMatchEulerDiscreteScheduler on the same velocity: the same samples.
+"""The project's DDIM and DPM-Solver++(2M) against diffusers' schedulers on the same eps model, its flow Euler
+step against FlowMatchEulerDiscreteScheduler on the same velocity, and its multistep consistency sampler against
+CMStochasticIterativeScheduler on the same denoiser: the same samples.
 
 DDPM's chain (DiscreteVP(linear_betas(1000))) with the exact score of a 2-D Gaussian mixture as the model,
 eps(x, t) = -std(t) score(x, t), wrapped for diffusers as model(sample, timestep) -> eps. Both sides get the same
@@ -31,9 +32,10 @@ import torch
 
 from pipeline.gmm import GaussianMixture
 from pipeline.models import exact_score_fn, exact_velocity_fn
-from pipeline.processes import DiscreteVP, LinearPath, linear_betas
+from pipeline.processes import DiscreteVP, EDMProcess, LinearPath, linear_betas
 from pipeline.samplers.ddpm import ddim_step
-from pipeline.samplers.fast import DPMSolverPP2M, sigma_of
+from pipeline.samplers.consistency import consistency_plan
+from pipeline.samplers.fast import DPMSolverPP2M, denoised, fast_grid, sigma_of
 from pipeline.samplers.ode import ode_step
 from pipeline.samplers.walk import walk
 
@@ -197,6 +199,67 @@ def test_flow_euler_matches_diffusers_flow_match_euler_scheduler(n):
     torch.testing.assert_close(x, ours.x.float(), **TOL)
     uniform = walk(partial(ode_step, method="euler", field="velocity"), x_T, FLOW.grid(n), VELOCITY, FLOW, None)
     assert float((uniform.x - ours.x).abs().max()) > DIFFERENT
+
+
+# EDM's process with ε = σ_min = 1e-6: diffusers' consistency step noises its estimate to sqrt(τ² − ε²) (Song et al.
+# 2023, Algorithm 1: f(x, ε) = x is a point at level ε), this project's to τ (its f is the denoiser, the data at
+# σ = 0). At EDM's ε = 0.002 the two differ by ε²/(2τ) ≈ 1e-6 · |z| at τ = 2.5, at the float32 tolerance; with ε = 1e-6
+# the difference is 1e-12 and the comparison shows the algorithm alone.
+CM = EDMProcess(sigma_min=1e-6)
+CM_SCORE = exact_score_fn(GaussianMixture.from_params(**MIX), CM)
+
+
+class ConsistencyModel:
+    """The mixture's exact denoiser D(x; σ) as diffusers calls a consistency model: model(scaled, timestep) -> F with
+    denoised = c_skip(σ) x + c_out(σ) F (the scheduler's boundary-condition scalings), σ read from the scheduler and
+    x = scaled · sqrt(σ² + σ_data²) (its scale_model_input undone); counts calls."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.calls = scheduler, 0
+
+    def __call__(self, scaled: torch.Tensor, timestep) -> torch.Tensor:
+        self.calls += 1
+        sigma = self.scheduler.sigmas[self.scheduler.step_index].double()
+        x = scaled.double() * (sigma ** 2 + self.scheduler.config.sigma_data ** 2) ** 0.5
+        c_skip, c_out = self.scheduler.get_scalings_for_boundary_condition(sigma)
+        return ((denoised(x, float(sigma), CM_SCORE, CM) - c_skip * x) / c_out).float()
+
+
+class Float32Noise:
+    """A generator (pipeline.rng) that draws float32 normals, as diffusers' randn_tensor does, returned in the asked
+    dtype: the project's walk runs in float64 (Tweedie's x + σ² score cancels ~7 digits at σ = 80) on diffusers'
+    noise."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def randn(self, shape, *, dtype=None, device=None) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32).to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_consistency_sampler_matches_diffusers_cm_stochastic_iterative_scheduler(steps):
+    """The consistency sampler's walk (consistency_plan: the first `steps` levels of a (steps + 1)-level ρ = 7
+    schedule, then the data) = CMStochasticIterativeScheduler with num_train_timesteps = steps + 1 and `steps`
+    inference steps (its Karras sigmas are those levels; its last step lands on σ_min with no noise), the same
+    denoiser, x_T and noise (drawn in float32 on both sides, as diffusers draws). Walking `steps` levels that end at σ_min
+    instead (fast_grid's own end) is another algorithm and lands farther away than the tolerance."""
+    scheduler = diffusers.CMStochasticIterativeScheduler(num_train_timesteps=steps + 1, sigma_min=CM.t_min,
+                                                         sigma_max=CM.t_max, clip_denoised=False)
+    scheduler.set_timesteps(steps)
+    step, grid = consistency_plan(CM, steps, "karras", "score")
+    assert torch.allclose(scheduler.sigmas[:steps].double(), grid[:steps].float().double(), rtol=1e-6)
+    x_T = _x_T() * CM.t_max
+    ours = walk(step, x_T, grid, CM_SCORE, CM, Float32Noise(1))
+    model, x, noise = ConsistencyModel(scheduler), x_T.float(), torch.Generator().manual_seed(1)
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, generator=noise).prev_sample
+    assert ours.nfe == model.calls == steps and x.dtype == torch.float32
+    torch.testing.assert_close(x, ours.x.float(), **TOL)
+    if steps > 1:
+        other = walk(step, x_T, fast_grid(CM, steps - 1, "karras")[:-1].tolist() + [0.0], CM_SCORE, CM,
+                     Float32Noise(1))
+        assert float((other.x - ours.x).abs().max()) > DIFFERENT
 
 
 def test_the_pipeline_and_the_stages_do_not_import_diffusers_at_run_time():

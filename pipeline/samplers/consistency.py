@@ -6,7 +6,9 @@ z from the sample's generator, and maps it back: x0 = f(x, t). The grid is a few
 EDM's ρ-schedule, or uniform time where σ(t_max) is infinite), its last time the data end, where the walk returns
 f's estimate itself; one network evaluation per step. f is read from the network as its x0_hat: Tweedie's from a
 score, or from a flow's velocity (pipeline.samplers.fast.denoised), the parameterization of easy consistency tuning
-(Geng et al. 2024, arXiv:2406.14548), where the consistency function is the diffusion model's own denoiser.
+(Geng et al. 2024, arXiv:2406.14548), where the consistency function is the diffusion model's own denoiser. Its
+output is data at σ = 0, so the next level is x0 + τ z (the process's perturb), where Algorithm 1, whose f(x, ε) = x
+sits at level ε, adds sqrt(τ² − ε²) z; diffusers' CMStochasticIterativeScheduler is that (tests/test_diffusers.py).
 """
 
 from __future__ import annotations
