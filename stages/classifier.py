@@ -11,13 +11,9 @@ import numpy as np
 
 from pipeline import defaults, io
 from pipeline.config import Config
-from pipeline.metrics.domain import accuracy, class_histogram, classifier_features, classifier_file, train_classifier
-from pipeline.metrics.fid import frechet_distance
-from pipeline.metrics.fidelity import prdc_metrics
 from pipeline.tracking import StageRun
 from stages.common import (CLASSIFIER, CLASSIFIER_METRICS, DOMAIN_REFERENCE, LABELS, REFERENCE, TEST, TRAIN,
                            data_record, main)
-from stages.launch import choose_device
 
 # Adam on batches of 128 at lr 1e-3: the classifier is a measuring instrument, not a tuned model.
 BATCH_SIZE, LR = 128, 1e-3
@@ -31,6 +27,13 @@ def classifier_stage(cfg: Config, run: StageRun) -> None:
         io.save_npz(DOMAIN_REFERENCE, test=np.zeros((0, 0)), reference=np.zeros((0, 0)))
         io.write_json(CLASSIFIER_METRICS, {})
         return
+    # here, not at the top: a points run returns above without importing torchvision, POT and sklearn (~4 s)
+    from pipeline.metrics.domain import (accuracy, class_histogram, classifier_features, classifier_file,
+                                         train_classifier)
+    from pipeline.metrics.fid import frechet_distance
+    from pipeline.metrics.fidelity import prdc_metrics
+    from stages.launch import choose_device
+
     device = str(choose_device(cfg.train.device))
     x, y = np.load(TRAIN), np.load(LABELS["train"])
     model = train_classifier(x, y, info["num_classes"], steps=cfg.eval.classifier_steps, batch_size=BATCH_SIZE,

@@ -12,11 +12,8 @@ import numpy as np
 
 from pipeline import defaults, io
 from pipeline.config import Config
-from pipeline.metrics.fid import ensure_inception, inception_features, protocol
-from pipeline.metrics.images import reference_metrics
 from pipeline.tracking import StageRun
 from stages.common import FID_METRICS, FID_REFERENCE, REFERENCE, TEST, TRAIN, data_record, main
-from stages.launch import choose_device
 
 # eval.fid_against as the protocol records it.
 AGAINST = {"test": "test split (floor: reference split)",
@@ -30,6 +27,11 @@ def fid_reference_stage(cfg: Config, run: StageRun) -> None:
         io.save_npz(FID_REFERENCE, test=np.zeros((0, 2048)), reference=np.zeros((0, 2048)))
         io.write_json(FID_METRICS, {})
         return
+    # here, not at the top: a points run returns above without importing torch, torchvision and POT (~5 s)
+    from pipeline.metrics.fid import ensure_inception, inception_features, protocol
+    from pipeline.metrics.images import reference_metrics
+    from stages.launch import choose_device
+
     device, against = choose_device(cfg.train.device), cfg.eval.fid_against
     weights = ensure_inception()
     images = {"test": np.load(TEST)[:n], "reference": np.load(REFERENCE)[:n]}

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from pipeline.errors import DataError  # noqa: F401  (re-exported: pipeline.data.DataError)
 from pipeline.names import POINT_SETS
@@ -121,6 +120,8 @@ def sample_toy(
     elif name == "gmm":
         if gmm is None:
             raise DataError("data.name is 'gmm' but no mixture was given (data.gmm)")
+        import torch  # here: the other sets are numpy's, and prepare then starts without torch (~1.5 s)
+
         x = gmm.sample(n, torch.Generator().manual_seed(seed)).numpy()
     elif name == "file":
         raise DataError("data.name 'file' is not a generator: use load_file / prepare_splits")
@@ -212,6 +213,8 @@ def toy_label_splits(name: str, *, n_train: int, n_test: int, n_reference: int, 
     elif name == "8gaussians":
         y, classes = eight_gaussians_labelled(total, seed)[1], TOY_CLASSES["8gaussians"]
     elif name == "gmm" and gmm is not None:
+        import torch
+
         y = gmm.sample_labelled(total, torch.Generator().manual_seed(seed))[1].numpy().astype(np.int64)
         classes = [f"component {k}" for k in range(gmm.weights.shape[0])]
     else:
