@@ -58,6 +58,10 @@ def plan(cfg) -> Plan:
         raise ValueError(f"eval.likelihood: a consistency model (distill.method: {distill}) maps noise to data in "
                          f"one or a few jumps and has no ODE or ELBO to measure (leave eval.likelihood: false)")
     base = family.plan(cfg.method, cfg.model.scale_by_sigma, "auto", False)
+    if distill == "ect" and not base.ode:  # Plan.ode: the process is continuous
+        raise ValueError(f"distill.method: ect draws continuous times, and method.name: {cfg.method.name} runs on "
+                         f"discrete noise levels (its {base.process} process); use distill.method: cd, which walks "
+                         f"the teacher's own levels")
     return replace(base, sampler="consistency", ode=False, elbo=None)
 
 

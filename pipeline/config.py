@@ -435,9 +435,10 @@ class EmaParams(_Section):
 
 
 class DistillParams(_Section):
-    """The distill stage's consistency distillation (Song et al. 2023, Algorithm 2): method, the teacher ODE's
-    discretisation N (num_scales, 18 as Song et al. on CIFAR-10), the student's training steps (auto: train's) and
-    learning rate (auto: pipeline.defaults.distill_lr)."""
+    """The distill stage's consistency model: method (cd: consistency distillation, Song et al. 2023, Algorithm 2;
+    ect: easy consistency tuning, Geng et al. 2024), cd's teacher ODE discretisation N (num_scales, 18 as Song et
+    al. on CIFAR-10), the student's training steps (auto: train's) and learning rate (auto:
+    pipeline.defaults.distill_lr)."""
 
     method: Literal[DISTILL_METHODS] = "none"
     num_scales: int = Field(18, ge=2)

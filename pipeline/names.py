@@ -35,8 +35,9 @@ PARAMETERIZATIONS = (*SCORE_PARAMETERIZATIONS, "kernel", "velocity")
 COUPLINGS = ("independent", "minibatch_ot")
 
 # distill.method: what the distill stage trains from the final model besides method.fm.reflow's reflows: nothing, or
-# a consistency model by consistency distillation (Song et al. 2023), sampled with sample.sampler: consistency.
-DISTILL_METHODS = ("none", "cd")
+# a consistency model, by consistency distillation (Song et al. 2023) or easy consistency tuning (Geng et al. 2024),
+# sampled with sample.sampler: consistency.
+DISTILL_METHODS = ("none", "cd", "ect")
 
 # ema.method: how the ema stage makes the final model from training's outputs (pipeline.train.finalize).
 EMA_METHODS = ("decay", "posthoc", "none")

@@ -3,8 +3,8 @@
 With method.fm.reflow k > 0 (flow matching) it trains k reflows (Liu et al. 2023, sec. 2.2): flow j draws
 method.fm.pairs (noise, sample) pairs from flow j − 1 (pipeline.reflow, written to outputs/reflow/pairs_<j>.npz)
 and is trained on them with the reflow loss, starting from flow j − 1's weights and with train.*'s settings. With
-distill.method: cd it then distils the model so far into a consistency model (pipeline.consistency), sampled with
-the consistency sampler. The last network's EMA weights are the final model. With neither, the final model is the
+distill.method cd or ect it then makes a consistency model of the model so far (pipeline.consistency: distillation
+or easy consistency tuning), sampled with the consistency sampler. The last network's EMA weights are the final model. With neither, the final model is the
 ema stage's, copied byte for byte.
 
 Flow 0 is the train stage's: changing method.fm.reflow re-runs this stage and never the train stage. Each reflow
@@ -100,28 +100,28 @@ def _reflow(cfg: Config, run: StageRun, s: _Setup, reflows: int) -> dict:
 
 
 def _consistency(cfg: Config, run: StageRun, s: _Setup) -> dict:
-    """Consistency distillation (pipeline.consistency) of s.state on the training data; s.state becomes the
-    student's EMA weights. Its steps: distill.steps (auto: train's)."""
+    """A consistency model (pipeline.consistency: distillation or easy consistency tuning, distill.method) from
+    s.state on the training data; s.state becomes the student's EMA weights. Its steps: distill.steps (auto:
+    train's)."""
     import numpy as np
     import torch
 
     from pipeline import defaults, models
-    from pipeline.consistency import ConsistencyDistillationLoss, distillation_grid
+    from pipeline.consistency import consistency_loss
     from pipeline.kinds import kind_of
     from pipeline.samplers import FAST_DEFAULT_SPACING, spacing_of
     from pipeline.train import Checkpoints, Hooks, TrainData, train
 
     d, param = cfg.distill, s.spec["parameterization"]
     kind, fn = models.network_fn(s.network(s.state, trainable=False), s.process, param)
-    grid = distillation_grid(s.process, d.num_scales, spacing_of(FAST_DEFAULT_SPACING["consistency"], s.process))
-    loss = ConsistencyDistillationLoss(s.process, fn, param, grid, field=kind)
     steps = s.settings.steps if d.steps == "auto" else int(d.steps)
+    loss = consistency_loss(d.method, s.process, fn, param, kind, d.num_scales,
+                            spacing_of(FAST_DEFAULT_SPACING["consistency"], s.process), steps)
     settings = replace(s.settings, steps=steps, lr=defaults.distill_lr(d.lr, s.settings.lr))
     data_kind = kind_of(s.info, s.record.get("scaling"))
     data = TrainData(torch.from_numpy(np.load(TRAIN)), data_kind.batch_transform(cfg.data.dequantize, cfg.data.hflip))
     setup = s.fingerprint(cfg, consistency=d.method, num_scales=d.num_scales, reflows=s.reflows, lr=settings.lr)
-    print(f"distill: consistency distillation ({d.method}) over {len(grid)} times, {steps} steps at lr "
-          f"{settings.lr:g}")
+    print(f"distill: consistency model by {d.method}, {steps} steps at lr {settings.lr:g}")
     result = train(s.network(s.state, trainable=True), loss, data, settings, Checkpoints(CHECKPOINTS / "consistency",
                    setup), Hooks(on_log=lambda step, value: run.log_metric_buffered("consistency_loss", value, step),
                                  progress=True), device=s.device)

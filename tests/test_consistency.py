@@ -1,19 +1,21 @@
 """Consistency models against closed forms: the multistep sampler's grid and steps, the distillation loss's draws and
 teacher step, and its minimiser (the exact ODE map of a Gaussian mixture, computed by RK45, scores ~0 where the
-mixture's denoiser does not)."""
+mixture's denoiser does not); easy consistency tuning's mapping r(t) and stages (Geng et al.'s formula), its draws,
+target and stop-gradient."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.consistency import ConsistencyDistillationLoss, distillation_grid, make_x0_fn, pseudo_huber
+from pipeline.consistency import (ConsistencyDistillationLoss, ConsistencyTuningLoss, SigmaInverse,
+                                  consistency_loss, distillation_grid, make_x0_fn, pseudo_huber)
 from pipeline.gmm import GaussianMixture
 from pipeline.models import exact_score_fn, exact_velocity_fn
 from pipeline.processes import EDMProcess, LinearPath, VPSDE
 from pipeline.rng import SampleGenerators
 from pipeline.samplers import draw, plan
-from pipeline.samplers.fast import denoised
+from pipeline.samplers.fast import denoised, sigma_of, time_of_sigma
 from pipeline.samplers.ode import ode_step
 
 MIX = GaussianMixture.from_params([0.3, 0.7], [[-2.0, 0.0], [1.5, 1.0]], [[0.3, 0.5], [[0.6, 0.2], [0.2, 0.4]]])
@@ -205,3 +207,119 @@ def test_distillation_loss_runs_on_points_and_images_and_trains_the_student(proc
     out = draw("consistency", "velocity" if field == "velocity" else "score", teacher, process, (4, *shape),
                SampleGenerators(0, range(4)), 2, {"spacing": "auto"})
     assert out.x.shape == (4, *shape) and torch.isfinite(out.x).all() and out.nfe == 2
+
+
+def _ect_reference(sigma: torch.Tensor, stage: int) -> torch.Tensor:
+    """Geng et al. 2024's sigmoid mapping as written in their paper and code: r = t (1 − (1 + k sigmoid(−b t)) / q^(s+1)),
+    clamped at 0, with q = 2, k = 8, b = 1 (t is σ in EDM's units)."""
+    return torch.clamp(sigma * (1 - (1 + 8.0 / (1 + torch.exp(sigma))) / 2.0 ** (stage + 1)), min=0)
+
+
+def test_ect_maps_t_to_r_by_the_papers_sigmoid_rule_and_halves_the_gap_each_stage():
+    """σ_r against the paper's formula at every stage; the stage is ⌊8 step / total⌋ (the last one holds to the end),
+    so Δσ = σ_t − σ_r at small σ halves from stage to stage; in stage 0, r = 0 below σ = ln 7."""
+    loss = ConsistencyTuningLoss(EDMProcess(), "x0", total_steps=800)
+    sigma = torch.logspace(-3, 2, 41, dtype=torch.float64)
+    stages = {0: 0, 99: 0, 100: 1, 450: 4, 799: 7}
+    for step, stage in stages.items():
+        loss.set_step(step)
+        assert loss.stage == stage
+        torch.testing.assert_close(loss.r_sigma(sigma), _ect_reference(sigma, stage), rtol=1e-12, atol=0)
+    gaps = []
+    for step in (300, 400, 500):  # stages 3-5 (in stages 0-1 the gap at small σ is all of σ: r = 0)
+        loss.set_step(step)
+        gaps.append(float(sigma[0] - loss.r_sigma(sigma[:1])[0]))
+    assert gaps[0] / gaps[1] == pytest.approx(2.0) and gaps[1] / gaps[2] == pytest.approx(2.0)
+    loss.set_step(0)
+    edge = torch.tensor([1.9, 2.0], dtype=torch.float64)  # 1 − (1 + 8 sigmoid(−σ)) / 2 = 0 at σ = ln 7 ≈ 1.95
+    assert float(loss.r_sigma(edge)[0]) == 0.0 and float(loss.r_sigma(edge)[1]) > 0.0
+
+
+@pytest.mark.parametrize("process", [EDMProcess(), VPSDE(), LinearPath(0.0), LinearPath(0.1)],
+                         ids=["edm", "vp", "rf", "cfm"])
+def test_the_sigma_table_inverts_the_process(process):
+    """SigmaInverse (a table of bisections, interpolated in log σ) agrees with the bisection itself within 1e-4 of the
+    time span on ECT's σ draws and beyond them, increasing in σ; outside the table, the process's ends."""
+    inverse = SigmaInverse(process)
+    sigma = torch.exp(-1.1 + 2.0 * torch.randn(4000, generator=gen(0), dtype=torch.float64)).sort().values
+    t = inverse(sigma)
+    assert float((t - time_of_sigma(process, sigma)).abs().max()) < 1e-4 * (process.t_max - process.t_min)
+    assert bool((t[1:] >= t[:-1]).all())
+    ends = inverse(torch.tensor([0.0, float("inf")], dtype=torch.float64))
+    assert float(ends[0]) == pytest.approx(process.t_min, abs=1e-5) and float(ends[1]) == pytest.approx(process.t_max,
+                                                                                                      abs=1e-5)
+
+
+def test_ect_loss_is_the_metric_between_the_student_at_t_and_its_stopped_self_at_r_on_one_conditional_path():
+    """The loss of each example by hand from the same draws (σ_t ~ lognormal(−1.1, 2) in float64, then z): x_t and
+    x_r share x0 and z; the target is f(x_r, r) under no_grad, or x0 where σ_r is below σ(t_min) (stage 0 at small
+    σ); the weight is 1/σ_t² + 1/0.5². Its gradient reaches the student through f(x_t, t) alone."""
+    p = EDMProcess()
+    net = torch.nn.Linear(2, 2).double()
+    student = lambda x, c: net(x)  # noqa: E731
+    loss = ConsistencyTuningLoss(p, "x0", total_steps=8)
+    x = MIX.sample(64, gen(3))
+    for step in (0, 7):
+        loss.set_step(step)
+        value = loss(student, x, generator=gen(4))
+        g = gen(4)
+        sigma_t = torch.exp(-1.1 + 2.0 * torch.randn(64, generator=g, dtype=torch.float64))
+        z = torch.randn(x.shape, generator=g, dtype=x.dtype)
+        sigma_r = _ect_reference(sigma_t, loss.stage)
+        t, r = loss.time_of(sigma_t), loss.time_of(sigma_r)  # the σ table, checked against bisection above
+        f = make_x0_fn(student, p, "x0")
+        with torch.no_grad():
+            target = torch.where((sigma_r <= p.t_min)[:, None], x, f(x + r[:, None] * z, r))
+        weight = 1 / sigma_of(p, t) ** 2 + 4.0
+        want = weight * pseudo_huber(f(x + t[:, None] * z, t), target)
+        torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-8)
+        if step == 0:
+            assert bool((sigma_r == 0).any()) and bool((sigma_r > 0).any())
+    net.zero_grad()
+    value.mean().backward()
+    grad = net.weight.grad.clone()
+    net.zero_grad()
+    with torch.no_grad():
+        fixed = f(x + r[:, None] * z, r)
+    (weight * pseudo_huber(f(x + t[:, None] * z, t), fixed)).mean().backward()
+    torch.testing.assert_close(grad, net.weight.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_ect_refuses_a_discrete_process_and_the_stage_builds_each_method():
+    from pipeline.processes import DiscreteVP, linear_betas
+
+    with pytest.raises(ValueError, match="consistency distillation"):
+        ConsistencyTuningLoss(DiscreteVP(linear_betas(100)), "eps", total_steps=10)
+    p = EDMProcess()
+    teacher = exact_score_fn(MIX, p)
+    assert isinstance(consistency_loss("cd", p, teacher, "x0", "score", 6, "karras", 10), ConsistencyDistillationLoss)
+    ect = consistency_loss("ect", p, teacher, "x0", "score", 6, "karras", 10)
+    assert isinstance(ect, ConsistencyTuningLoss) and ect.total_steps == 10
+    with pytest.raises(ValueError, match="allowed: cd, ect"):
+        consistency_loss("ict", p, teacher, "x0", "score", 6, "karras", 10)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("process, param", [(EDMProcess(), "x0"), (VPSDE(), "eps"), (LinearPath(0.0), "velocity")],
+                         ids=["edm", "vp", "rf"])
+def test_ect_loss_runs_on_points_and_images_and_trains_the_student(process, param, shape):
+    """Easy consistency tuning on (B, 2) and (B, 1, 8, 8): one finite value per example, a gradient, the same bits
+    at the same seed, at the first and the last stage."""
+    class Student(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, x, c):
+            return self.w * x
+
+    loss = ConsistencyTuningLoss(process, param, total_steps=16)
+    x = torch.randn(8, *shape, generator=gen(0))
+    for step in (0, 15):
+        loss.set_step(step)
+        student = Student()
+        a = loss(student, x, generator=gen(1))
+        assert a.shape == (8,) and torch.isfinite(a).all()
+        assert torch.equal(a, loss(student, x, generator=gen(1)))
+        a.mean().backward()
+        assert student.w.grad is not None and torch.isfinite(student.w.grad)

@@ -398,6 +398,9 @@ METHOD_RUNS = {
     # a consistency model distilled from a score model (a flow's: tests/test_consistency.py, and the reflow test)
     "edm-consistency-2": ({"method": {"name": "edm"}, "distill": {"method": "cd", "num_scales": 6},
                            "sample": {"steps": 2}}, 2, set()),
+    # and one by easy consistency tuning from a flow (no teacher step)
+    "flow_matching-ect-1": ({"method": {"name": "flow_matching"}, "distill": {"method": "ect", "steps": 20}}, 1,
+                            set()),
 }
 
 

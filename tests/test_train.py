@@ -412,3 +412,26 @@ def test_progress_shows_steps_images_per_second_and_the_time_left(tmp_path, caps
     last = [line for line in err if line.startswith("train:")][-1]
     assert "40/40" in last and "step/s" in last and "loss=" in last and "img/s=" in last, last
     assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", last), last  # elapsed < left
+
+
+def test_a_loss_with_a_schedule_is_told_each_step_and_a_resumed_run_its_own(tmp_path):
+    """train() calls loss.set_step(step) before each optimisation step (easy consistency tuning's stages,
+    pipeline.consistency): steps 0..k−1, then, resumed from the checkpoint at k, k..n−1; the same weights as one
+    uninterrupted run."""
+    class Scheduled:
+        def __init__(self):
+            self.steps = []
+
+        def set_step(self, step):
+            self.steps.append(step)
+
+        def __call__(self, model, x, generator=None):
+            return _regression(model, x) * (1 + self.steps[-1])
+
+    first, whole = Scheduled(), Scheduled()
+    _run(tmp_path / "a", _settings(steps=5, checkpoint_every=5), loss=first)
+    resumed = Scheduled()
+    done = _run(tmp_path / "a", _settings(steps=9, checkpoint_every=5), loss=resumed)
+    once = _run(tmp_path / "b", _settings(steps=9, checkpoint_every=5), loss=whole)
+    assert first.steps == [0, 1, 2, 3, 4] and resumed.steps == [5, 6, 7, 8] and whole.steps == list(range(9))
+    assert done.resumed_from == 5 and _same_bits(done.model.state_dict(), once.model.state_dict())

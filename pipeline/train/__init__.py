@@ -60,7 +60,8 @@ def train(model: nn.Module, loss_fn: LossFn, data: TrainData, settings: TrainSet
     the same global batch and noise, runs the network on its rows and the gradients are averaged, so the run
     follows the single-process one up to float reductions (batch_size / accumulate must be a multiple of N); log
     rows are the mean over the ranks and rank 0 alone writes the checkpoint. group=None (or N = 1) is the
-    single-process loop, bit for bit.
+    single-process loop, bit for bit. A loss whose form changes over training (easy consistency tuning's shrinking
+    interval, pipeline.consistency) has set_step(step), called before each optimisation step, resumed runs included.
     """
     device = torch.device(device)
     group = _sharded(group, settings)
@@ -78,7 +79,10 @@ def train(model: nn.Module, loss_fn: LossFn, data: TrainData, settings: TrainSet
     bar = tqdm(total=settings.steps, initial=state.step, desc="train", unit="step", disable=not hooks.progress,
                mininterval=1.0)
     try:
+        set_step = getattr(loss_fn, "set_step", None)
         while state.step < settings.steps:
+            if set_step is not None:
+                set_step(state.step)
             batch, conds = draw_batch(data, settings, state.gen, device)
             optimisation_step(state, net, loss_fn, batch, conds, settings, group)
             _after_step(state, settings, checkpoints, hooks, device, group, bar)
