@@ -1,6 +1,6 @@
 """Consistency distillation's learning rate on a finished 2-D flow-matching run: the 1- and 2-step cd of the
 student (raw and EMA weights) after distill.num_scales N and a number of steps, for each lr; the study behind
-pipeline.defaults.DISTILL_LR_FACTOR.
+pipeline.defaults.DISTILL_LR_FACTOR["cd"].
 
     python -m benchmarks.distill_lr RUN_DIR [--lr 1e-3 1e-4 3e-5 1e-5] [--steps 5000] [--num-scales 18]
 

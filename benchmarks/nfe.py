@@ -79,9 +79,11 @@ MODELS: dict[str, tuple[dict, tuple[str, ...]]] = {
     "flow_matching-ot": ({"method": {"name": "flow_matching", "fm": {"coupling": "minibatch_ot"}}},
                          ("ode-euler", "ode-heun", "dpm_solver")),
     "reflow-1": ({"method": {"name": "flow_matching", "fm": {"reflow": 1}}}, ("ode-euler", "ode-heun", "dpm_solver")),
-    # consistency models distilled (distill.method cd) from EDM and from the rectified flow
+    # consistency models distilled (distill.method cd) or tuned (ect) from EDM and from the rectified flow
     "edm-cd": ({"method": {"name": "edm"}, "distill": {"method": "cd"}}, ("consistency",)),
     "flow_matching-cd": ({"method": {"name": "flow_matching"}, "distill": {"method": "cd"}}, ("consistency",)),
+    "edm-ect": ({"method": {"name": "edm"}, "distill": {"method": "ect"}}, ("consistency",)),
+    "flow_matching-ect": ({"method": {"name": "flow_matching"}, "distill": {"method": "ect"}}, ("consistency",)),
 }
 DIFFUSERS_MODEL = "ddpm"
 DIFFUSERS = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler")

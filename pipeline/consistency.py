@@ -165,7 +165,7 @@ class ConsistencyTuningLoss:
     def __call__(self, model: nn.Module, x: Tensor, cond: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> Tensor:
         p, b = self.process, x.shape[0]
-        sigma_t = torch.exp(ECT_P_MEAN + ECT_P_STD * torch.randn(b, generator=generator, dtype=torch.float64))
+        sigma_t = sigma_of(p, p.sample_time(b, generator).to(torch.float64))
         z = rng.randn_like(x, generator)
         sigma_r = self.r_sigma(sigma_t)
         clean = sigma_r <= self.sigma_min

@@ -137,15 +137,18 @@ def train_settings(train: Mapping[str, Any], data: Mapping[str, Any], bf16: bool
     return resolved | {"snapshot_every": int(_pick(every, max(1, resolved["steps"] // POSTHOC_SNAPSHOTS)))}
 
 
-# Consistency distillation fine-tunes the teacher's weights: its learning rate is the teacher's times this. Measured on
-# the swiss roll (python -m benchmarks.distill_lr: 1 NFE from the rectified flow, 5,000 steps, N = 18, the EMA's
-# samples; docs/benchmarks.md): lr 1e-3 (the teacher's) gives cd 0.346, 1e-4 0.165, 3e-5 0.123, 1e-5 0.152.
-DISTILL_LR_FACTOR = 0.03
+# A consistency model fine-tunes the teacher's weights: its learning rate is the teacher's times this, per
+# distill.method. Measured on the swiss roll, 1 NFE from the rectified flow, 5,000 steps: cd (python -m
+# benchmarks.distill_lr, N = 18, the EMA's samples; docs/benchmarks.md): lr 1e-3 (the teacher's) gives cd 0.346, 1e-4
+# 0.165, 3e-5 0.123, 1e-5 0.152; ect (the distill stage itself, `dvc exp run -S method.name=flow_matching -S
+# distill.method=ect -S distill.lr=...`): 1e-3 0.255, 3e-4 0.195, 1e-4 see docs/benchmarks.md, 3e-5 0.467. Tuning
+# trains over wider intervals than one teacher step and wants the larger rate.
+DISTILL_LR_FACTOR = {"cd": 0.03, "ect": 0.3}
 
 
-def distill_lr(setting: Any, train_lr: float) -> float:
-    """distill.lr resolved: auto is the teacher's resolved train lr times DISTILL_LR_FACTOR."""
-    return float(train_lr) * DISTILL_LR_FACTOR if setting == "auto" else float(setting)
+def distill_lr(setting: Any, train_lr: float, method: str) -> float:
+    """distill.lr resolved: auto is the teacher's resolved train lr times DISTILL_LR_FACTOR[method]."""
+    return float(train_lr) * DISTILL_LR_FACTOR[method] if setting == "auto" else float(setting)
 
 
 def fid_n(eval_fid_n: Any, data: Mapping[str, Any]) -> Optional[int]:

@@ -117,7 +117,7 @@ def _consistency(cfg: Config, run: StageRun, s: _Setup) -> dict:
     steps = s.settings.steps if d.steps == "auto" else int(d.steps)
     loss = consistency_loss(d.method, s.process, fn, param, kind, d.num_scales,
                             spacing_of(FAST_DEFAULT_SPACING["consistency"], s.process), steps)
-    settings = replace(s.settings, steps=steps, lr=defaults.distill_lr(d.lr, s.settings.lr))
+    settings = replace(s.settings, steps=steps, lr=defaults.distill_lr(d.lr, s.settings.lr, d.method))
     data_kind = kind_of(s.info, s.record.get("scaling"))
     data = TrainData(torch.from_numpy(np.load(TRAIN)), data_kind.batch_transform(cfg.data.dequantize, cfg.data.hflip))
     setup = s.fingerprint(cfg, consistency=d.method, num_scales=d.num_scales, reflows=s.reflows, lr=settings.lr)

@@ -323,3 +323,10 @@ def test_ect_loss_runs_on_points_and_images_and_trains_the_student(process, para
         assert torch.equal(a, loss(student, x, generator=gen(1)))
         a.mean().backward()
         assert student.w.grad is not None and torch.isfinite(student.w.grad)
+
+
+def test_the_students_learning_rate_is_the_teachers_times_the_measured_factor_of_each_method():
+    from pipeline.defaults import distill_lr
+
+    assert distill_lr("auto", 1e-3, "cd") == pytest.approx(3e-5) and distill_lr("auto", 1e-3, "ect") == pytest.approx(3e-4)
+    assert distill_lr(2e-4, 1e-3, "ect") == 2e-4
