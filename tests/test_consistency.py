@@ -251,7 +251,7 @@ def test_the_sigma_table_inverts_the_process(process):
 
 
 def test_ect_loss_is_the_metric_between_the_student_at_t_and_its_stopped_self_at_r_on_one_conditional_path():
-    """The loss of each example by hand from the same draws (σ_t ~ lognormal(−1.1, 2) in float64, then z): x_t and
+    """The loss of each example by hand from the same draws (t from the process's training law, then z): x_t and
     x_r share x0 and z; the target is f(x_r, r) under no_grad, or x0 where σ_r is below σ(t_min) (stage 0 at small
     σ); the weight is 1/σ_t² + 1/0.5². Its gradient reaches the student through f(x_t, t) alone."""
     p = EDMProcess()
@@ -263,7 +263,7 @@ def test_ect_loss_is_the_metric_between_the_student_at_t_and_its_stopped_self_at
         loss.set_step(step)
         value = loss(student, x, generator=gen(4))
         g = gen(4)
-        sigma_t = torch.exp(-1.1 + 2.0 * torch.randn(64, generator=g, dtype=torch.float64))
+        sigma_t = sigma_of(p, p.sample_time(64, g).double())  # EDM's own: σ = t ~ lognormal(−1.2, 1.2)
         z = torch.randn(x.shape, generator=g, dtype=x.dtype)
         sigma_r = _ect_reference(sigma_t, loss.stage)
         t, r = loss.time_of(sigma_t), loss.time_of(sigma_r)  # the σ table, checked against bisection above
