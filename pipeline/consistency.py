@@ -20,7 +20,8 @@ The ODE step asks the process for its field: the probability-flow drift of a sco
 
 Easy consistency tuning (ConsistencyTuningLoss) needs no teacher step: both points lie on the conditional path of one
 data point and one noise, x_t = m(t) x0 + std(t) z and x_r = m(r) x0 + std(r) z (the exact trajectory of the
-conditional ODE, whose average over x0 given x_t is the teacher's), r < t from a mapping that moves r towards t as
+conditional ODE; its mean given x_t is a first-order step of the teacher's ODE, DDIM's, Euler's on EDM's process, with
+the true denoiser in the teacher's place), r < t from a mapping that moves r towards t as
 training goes on (continuous-time consistency training fine-tuned from the diffusion model, Geng et al. sec. 3).
 """
 

@@ -424,6 +424,37 @@ class StageRun:
             self.tracker.log_artifact(self.parent_run_id, path, artifact_path)
 
 
+class NullRun:
+    """A StageRun that logs nothing and imports nothing (SCORE_PIPELINE_TRACKING=off): the DVC files are the record."""
+
+    run_id = parent_run_id = None
+
+    def __enter__(self) -> NullRun:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        return False
+
+    def log_params(self, params: Mapping) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping, step: int | None = None) -> None:
+        pass
+
+    def log_metric_buffered(self, key: str, value: float, step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_to_parent(self, params: Mapping | None = None, metrics: Mapping | None = None,
+                      artifacts: Iterable[str | os.PathLike] = (), artifact_path: str | None = None) -> None:
+        pass
+
+
 def store_of(root: Path, env: Mapping[str, str], experiment: str | None = None) -> dict[str, str | None]:
     """{uri, experiment, artifact_location} of the store: MLFLOW_TRACKING_URI, else the embedded sqlite one under
     `root`; the experiment: `experiment` (tracking.experiment), else MLFLOW_EXPERIMENT_NAME, else the default."""

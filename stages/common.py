@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from pipeline import config, io
 from pipeline.devices import check_gpus
 from pipeline.errors import DataError
-from pipeline.tracking import StageRun, open_tracker, pipeline_key, resolve_root, run_tags, spool_dir, store_of
+from pipeline.tracking import NullRun, StageRun, open_tracker, pipeline_key, resolve_root, run_tags, spool_dir, store_of
 from stages.launch import relaunch, run_rank, torchrun_world
 
 if TYPE_CHECKING:  # torch and what imports it load only in the stages that use them: report and ema start in < 2 s
@@ -155,7 +155,8 @@ def _family_body(cfg: config.Config, name: str) -> Optional[StageBody]:
 # The stages that log a live curve to MLflow while they work; the others record their calls and a detached
 # process replays them after the stage ends (pipeline.spool), which keeps mlflow's import off their critical path.
 LIVE_STAGES = ("train",)
-# SCORE_PIPELINE_TRACKING=sync: every stage logs to MLflow itself, before it exits (tests, debugging).
+# SCORE_PIPELINE_TRACKING=sync: every stage logs to MLflow itself, before it exits (tests, debugging); off: no stage
+# logs to MLflow (nor imports it), the DVC files alone are the record.
 TRACKING_ENV = "SCORE_PIPELINE_TRACKING"
 # Records older than this that no replay took are reported by the next stage.
 STALE_SECONDS = 120
@@ -175,7 +176,9 @@ def _tracked(name: str, cfg: config.Config, call: Callable[[Any], None]) -> int:
     root = resolve_root(os.environ, Path.cwd())
     key, tags = pipeline_key(root, os.environ), run_tags(root, os.environ)
     parent_name = parent_run_name(cfg, key, os.environ)
-    if name in LIVE_STAGES or os.environ.get(TRACKING_ENV) == "sync":
+    if os.environ.get(TRACKING_ENV) == "off":
+        run = NullRun()
+    elif name in LIVE_STAGES or os.environ.get(TRACKING_ENV) == "sync":
         tracker = open_tracker(root, os.environ, experiment=cfg.tracking.experiment)
         run = tracker.stage(name, key, tags, parent_name)
     else:

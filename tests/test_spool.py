@@ -208,6 +208,21 @@ def test_a_stage_records_its_calls_and_says_when_older_records_wait(tmp_path, mo
     assert record["ops"][0]["entries"][0][:2] == ["cd", 0.5]
 
 
+def test_tracking_off_logs_nothing_and_imports_no_mlflow(tmp_path):
+    """SCORE_PIPELINE_TRACKING=off: a stage, the live train stage included, runs with a NullRun: no record, no store,
+    no replayer, no mlflow import; the body's calls go nowhere."""
+    code = ("import os, sys; from pathlib import Path; from pipeline import config; from stages import common; "
+            f"cfg = config.load({str(REPO / 'params.yaml')!r}); os.chdir({str(tmp_path)!r}); "
+            "calls = lambda run: (run.log_params({'a': 1}), run.log_metrics({'cd': 0.5}), "
+            "run.log_metric_buffered('loss', 1.0, 0), run.flush(), run.log_to_parent(metrics={'cd': 0.5})); "
+            "codes = [common._tracked(name, cfg, calls) for name in ('train', 'report')]; "
+            "print(codes, 'mlflow' in sys.modules, sorted(p.name for p in Path('.').iterdir()))")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                         env={**env, "SCORE_PIPELINE_TRACKING": "off"})
+    assert out.stdout.strip() == "[0, 0] False []", out.stdout + out.stderr
+
+
 def test_parent_run_names_say_method_sampler_data_and_experiment():
     from pipeline import config
     from stages.common import parent_run_name

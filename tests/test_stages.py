@@ -502,11 +502,16 @@ def test_malformed_data_file_refused_and_nothing_overwritten(workdir, capsys, co
 # --------------------------------------------------------------------------- dvc
 
 
-def _dvc_env(tmp: Path) -> dict:
-    # The stages' default tracking: recorded, then replayed by a detached process (pipeline.spool; conftest sets sync).
+def _dvc_env(tmp: Path, tracking: bool = True) -> dict:
+    """The environment of a `dvc` command in the tiny repo: the stages' default tracking (recorded, then replayed by
+    a detached process, pipeline.spool; conftest sets sync for in-process stages), or with tracking False none at all
+    (SCORE_PIPELINE_TRACKING=off), for the tests that check what DVC re-runs or stores and not what MLflow holds:
+    the baseline run, the `dvc exp run` and the queue tests keep the default path."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "SCORE_PIPELINE_TRACKING"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(tmp)
+    if not tracking:
+        env["SCORE_PIPELINE_TRACKING"] = "off"
     return env
 
 
@@ -557,7 +562,7 @@ def run_dvc_baseline(dvc_repo) -> dict:
 
 @pytest.mark.xdist_group("dvc")
 def test_dvc_repro_twice_is_bit_identical(dvc_repo, dvc_baseline):
-    env = _dvc_env(dvc_repo)
+    env = _dvc_env(dvc_repo, tracking=False)
     _back_to_baseline(dvc_repo, env)
     for name in STAGES:
         assert f"Running stage '{name}'" in dvc_baseline["log"]
@@ -612,7 +617,7 @@ def _back_to_baseline(repo: Path, env: dict) -> None:
      {"prepare", "noise_scales", "train", "ema", "distill", "sample", "evaluate", "report"}),
 ])
 def test_dvc_exp_run_reruns_only_the_stages_whose_keys_changed(dvc_repo, dvc_baseline, sets, expected):
-    env = _dvc_env(dvc_repo)
+    env = _dvc_env(dvc_repo, tracking=False)
     _back_to_baseline(dvc_repo, env)
     args = [a for kv in sets for a in ("-S", kv)]
     log = _sh([sys.executable, "-m", "dvc", "exp", "run", *args], dvc_repo, env)
@@ -621,7 +626,7 @@ def test_dvc_exp_run_reruns_only_the_stages_whose_keys_changed(dvc_repo, dvc_bas
 
 @pytest.mark.xdist_group("dvc")
 def test_dvc_exp_run_refuses_an_undefined_combination_before_work(dvc_repo, dvc_baseline):
-    env = _dvc_env(dvc_repo)
+    env = _dvc_env(dvc_repo, tracking=False)
     _back_to_baseline(dvc_repo, env)
     outputs = ["outputs/samples.npz", "models/model.pt"]
     before = {f: (dvc_repo / f).read_bytes() for f in outputs}
@@ -799,7 +804,7 @@ def test_editing_another_family_leaves_the_run_up_to_date_and_a_shared_file_does
     """The baseline is an ncsnv2 run: every Schrödinger-bridge file edited leaves `dvc status` clean (its package
     is a dependency of bridge runs only, families/${method.name}); an edit of pipeline/rng.py, the noise of every
     loss and sampler, marks train and what follows it changed."""
-    env = _dvc_env(dvc_repo)
+    env = _dvc_env(dvc_repo, tracking=False)
     _back_to_baseline(dvc_repo, env)
     assert _stale(dvc_repo, env) == ""
     bridge = sorted((dvc_repo / "families" / "schrodinger_bridge").glob("*.py"))
@@ -820,7 +825,7 @@ def test_a_folder_of_images_is_a_dependency_of_prepare(dvc_repo, dvc_baseline):
     """data.name: folder: adding an image to the folder makes `dvc status` report prepare changed."""
     from PIL import Image
 
-    env = _dvc_env(dvc_repo)
+    env = _dvc_env(dvc_repo, tracking=False)
     _back_to_baseline(dvc_repo, env)
     folder = dvc_repo.parent / f"{dvc_repo.name}-images"
     for c in ("a", "b"):
@@ -843,7 +848,7 @@ def test_a_folder_of_images_is_a_dependency_of_prepare(dvc_repo, dvc_baseline):
 def test_a_labels_file_and_a_target_file_are_dependencies_of_prepare(dvc_repo, dvc_baseline):
     """data.labels_path (file images) and data.target_path (the bridge's target) are dependencies of prepare:
     changing either file makes `dvc status` report prepare changed; data/raw, the default, stands for none."""
-    env = _dvc_env(dvc_repo)
+    env = _dvc_env(dvc_repo, tracking=False)
     _back_to_baseline(dvc_repo, env)
     base = yaml.safe_load((dvc_repo / "params.yaml").read_text())
     assert base["data"]["labels_path"] == base["data"]["target_path"] == "data/raw"
