@@ -81,6 +81,26 @@ def _run(name: str, params: str = "params.yaml") -> int:
     return run_named(name, ["--params", params])
 
 
+def test_a_points_run_never_imports_the_image_metrics(workdir):
+    """The image machinery (torchvision, clean-fid, POT, the classifier's code: ~5 s of imports) stays out of a points
+    run's fid_reference and classifier stages, which write their empty records, and torchvision and clean-fid out of
+    the evaluate stage's nearest-neighbour figure: each stage is a process of its own under DVC."""
+    for name in ("prepare", "noise_scales"):
+        assert _run(name) == 0, name
+    heavy = "('torchvision', 'cleanfid', 'ot', 'pipeline.metrics.domain')"
+    code = ("import sys; from stages.common import run_named; "
+            "codes = [run_named(n, ['--params', 'params.yaml']) for n in ('fid_reference', 'classifier')]; "
+            f"print(codes, sorted(m for m in {heavy} if m in sys.modules)); "
+            "from pipeline.kinds import kind_of; import json, numpy as np; "
+            "kind_of(json.load(open('data/record.json'))).nearest(np.zeros((3, 2)), np.ones((5, 2))); "
+            f"print(sorted(m for m in {heavy} if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SCORE_PIPELINE_TRACKING": "off"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    # the evaluate stage needs POT (emd) and the metrics package on points, not torchvision or clean-fid
+    assert out.stdout.strip().splitlines()[-2:] == ["[0, 0] []", "['ot', 'pipeline.metrics.domain']"], \
+        out.stdout + out.stderr
+
+
 def test_every_stage_in_process(workdir, capsys):
     for name in STAGES:
         assert _run(name) == 0, name

@@ -31,10 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
-from cleanfid.features import build_feature_extractor
-from cleanfid.fid import fid_from_feats, get_batch_features, kernel_distance
-from cleanfid.resize import build_resizer
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
@@ -118,6 +114,10 @@ def ensure_inception(path: Path = INCEPTION_PATH) -> str:
 @functools.lru_cache(maxsize=2)
 def _extractor(device: str):
     """clean-fid's "clean" feature extractor on `device` (built once per device)."""
+    # clean-fid and torchvision are imported where used: ~2.4 s that a points run, which only asks
+    # frechet_distance or nothing of this module, never needs
+    from cleanfid.features import build_feature_extractor
+
     ensure_inception(INCEPTION_PATH)
     with _quiet_jit():
         return build_feature_extractor(MODE, torch.device(device), use_dataparallel=False)
@@ -151,6 +151,10 @@ def inception_features(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = str(torch.device(device))
     model = _extractor(device)
+    import torchvision
+    from cleanfid.fid import get_batch_features
+    from cleanfid.resize import build_resizer
+
     resize = build_resizer(MODE)
     to_tensor = torchvision.transforms.ToTensor()
 
@@ -201,6 +205,8 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
         return fid_by_svd(a, b)
     # One BLAS thread: sqrtm ran 2.5-4x faster that way on the shared 2-core CPU (19 s against
     # 48-79 s for D = 2048), and its bits no longer depend on the machine's thread count.
+    from cleanfid.fid import fid_from_feats
+
     with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
         # clean-fid passes sqrtm's `disp`, deprecated in SciPy 1.16; the result is unchanged.
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*`disp`.*")
@@ -245,6 +251,8 @@ def kid_from_features(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float:
     by ~1e-5 relative (1.06e-5 in tests/test_fid.py).
     """
     a, b = _check_pair(a, b)
+    from cleanfid.fid import kernel_distance
+
     state = np.random.get_state()
     try:
         np.random.seed(seed)
