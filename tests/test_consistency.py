@@ -149,6 +149,17 @@ def test_velocity_teachers_distil_through_their_velocity():
 SHAPES = {"B2": (2,), "B1x8x8": (1, 8, 8)}
 
 
+class Student(torch.nn.Module):
+    """f = w x with one weight: a student whose loss and gradient any shape can carry."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x, c):
+        return self.w * x
+
+
 def _gaussian_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The exact rectified-flow velocity of N(0, I) data, any shape: x_t ~ N(0, v I), v = (1 − t)² + t², so
     E[x0 | x] = (1 − t) x / v, E[z | x] = t x / v and v' = −E[x0 | x] + E[z | x] = (2t − 1) x / v."""
@@ -182,14 +193,6 @@ def test_every_velocity_walk_runs_on_points_and_images(sampler, options, steps, 
 def test_distillation_loss_runs_on_points_and_images_and_trains_the_student(process, param, field, shape):
     """The distillation loss on (B, 2) and (B, 1, 8, 8): one value per example, finite, a gradient for the
     student, the same bits at the same seed; the consistency sampler walks the score teacher's grid on images too."""
-    class Student(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.tensor(0.5))
-
-        def forward(self, x, c):
-            return self.w * x
-
     def gaussian_score(x, t):  # N(0, I) data through the process: x_t ~ N(0, (m² + std²) I)
         m, std = process.marginal(t)
         return -x / (m ** 2 + std ** 2).reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
@@ -305,14 +308,6 @@ def test_ect_refuses_a_discrete_process_and_the_stage_builds_each_method():
 def test_ect_loss_runs_on_points_and_images_and_trains_the_student(process, param, shape):
     """Easy consistency tuning on (B, 2) and (B, 1, 8, 8): one finite value per example, a gradient, the same bits
     at the same seed, at the first and the last stage."""
-    class Student(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.tensor(0.5))
-
-        def forward(self, x, c):
-            return self.w * x
-
     loss = ConsistencyTuningLoss(process, param, total_steps=16)
     x = torch.randn(8, *shape, generator=gen(0))
     for step in (0, 15):
