@@ -160,6 +160,17 @@ class Student(torch.nn.Module):
         return self.w * x
 
 
+def _trains_a_student(loss, shape: tuple[int, ...]) -> None:
+    """loss on 8 examples of `shape`: one finite value each, the same bits at the same seed, a finite gradient."""
+    x = torch.randn(8, *shape, generator=gen(0))
+    student = Student()
+    a = loss(student, x, generator=gen(1))
+    assert a.shape == (8,) and torch.isfinite(a).all()
+    assert torch.equal(a, loss(student, x, generator=gen(1)))
+    a.mean().backward()
+    assert student.w.grad is not None and torch.isfinite(student.w.grad)
+
+
 def _gaussian_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The exact rectified-flow velocity of N(0, I) data, any shape: x_t ~ N(0, v I), v = (1 − t)² + t², so
     E[x0 | x] = (1 − t) x / v, E[z | x] = t x / v and v' = −E[x0 | x] + E[z | x] = (2t − 1) x / v."""
@@ -200,13 +211,7 @@ def test_distillation_loss_runs_on_points_and_images_and_trains_the_student(proc
     teacher = _gaussian_velocity if field == "velocity" else gaussian_score
     spacing = "time" if field == "velocity" else "karras"
     loss = ConsistencyDistillationLoss(process, teacher, param, distillation_grid(process, 6, spacing), field=field)
-    x = torch.randn(8, *shape, generator=gen(0))
-    student = Student()
-    a = loss(student, x, generator=gen(1))
-    assert a.shape == (8,) and torch.isfinite(a).all()
-    assert torch.equal(a, loss(student, x, generator=gen(1)))
-    a.mean().backward()
-    assert student.w.grad is not None and torch.isfinite(student.w.grad)
+    _trains_a_student(loss, shape)
     out = draw("consistency", "velocity" if field == "velocity" else "score", teacher, process, (4, *shape),
                SampleGenerators(0, range(4)), 2, {"spacing": "auto"})
     assert out.x.shape == (4, *shape) and torch.isfinite(out.x).all() and out.nfe == 2
@@ -309,15 +314,9 @@ def test_ect_loss_runs_on_points_and_images_and_trains_the_student(process, para
     """Easy consistency tuning on (B, 2) and (B, 1, 8, 8): one finite value per example, a gradient, the same bits
     at the same seed, at the first and the last stage."""
     loss = ConsistencyTuningLoss(process, param, total_steps=16)
-    x = torch.randn(8, *shape, generator=gen(0))
     for step in (0, 15):
         loss.set_step(step)
-        student = Student()
-        a = loss(student, x, generator=gen(1))
-        assert a.shape == (8,) and torch.isfinite(a).all()
-        assert torch.equal(a, loss(student, x, generator=gen(1)))
-        a.mean().backward()
-        assert student.w.grad is not None and torch.isfinite(student.w.grad)
+        _trains_a_student(loss, shape)
 
 
 def test_the_students_learning_rate_is_the_teachers_times_the_measured_factor_of_each_method():
