@@ -197,15 +197,14 @@ def drain(spool: Path) -> int:
 
 
 @contextlib.contextmanager
-def _alive(spool: Path, wait: bool = False) -> Iterator[bool]:
-    """Hold the folder's replayer lock inside the block if it is free (or, with `wait`, once it is); yields whether
-    this process holds it."""
+def _alive(spool: Path) -> Iterator[bool]:
+    """Hold the folder's replayer lock inside the block if it is free; yields whether this process holds it."""
     import fcntl
 
     spool.mkdir(parents=True, exist_ok=True)
     with open(spool / ALIVE_LOCK, "a") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return
