@@ -141,7 +141,7 @@ def train_settings(train: Mapping[str, Any], data: Mapping[str, Any], bf16: bool
 # distill.method. Measured on the swiss roll, 1 NFE from the rectified flow, 5,000 steps: cd (python -m
 # benchmarks.distill_lr, N = 18, the EMA's samples; docs/benchmarks.md): lr 1e-3 (the teacher's) gives cd 0.346, 1e-4
 # 0.165, 3e-5 0.123, 1e-5 0.152; ect (the distill stage itself, `dvc exp run -S method.name=flow_matching -S
-# distill.method=ect -S distill.lr=...`): 1e-3 0.255, 3e-4 0.195, 1e-4 see docs/benchmarks.md, 3e-5 0.467. Tuning
+# distill.method=ect -S distill.lr=...`): 1e-3 0.255, 3e-4 0.195, 1e-4 0.317, 3e-5 0.467. Tuning
 # trains over wider intervals than one teacher step and wants the larger rate.
 DISTILL_LR_FACTOR = {"cd": 0.03, "ect": 0.3}
 

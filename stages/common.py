@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from pipeline import config, io
 from pipeline.devices import check_gpus
 from pipeline.errors import DataError
-from pipeline.tracking import NullRun, StageRun, open_tracker, pipeline_key, resolve_root, run_tags, spool_dir, store_of
+from pipeline.tracking import (NullRun, StageRun, open_tracker, pipeline_key, resolve_root, run_tags, spool_dir,
+                               store_of)
 from stages.launch import relaunch, run_rank, torchrun_world
 
 if TYPE_CHECKING:  # torch and what imports it load only in the stages that use them: report and ema start in < 2 s

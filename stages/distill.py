@@ -4,8 +4,8 @@ With method.fm.reflow k > 0 (flow matching) it trains k reflows (Liu et al. 2023
 method.fm.pairs (noise, sample) pairs from flow j − 1 (pipeline.reflow, written to outputs/reflow/pairs_<j>.npz)
 and is trained on them with the reflow loss, starting from flow j − 1's weights and with train.*'s settings. With
 distill.method cd or ect it then makes a consistency model of the model so far (pipeline.consistency: distillation
-or easy consistency tuning), sampled with the consistency sampler. The last network's EMA weights are the final model. With neither, the final model is the
-ema stage's, copied byte for byte.
+or easy consistency tuning), sampled with the consistency sampler. The last network's EMA weights are the final
+model. With neither, the final model is the ema stage's, copied byte for byte.
 
 Flow 0 is the train stage's: changing method.fm.reflow re-runs this stage and never the train stage. Each reflow
 keeps its checkpoint in checkpoints/reflow_<j>/ (not an output, like train's), so going from k to k + 1 in the same

@@ -218,8 +218,8 @@ def test_distillation_loss_runs_on_points_and_images_and_trains_the_student(proc
 
 
 def _ect_reference(sigma: torch.Tensor, stage: int) -> torch.Tensor:
-    """Geng et al. 2024's sigmoid mapping as written in their paper and code: r = t (1 − (1 + k sigmoid(−b t)) / q^(s+1)),
-    clamped at 0, with q = 2, k = 8, b = 1 (t is σ in EDM's units)."""
+    """Geng et al. 2024's sigmoid mapping as written in their paper and code: r = t (1 − (1 + k sigmoid(−b t)) /
+    q^(s+1)), clamped at 0, with q = 2, k = 8, b = 1 (t is σ in EDM's units)."""
     return torch.clamp(sigma * (1 - (1 + 8.0 / (1 + torch.exp(sigma))) / 2.0 ** (stage + 1)), min=0)
 
 
@@ -322,5 +322,6 @@ def test_ect_loss_runs_on_points_and_images_and_trains_the_student(process, para
 def test_the_students_learning_rate_is_the_teachers_times_the_measured_factor_of_each_method():
     from pipeline.defaults import distill_lr
 
-    assert distill_lr("auto", 1e-3, "cd") == pytest.approx(3e-5) and distill_lr("auto", 1e-3, "ect") == pytest.approx(3e-4)
+    assert distill_lr("auto", 1e-3, "cd") == pytest.approx(3e-5)
+    assert distill_lr("auto", 1e-3, "ect") == pytest.approx(3e-4)
     assert distill_lr(2e-4, 1e-3, "ect") == 2e-4

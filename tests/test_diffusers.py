@@ -242,8 +242,8 @@ def test_consistency_sampler_matches_diffusers_cm_stochastic_iterative_scheduler
     """The consistency sampler's walk (consistency_plan: the first `steps` levels of a (steps + 1)-level ρ = 7
     schedule, then the data) = CMStochasticIterativeScheduler with num_train_timesteps = steps + 1 and `steps`
     inference steps (its Karras sigmas are those levels; its last step lands on σ_min with no noise), the same
-    denoiser, x_T and noise (drawn in float32 on both sides, as diffusers draws). Walking `steps` levels that end at σ_min
-    instead (fast_grid's own end) is another algorithm and lands farther away than the tolerance."""
+    denoiser, x_T and noise (drawn in float32 on both sides, as diffusers draws). Walking `steps` levels that end
+    at σ_min instead (fast_grid's own end) is another algorithm and lands farther away than the tolerance."""
     scheduler = diffusers.CMStochasticIterativeScheduler(num_train_timesteps=steps + 1, sigma_min=CM.t_min,
                                                          sigma_max=CM.t_max, clip_denoised=False)
     scheduler.set_timesteps(steps)
