@@ -125,7 +125,8 @@ def test_one_lingering_replayer_takes_the_records_of_the_later_stages(tmp_path, 
 
     spool_path = spool_dir(tmp_path)
     _record(tmp_path, "prepare", "k3")
-    server = subprocess.Popen([sys.executable, "-m", "pipeline.spool", "--linger", "3", str(spool_path)], cwd=REPO)
+    # 6 s of linger: ample for the next record to arrive here, even on a loaded machine
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.spool", "--linger", "6", str(spool_path)], cwd=REPO)
     started = []
     monkeypatch.setattr(spool.subprocess, "Popen", lambda *a, **k: started.append(a[0]))
     deadline = time.monotonic() + 60
