@@ -205,3 +205,12 @@ def test_protocol():
     }
     assert fid.MODE == "clean"
     assert str(fid.INCEPTION_PATH) == "/tmp/inception-2015-12-05.pt"
+
+
+def test_inception_benchmark_times_each_batch_and_compares_the_bits():
+    from benchmarks.inception import measure
+
+    images = _waves(6, 1, 8, 0.0, seed=3)
+    rows = measure(images, [4, 2], rounds=1, device="cpu")
+    assert [r["batch"] for r in rows] == [4, 2]
+    assert all(r["same_bits"] and r["ms_per_image"] > 0 for r in rows)

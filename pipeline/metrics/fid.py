@@ -132,8 +132,8 @@ def _to_rgb_hwc(image: np.ndarray) -> np.ndarray:
 
 
 # Images per Inception forward when batch_size is None, by device type. On the CPU small batches are faster (their
-# activations stay in cache) and give the same bits as any other size: 2-core EPYC, 192 images at 299 x 299,
-# 80-86 ms an image at 4, 88-90 at 8, 100-104 at 16, 126-128 at 64 (docs/benchmarks.md, Inception features).
+# activations stay in cache) and give the same bits as any other size (python -m benchmarks.inception, 2-core EPYC:
+# 93 ms an image at 4 and 8, 106 at 16, 120 at 64; docs/images.md, "Cost on the CPU").
 INCEPTION_BATCH = {"cpu": 4}
 INCEPTION_BATCH_OTHER = 64
 
@@ -148,7 +148,7 @@ def inception_features(
     bicubic to 299x299 per channel in float32, clipped to [0, 255]), the ToTensor step of
     `cleanfid.utils.ResizeDataset`, then `cleanfid.fid.get_batch_features` with the clean extractor.
     The network computes in float32; the result is returned as float64. A tqdm bar when `progress`. batch_size
-    None: INCEPTION_BATCH for the device's type (the features do not depend on it).
+    None: INCEPTION_BATCH for the device's type (on the CPU the features do not depend on it: tests/test_fid.py).
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
