@@ -214,3 +214,22 @@ def test_inception_benchmark_times_each_batch_and_compares_the_bits():
     rows = measure(images, [4, 2], rounds=1, device="cpu")
     assert [r["batch"] for r in rows] == [4, 2]
     assert all(r["same_bits"] and r["ms_per_image"] > 0 for r in rows)
+
+
+def test_inception_features_default_batch_on_the_cpu_is_inception_batch(monkeypatch):
+    # The network is replaced by one that records each batch's size: the default on the CPU is
+    # fid.INCEPTION_BATCH["cpu"] images a pass (the last one part-full), an explicit batch_size wins.
+    sizes = []
+
+    def record(batch, model, device):
+        sizes.append(batch.shape[0])
+        return np.zeros((batch.shape[0], fid.FEATURE_DIM))
+
+    monkeypatch.setattr(fid, "_extractor", lambda device: None)
+    monkeypatch.setattr(cleanfid.fid, "get_batch_features", record)
+    images = _waves(2 * fid.INCEPTION_BATCH["cpu"] + 1, 1, 8, 0.0, seed=4)
+    fid.inception_features(images, device="cpu")
+    assert sizes == [fid.INCEPTION_BATCH["cpu"]] * 2 + [1]
+    sizes.clear()
+    fid.inception_features(images, device="cpu", batch_size=64)
+    assert sizes == [len(images)]
