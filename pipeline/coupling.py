@@ -9,7 +9,6 @@ so the coupling reorders the noise and draws nothing: the pairs are a determinis
 from __future__ import annotations
 
 import numpy as np
-import ot
 import torch
 from torch import Tensor
 
@@ -19,6 +18,8 @@ from pipeline.names import COUPLINGS
 def ot_permutation(x: Tensor, z: Tensor) -> Tensor:
     """The exact OT assignment of z to x for the cost |x_i − z_j|²: indices (B,) with z[perm] paired to x, by
     POT's `ot.emd` (Bonneel et al. 2011's network simplex) on the flattened (B, *D) batches, in float64."""
+    import ot  # here, not at the top: POT imports scikit-learn and pandas, 2 s at every train stage's start
+
     if x.shape != z.shape:
         raise ValueError(f"OT pairs two batches of one shape, got {tuple(x.shape)} and {tuple(z.shape)}")
     a = x.detach().flatten(1).to("cpu", torch.float64)

@@ -13,7 +13,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from scipy import integrate
 from torch import Tensor
 
 from pipeline.parameterization import ScoreFn
@@ -111,6 +110,8 @@ def ode_log_likelihood(
     Returns {"logp": (B,) float64 on the CPU, "nll": mean_b(-logp_b) / D, "bpd": nll / ln 2 + offset,
     "nfe": number of drift evaluations}.
     """
+    from scipy import integrate  # here: half a second at every evaluate start that computes no likelihood
+
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; allowed: {', '.join(DIVERGENCES)}")
     t0 = process.t_min if t_eps is None else float(t_eps)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pipeline import io
 from pipeline.config import Config
 from pipeline.data.prepare import prepare_data, prepare_target
-from pipeline.gmm import GaussianMixture
 from pipeline.tracking import StageRun
 from stages.common import DATA_RECORD, LABELS, REFERENCE, TARGET, TEST, TRAIN, main
 
@@ -14,7 +13,11 @@ from stages.common import DATA_RECORD, LABELS, REFERENCE, TARGET, TEST, TRAIN, m
 def prepare(cfg: Config, run: StageRun) -> None:
     d = cfg.data
     uses_gmm = "gmm" in (d.name, d.target)
-    mixture = GaussianMixture.from_params(d.gmm.weights, d.gmm.means, d.gmm.covs) if uses_gmm else None
+    mixture = None
+    if uses_gmm:  # imported here: the mixture needs torch, two seconds that every other data set's prepare skips
+        from pipeline.gmm import GaussianMixture
+
+        mixture = GaussianMixture.from_params(d.gmm.weights, d.gmm.means, d.gmm.covs)
     out = prepare_data(d.name, n_train=d.n_train, n_test=d.n_test, n_reference=d.n_reference, seed=cfg.seed,
                        noise=d.noise, gmm=mixture if d.name == "gmm" else None, path=d.path, labels_path=d.labels_path,
                        download=d.download, image_size=d.image_size, channels=d.channels,

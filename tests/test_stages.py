@@ -81,6 +81,19 @@ def _run(name: str, params: str = "params.yaml") -> int:
     return run_named(name, ["--params", params])
 
 
+def test_stage_modules_import_no_library_they_may_not_need():
+    """Every stage is a process of its own: importing its module leaves out POT (which imports scikit-learn and
+    pandas, ~2 s), scipy.stats and scipy.integrate (the ODE sampler's and the likelihood's solver), which the
+    functions that use them import; prepare leaves out torch too (the 2-D sets and the images need none)."""
+    code = ("import importlib, sys; from stages.common import STAGE_BODIES; "
+            "importlib.import_module('stages.prepare'); print('torch' in sys.modules); "
+            "[importlib.import_module(f'stages.{name}') for name in STAGE_BODIES]; "
+            "print(sorted(m for m in ('ot', 'sklearn', 'scipy.stats', 'scipy.integrate') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.split() == ["False", "[]"], out.stdout + out.stderr
+
+
 def test_a_points_run_never_imports_the_image_metrics(workdir):
     """The image machinery (torchvision, clean-fid, POT, the classifier's code: ~5 s of imports) stays out of a points
     run's fid_reference and classifier stages, which write their empty records, and torchvision and clean-fid out of
@@ -96,8 +109,9 @@ def test_a_points_run_never_imports_the_image_metrics(workdir):
             f"print(sorted(m for m in {heavy} if m in sys.modules))")
     env = {**os.environ, "PYTHONPATH": str(REPO), "SCORE_PIPELINE_TRACKING": "off"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    # the evaluate stage needs POT (emd) and the metrics package on points, not torchvision or clean-fid
-    assert out.stdout.strip().splitlines()[-2:] == ["[0, 0] []", "['ot', 'pipeline.metrics.domain']"], \
+    # the nearest-neighbour figure needs the metrics package on points, not torchvision, clean-fid or POT (which
+    # the evaluate stage imports when it computes emd)
+    assert out.stdout.strip().splitlines()[-2:] == ["[0, 0] []", "['pipeline.metrics.domain']"], \
         out.stdout + out.stderr
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import ot
 
 # Bound the (rows, M, D) difference block of the nearest-neighbour search to ~32 MB.
 _BLOCK_ELEMENTS = 4_000_000
@@ -83,6 +82,8 @@ def earth_movers_distance(x: np.ndarray, y: np.ndarray, num_itermax: int = 10_00
     Raises RuntimeError unless the network simplex reports an optimal solution
     (e.g. when it stops at `num_itermax` iterations).
     """
+    import ot  # here, not at the top: POT imports scikit-learn and pandas, 2 s that image runs never need
+
     x, y = _as_points(x, "x"), _as_points(y, "y")
     _check_same_dim(x, y)
     a = np.full(x.shape[0], 1.0 / x.shape[0])

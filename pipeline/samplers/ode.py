@@ -12,7 +12,6 @@ from functools import partial
 from typing import Callable, Optional
 
 import torch
-from scipy import integrate
 from torch import Tensor
 
 from pipeline import rng
@@ -93,6 +92,8 @@ def ode_sampler(
     is the start and the end only. Euler and Heun treat samples independently. field: what score_fn is
     (ode_field: a score, or a flow-matching velocity).
     """
+    from scipy import integrate  # here: half a second at every sample start of another sampler
+
     if method not in ODE_METHODS:
         raise ValueError(f"unknown ODE method {method!r}; allowed: {', '.join(ODE_METHODS)}")
     if method != "rk45":
