@@ -84,7 +84,7 @@ def _run(name: str, params: str = "params.yaml") -> int:
 def test_stage_modules_import_no_library_they_may_not_need():
     """Every stage is a process of its own: importing its module leaves out POT (which imports scikit-learn and
     pandas, ~2 s), scipy.stats and scipy.integrate (the ODE sampler's and the likelihood's solver), which the
-    functions that use them import; prepare leaves out torch too (the 2-D sets and the images need none)."""
+    functions that use them import; prepare leaves out torch too (the gmm mixture imports it where it is asked for)."""
     code = ("import importlib, sys; from stages.common import STAGE_BODIES; "
             "importlib.import_module('stages.prepare'); print('torch' in sys.modules); "
             "[importlib.import_module(f'stages.{name}') for name in STAGE_BODIES]; "
