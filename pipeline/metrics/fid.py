@@ -132,8 +132,8 @@ def _to_rgb_hwc(image: np.ndarray) -> np.ndarray:
 
 
 # Images per Inception forward when batch_size is None, by device type. On the CPU small batches are faster (their
-# activations stay in cache) and give the same bits as any other size (python -m benchmarks.inception, 2-core EPYC:
-# 93 ms an image at 4 and 8, 106 at 16, 120 at 64; docs/images.md, "Cost on the CPU").
+# activations stay in cache) and give the same bits as any other size (python -m benchmarks.inception, 2-core EPYC
+# with AVX-512: 93 ms an image at 4 and 8, 106 at 16, 120 at 64; AVX2 only: 153 at 4, 220 at 64; docs/images.md).
 INCEPTION_BATCH = {"cpu": 4}
 INCEPTION_BATCH_OTHER = 64
 
