@@ -296,7 +296,7 @@ def test_samplers_create_every_tensor_on_the_data_device(name, process, shape):
     the samples raises, so this finds every tensor a sampler would leave on the CPU of a CUDA run.
 
     A sampler with a number of steps takes META_STEPS: a walk's first step, the steps between and its last run
-    the code that any longer walk runs, and an op on meta costs Python shape logic (~0.1 ms) that 20 steps would
+    the code that any longer walk runs, and an op on meta costs Python shape logic (~0.15 ms here) that 20 steps would
     pay five times over for no new line of code."""
     steps = {"steps": META_STEPS} if "steps" in SAMPLERS.get(name, (None, {}))[1] else {}
     for generator in (torch.Generator().manual_seed(0), SampleGenerators(0, range(3))):
