@@ -64,6 +64,13 @@ bench-images: $(STAMP)
 bench-nfe: $(STAMP)
 	$(BIN)/python -m benchmarks.nfe $(NFE_ARGS)
 
+# One data set's image goal in a fresh clone of HEAD with an empty DVC cache: wall time, stage times, fid over its
+# floor (benchmarks/goal_<data>.json); e.g. make bench-goal GOAL_ARGS="--data fashion_mnist --set method.name=edm".
+GOAL_ARGS ?= --data digits
+.PHONY: bench-goal
+bench-goal: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m benchmarks.goal $(GOAL_ARGS)
+
 # Training images/s of the pipeline's loop against a bare PyTorch loop (DDPM CIFAR-10 U-Net and digits),
 # benchmarks/throughput.json; e.g. make bench-throughput BENCH_ARGS="--device cuda --compile".
 .PHONY: bench-throughput preset gpu-check

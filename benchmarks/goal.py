@@ -8,8 +8,9 @@ environment (the clone's DVC cache starts empty, so every stage runs, the refere
 end to end and stage by stage (from the moment DVC announces a stage to the next announcement or the end: the
 stage's process start included). The record names the CPU and whether it computes bf16 natively
 (`pipeline.devices.bf16_native`: `train.precision: auto` follows it), the metrics of the run (`fid` against its
-floor, `fid_domain`, `kid`) and the goal of issue 24 for the data set (GOALS), met or not. It prints a table row and
-writes the JSON record to --out. Nothing else should run on the machine meanwhile.
+floor, `fid_domain`, `kid`) and the data set's goal (GOALS), met or not. It prints a table row and writes the JSON
+record to --out. The run's MLflow records stay in the clone's own store, as in a user's fresh clone (--keep keeps
+the clone). Nothing else should run on the machine meanwhile.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Iterable, Optional
 from benchmarks.gpu_check import _cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
-# Issue 24's goals on the 2-core CPU: wall seconds of the whole command and fid / fid_floor.
+# The image goals on the 2-core CPU (docs/benchmarks.md): wall seconds of the whole command, fid / fid_floor.
 GOALS = {"digits": {"wall_s": 360.0, "fid_ratio": 1.1}, "fashion_mnist": {"wall_s": 3600.0, "fid_ratio": 2.0}}
 METRIC_FILES = ("metrics/fid_reference.json", "metrics/classifier.json", "metrics/evaluate.json")
 STAGE_PREFIX = "Running stage '"

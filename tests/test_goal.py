@@ -18,7 +18,7 @@ def test_stage_seconds_run_from_each_announcement_to_the_next_and_the_last_to_th
 def test_verdict_compares_wall_time_and_fid_over_its_floor_with_the_goal():
     inside = goal.verdict("digits", 331.4, {"fid": 28.0, "fid_floor": 25.62})
     assert inside["met"] == {"wall_s": True, "fid_ratio": True} and inside["fid_ratio"] == pytest.approx(1.0929, 1e-4)
-    # issue 24's digits run on the AVX2-only EPYC: 671.5 s, fid 29.19 against 25.62 (docs/images.md)
+    # the digits goal run on the AVX2-only EPYC: 671.5 s, fid 29.19 against 25.62 (docs/images.md)
     outside = goal.verdict("digits", 671.5, {"fid": 29.19, "fid_floor": 25.62})
     assert outside["met"] == {"wall_s": False, "fid_ratio": False} and outside["fid_ratio"] == 1.1393
     fashion = goal.verdict("fashion_mnist", 3557.0, {"fid": 31.63, "fid_floor": 15.59})
