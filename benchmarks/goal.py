@@ -124,6 +124,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = [s for s in args.sets if "=" not in s or s.startswith("data.name=")]
     if bad:
         parser.error(f"--set takes KEY=VALUE other than data.name (that is --data), got {bad}")
+    if args.keep is not None and (args.keep / "clone").exists():
+        parser.error(f"--keep {args.keep}: {args.keep / 'clone'} exists already; give another folder")
     record = measure(args.data, args.sets, args.keep)
     out = args.out or REPO / "benchmarks" / f"goal_{args.data}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -33,13 +33,15 @@ def test_row_names_the_sets_the_ratio_and_the_goals_met():
                                 "wall_s |")
 
 
-@pytest.mark.parametrize("argv", [["--data", "digits", "--set", "train.steps"],
-                                  ["--data", "digits", "--set", "data.name=fashion_mnist"],
-                                  ["--data", "cifar10"]])
-def test_bad_arguments_are_refused_before_any_clone(argv, capsys, monkeypatch):
+@pytest.mark.parametrize("argv, words", [(["--data", "digits", "--set", "train.steps"], ["--set", "KEY=VALUE"]),
+                                         (["--data", "digits", "--set", "data.name=fashion_mnist"], ["--data"]),
+                                         (["--data", "cifar10"], ["--data", "cifar10"]),
+                                         (["--data", "digits", "--keep", "KEEP"], ["--keep", "exists already"])])
+def test_bad_arguments_are_refused_before_any_clone(argv, words, tmp_path, capsys, monkeypatch):
+    (tmp_path / "clone").mkdir()
     monkeypatch.setattr(goal, "measure", lambda *a: pytest.fail("measured despite bad arguments"))
     with pytest.raises(SystemExit) as exit_:
-        goal.main(argv)
+        goal.main([str(tmp_path) if a == "KEEP" else a for a in argv])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert ("--set" in err) if "--set" in argv else ("--data" in err and "cifar10" in err), err
+    assert all(w in err for w in words), err
