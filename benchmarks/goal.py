@@ -91,6 +91,7 @@ def measure(data: str, sets: list[str], keep: Optional[Path] = None) -> dict:
     clone = parent / "clone"
     try:
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+        # not gpu_check.command_env: its PYTHONPATH names this checkout, and the clone's own code is what is measured
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         cmd = [sys.executable, "-m", "dvc", "exp", "run", "-n", "goal", "-S", f"data.name={data}"]

@@ -1,6 +1,9 @@
-"""benchmarks/goal.py: stage times from a timed `dvc exp run` log, the goal's verdict, the row, bad --set refused."""
+"""benchmarks/goal.py: stage times from a timed `dvc exp run` log, the goal's verdict, the row, bad arguments refused,
+and the clone of HEAD it runs in (the run itself replaced by one that writes a finished run's metric files)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -45,3 +48,38 @@ def test_bad_arguments_are_refused_before_any_clone(argv, words, tmp_path, capsy
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert all(w in err for w in words), err
+
+
+def _fake_dvc(metrics: dict, code: int = 0):
+    """A stand-in for the timed `dvc exp run`: writes the metric files a finished digits run leaves in the clone."""
+    def run(cmd, cwd, env):
+        assert cmd[-2:] == ["-S", "train.steps=10"] and (cwd / "dvc.yaml").is_file()  # the clone of HEAD
+        for name, values in metrics.items():
+            (cwd / name).write_text(json.dumps(values))
+        return code, [(1.0, "Running stage 'train':"), (5.0, "Running stage 'report':")], 6.0
+    return run
+
+
+METRICS = {"metrics/fid_reference.json": {"fid_floor": 25.62}, "metrics/classifier.json": {"fid_domain_floor": 2.5},
+           "metrics/evaluate.json": {"fid": 28.0, "fid_domain": 1.7, "kid": 0.002}}
+
+
+def test_measure_runs_in_a_clone_of_head_reads_its_metrics_and_removes_it(tmp_path, monkeypatch):
+    (tmp_path / "t").mkdir()
+    monkeypatch.setattr(goal.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "t"))
+    monkeypatch.setattr(goal, "_run_timed", _fake_dvc(METRICS))
+    record = goal.measure("digits", ["train.steps=10"])
+    assert record["command"] == "dvc exp run -n goal -S data.name=digits -S train.steps=10"
+    assert record["stage_s"] == {"train": 4.0, "report": 1.0} and record["verdict"]["fid_ratio"] == 1.0929
+    assert record["metrics"] == {"fid": 28.0, "fid_floor": 25.62, "fid_domain": 1.7, "fid_domain_floor": 2.5,
+                                 "kid": 0.002}
+    assert len(record["commit"]) == 40 and not (tmp_path / "t").exists()
+
+
+def test_measure_keeps_the_clone_when_asked_and_stops_on_a_failed_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(goal, "_run_timed", _fake_dvc(METRICS))
+    goal.measure("digits", ["train.steps=10"], keep=tmp_path / "kept")
+    assert (tmp_path / "kept" / "clone" / "metrics" / "evaluate.json").is_file()
+    monkeypatch.setattr(goal, "_run_timed", _fake_dvc({}, code=1))
+    with pytest.raises(SystemExit, match="exited with 1"):
+        goal.measure("digits", ["train.steps=10"], keep=tmp_path / "failed")
