@@ -41,6 +41,7 @@ def _before(*changes: dict) -> dict:
 
 
 BF16, LR2 = {"train": {"precision": "bf16"}}, {"train": {"lr": 2e-3}}
+FP32_X3 = {"train": {"precision": "fp32"}, "eval": {"fid_seeds": 3}}
 
 # data set -> {variant: overrides of params.yaml}; "auto": every key at its default.
 VARIANTS: dict[str, dict[str, dict]] = {
@@ -62,6 +63,11 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "channels 48": {"model": {"channels": 48}},
         "2 res blocks": {"model": {"num_res_blocks": 2}},
         "posthoc 0.05": {"ema": {"method": "posthoc", "sigma_rel": 0.05}},
+        # fp32 whatever the CPU, so the rows mean the same on every machine; three sample sets of N each
+        # (eval.fid_seeds: `fid` stays set 0's, `fid_mean` joins it), since one set's fid moves by about a unit
+        "fp32 x3": FP32_X3,
+        "fp32 x3 + lr linear": _merge(FP32_X3, {"train": {"lr_decay": "linear"}}),
+        "fp32 x3 + lr cosine": _merge(FP32_X3, {"train": {"lr_decay": "cosine"}}),
     },
     # NCSNv2 itself (auto) is no row: its annealed Langevin walks about 100 scales x 5 steps, 2,000 samples of
     # which take over an hour here (docs/benchmarks.md); EDM's Heun takes 35 evaluations.

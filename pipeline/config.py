@@ -19,7 +19,7 @@ from families import NAMES, OWNED_KEYS
 from pipeline.defaults import DATA_PATH as DEFAULT_DATA_PATH
 from pipeline.defaults import PHOTOS_CROP, PHOTOS_IMAGE_SIZE, POINT_SIZES, SIGMA_REL_MAX, SIGMA_RELS
 from pipeline.names import (DATA_SETS, DISTILL_METHODS, EMA_METHODS, GREY_SETS, IMAGE_SETS, INPAINT_METHODS, LABELLED_POINTS, LOSSES,
-                            MASKS, OPERATORS, PARAMETERIZATIONS, POINT_SETS, SAMPLERS, TARGETS, TASKS)
+                            LR_DECAYS, MASKS, OPERATORS, PARAMETERIZATIONS, POINT_SETS, SAMPLERS, TARGETS, TASKS)
 
 Auto = Literal["auto"]
 # Keys that moved to another section: named in the error, with where they live now.
@@ -226,7 +226,8 @@ class TrainParams(_Section):
     """Optimisation, EMA (technique 5), checkpointing, the device and the held-out evaluation during training;
     'auto' steps / batch / lr resolve per data set (pipeline/defaults.py). GPU speed: precision (autocast),
     tf32, channels_last, compile; accumulate splits each batch into micro-batches; warmup ramps the lr linearly;
-    devices: processes on this node (torchrun), each taking an equal share of every micro-batch."""
+    lr_decay takes it to zero over the run after that; devices: processes on this node (torchrun), each taking an
+    equal share of every micro-batch."""
 
     steps: Union[Auto, int] = "auto"
     batch_size: Union[Auto, int] = "auto"
@@ -244,6 +245,7 @@ class TrainParams(_Section):
     compile: bool = False
     accumulate: int = Field(1, ge=1)
     warmup: int = Field(0, ge=0)
+    lr_decay: Literal[LR_DECAYS] = "none"
     devices: int = Field(1, ge=1)  # after batch_size and accumulate: its check reads them
     posthoc: PosthocParams = Field(default_factory=PosthocParams)
 

@@ -41,6 +41,8 @@ DISTILL_METHODS = ("none", "cd", "ect")
 
 # ema.method: how the ema stage makes the final model from training's outputs (pipeline.train.finalize).
 EMA_METHODS = ("decay", "posthoc", "none")
+# train.lr_decay: the learning rate over the run after any warm-up (pipeline.train.state.lr_factor)
+LR_DECAYS = ("none", "linear", "cosine")
 
 # sample.task: controllable generation with one unconditional (or null-label) model.
 TASKS = ("generate", "inpaint", "inverse", "interpolate", "edit")

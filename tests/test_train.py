@@ -19,7 +19,7 @@ from pipeline.processes import DiscreteVP, VPSDE, linear_betas
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.train import (Checkpoints, Hooks, TrainData, TrainSettings, ema_multi_avg_fn, held_out_evaluator,
-                            image_batches, micro_batches, train, warmup_factor)
+                            image_batches, lr_factor, micro_batches, train, warmup_factor)
 
 
 def _pixels(n: int = 64) -> torch.Tensor:
@@ -155,9 +155,9 @@ def _run(tmp_path, settings, net=None, data=None, loss=None, transform=None, lab
                  Checkpoints(tmp_path, {"test": 1}), Hooks(progress=False))
 
 
-def _plain_loop(model, loss_fn, data, s: TrainSettings, transform=None):
+def _plain_loop(model, loss_fn, data, s: TrainSettings, transform=None, lrs=None):
     """The loop as it was before precision, accumulation, warm-up and preemption (commit 96839e1), inline: the
-    reference the default settings must reproduce bit for bit."""
+    reference the default settings must reproduce bit for bit. lrs: the lr of each update, set by hand."""
     gen = torch.Generator().manual_seed(s.seed)
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
     ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(s.ema_decay, s.ema_warmup), use_buffers=True)
@@ -171,6 +171,8 @@ def _plain_loop(model, loss_fn, data, s: TrainSettings, transform=None):
         loss.backward()
         if s.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        if lrs is not None:
+            opt.param_groups[0]["lr"] = lrs[step - 1]
         opt.step()
         ema.update_parameters(model)
         running += float(loss.detach())
@@ -257,6 +259,58 @@ def test_warmup_is_linear_then_constant(tmp_path):
     assert ckpt["scheduler"]["last_epoch"] == 6 and ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
 
 
+def test_lr_decay_factors_are_the_closed_forms():
+    """lr_factor(warmup, decay, steps)(k): 1 - k / steps (linear to zero), (1 + cos(pi k / steps)) / 2 (cosine,
+    SGDR's eq. 5 with eta_min 0), times the warm-up's min(1, k / warmup); 'none' is the warm-up alone."""
+    linear, cosine = lr_factor(0, "linear", 4), lr_factor(0, "cosine", 4)
+    assert [linear(k) for k in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert [cosine(k) for k in range(5)] == pytest.approx([1.0, (1 + 2 ** -0.5) / 2, 0.5, (1 - 2 ** -0.5) / 2, 0.0])
+    warm = lr_factor(2, "linear", 4)
+    assert [warm(k) for k in range(4)] == [0.0, 0.375, 0.5, 0.25]
+    assert [lr_factor(4, "none", 10)(k) for k in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [lr_factor(0, "none", 10)(k) for k in (0, 9)] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="lr_decay must be one of none, linear, cosine"):
+        _settings(lr_decay="step")
+
+
+@pytest.mark.parametrize("decay,warmup", [("linear", 0), ("cosine", 0), ("cosine", 3)])
+def test_lr_decay_trains_as_the_loop_with_that_lr_at_each_update(tmp_path, decay, warmup):
+    """With train.lr_decay the run's weights, EMA and loss rows are those of the plain loop whose update k (0-based)
+    uses lr * min(1, k / warmup) * d(k / steps), d written out here; the last update's lr is above zero."""
+    s = _settings(lr_decay=decay, warmup=warmup)
+    ramp = [min(1.0, k / warmup) if warmup else 1.0 for k in range(s.steps)]
+    shape = {"linear": lambda u: 1.0 - u, "cosine": lambda u: 0.5 * (1.0 + math.cos(math.pi * u))}[decay]
+    lrs = [s.lr * (ramp[k] * shape(k / s.steps)) for k in range(s.steps)]
+    assert len(lrs) == s.steps and lrs[-1] > 0
+    new = _run(tmp_path, s)
+    model, ema, rows = _plain_loop(_mlp(), build_loss("dsm", VPSDE(), "eps"), _points(), s, lrs=lrs)
+    assert _same_bits(new.model.state_dict(), model.state_dict())
+    assert _same_bits(new.ema.state_dict(), ema.state_dict())
+    assert new.loss_rows == rows
+    constant = _run(tmp_path / "constant", _settings())
+    assert not _same_bits(new.model.state_dict(), constant.model.state_dict())
+
+
+def test_a_decaying_lr_resumes_only_into_the_same_number_of_steps(tmp_path):
+    """Its schedule is a function of train.steps, so steps enters the checkpoint's fingerprint with lr_decay (and
+    only then): a run raised from 6 to 12 steps starts over, and equals a fresh 12-step run."""
+    from pipeline.config import TrainParams
+    from pipeline.train import fingerprinted_train
+
+    assert "steps" not in fingerprinted_train(TrainParams(steps=6))
+    assert fingerprinted_train(TrainParams(steps=6)) == fingerprinted_train(TrainParams(steps=12))
+    six, twelve = (fingerprinted_train(TrainParams(steps=n, lr_decay="linear")) for n in (6, 12))
+    assert six["steps"] == 6 and six["lr_decay"] == "linear" and six != twelve
+    a = Checkpoints(tmp_path / "a", {"train": six})
+    train(_mlp(), build_loss("dsm", VPSDE(), "eps"), TrainData(_points()), _settings(steps=6, lr_decay="linear"), a,
+          Hooks(progress=False))
+    raised = train(_mlp(), build_loss("dsm", VPSDE(), "eps"), TrainData(_points()),
+                   _settings(steps=12, lr_decay="linear"), Checkpoints(tmp_path / "a", {"train": twelve}),
+                   Hooks(progress=False))
+    fresh = _run(tmp_path / "fresh", _settings(steps=12, lr_decay="linear"))
+    assert _same_bits(raised.model.state_dict(), fresh.model.state_dict())
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_trains_on_the_cpu(tmp_path, precision):
     """autocast on the CPU through a tiny U-Net: finite weights that moved; fp16 keeps its GradScaler's state,
@@ -314,7 +368,8 @@ def test_new_train_keys_are_validated_with_their_names():
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())  # the repo's params
     for extra, words in (({"batch_size": 100, "accumulate": 3}, ["train.accumulate", "train.batch_size (100)"]),
                          ({"precision": "fp8"}, ["train.precision", "fp32", "bf16", "fp16"]),
-                         ({"warmup": -1}, ["train.warmup"]), ({"compile": "yes"}, ["train.compile"])):
+                         ({"warmup": -1}, ["train.warmup"]), ({"compile": "yes"}, ["train.compile"]),
+                         ({"lr_decay": "step"}, ["train.lr_decay", "linear", "cosine"])):
         with pytest.raises(ConfigError) as err:
             validate({**raw, "train": {**raw["train"], **extra}})
         assert all(w in str(err.value) for w in words), str(err.value)
@@ -331,13 +386,14 @@ def test_checkpoint_fingerprint_keeps_its_keys_at_the_defaults():
 
     old = TrainParams().model_dump(exclude={"steps", "checkpoint_every", "log_every", "device", "eval_every",
                                             "precision", "tf32", "channels_last", "compile", "accumulate", "warmup",
-                                            "devices", "posthoc"})
+                                            "lr_decay", "devices", "posthoc"})
     assert fingerprinted_train(TrainParams()) == old
     assert fingerprinted_train(TrainParams(tf32=False)) == old
     assert fingerprinted_train(TrainParams(posthoc=PosthocParams(sigma_rels=[0.07], snapshot_every=3))) == old
     changed = TrainParams(precision="bf16", channels_last=True, compile=True, accumulate=2, warmup=10)
     assert fingerprinted_train(changed) == {**old, "precision": "bf16", "channels_last": True, "compile": True,
                                             "accumulate": 2, "warmup": 10}
+    assert fingerprinted_train(TrainParams(lr_decay="cosine")) == {**old, "lr_decay": "cosine", "steps": "auto"}
 
 
 def test_stage_refuses_compile_with_a_divergence_loss_and_uneven_auto_batches(tmp_path, monkeypatch, capsys):

@@ -29,7 +29,8 @@ from pipeline.train.settings import (NO_COMPILE_LOSSES, PRECISIONS, BatchTransfo
 from pipeline.train.evaluation import eval_csv, evaluate_if_due, held_out_evaluator, log_if_due, loss_csv
 from pipeline.train.preempt import Preempted, preempt, stop_on_sigterm, stop_requested
 from pipeline.train.state import (CHECKPOINT, Checkpoints, TrainState, ema_multi_avg_fn, fingerprint,
-                                  fingerprinted_train, new_state, resume, save_checkpoint, warmup_factor)
+                                  fingerprinted_train, lr_factor, new_state, resume, save_checkpoint,
+                                  warmup_factor)
 from pipeline.train.step import (autocast, draw_batch, micro_batches, optimisation_step, to_device,
                                  training_network)
 
@@ -37,7 +38,7 @@ __all__ = [
     "CHECKPOINT", "NO_COMPILE_LOSSES", "PRECISIONS", "BatchTransform", "Checkpoints", "Evaluator", "Hooks", "LossFn",
     "Preempted", "TrainData", "TrainResult", "TrainSettings", "TrainState", "autocast", "check_train",
     "ema_multi_avg_fn", "eval_csv", "fingerprint", "fingerprinted_train", "held_out_evaluator", "image_batches",
-    "loss_csv", "micro_batches", "settings_from", "stop_on_sigterm", "to_device", "train", "warmup_factor",
+    "loss_csv", "lr_factor", "micro_batches", "settings_from", "stop_on_sigterm", "to_device", "train", "warmup_factor",
 ]
 
 

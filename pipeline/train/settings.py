@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.errors import DataError
+from pipeline.names import LR_DECAYS
 
 if TYPE_CHECKING:
     from pipeline.config import TrainParams
@@ -49,6 +50,7 @@ class TrainSettings:
 
     precision: autocast dtype of the forward pass and loss ('fp32': none; 'fp16' with a GradScaler);
     accumulate: micro-batches per step (batch_size must divide evenly); warmup: steps of linear lr warm-up;
+    lr_decay: the lr's decay over the run after it (pipeline.names.LR_DECAYS; pipeline.train.state.lr_factor);
     posthoc_sigma_rels: the power-function EMAs tracked for post-hoc EMA (pipeline.posthoc; () none), their
     snapshots written every snapshot_every steps and at the last step.
     """
@@ -67,6 +69,7 @@ class TrainSettings:
     compile: bool = False
     accumulate: int = 1
     warmup: int = 0
+    lr_decay: str = "none"
     compile_backend: str = "inductor"
     posthoc_sigma_rels: tuple[float, ...] = ()
     snapshot_every: int = 0
@@ -79,6 +82,8 @@ class TrainSettings:
                              f"({self.accumulate}): each step splits its batch into accumulate equal micro-batches")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
         if self.posthoc_sigma_rels and self.snapshot_every < 1:
             raise ValueError(f"snapshot_every must be >= 1 with post-hoc EMA profiles, got {self.snapshot_every}")
 
@@ -121,6 +126,6 @@ def settings_from(train: Any, resolved: Mapping[str, Any], seed: int, posthoc: b
     return TrainSettings(resolved["steps"], resolved["batch_size"], resolved["lr"], t.grad_clip, t.ema_decay,
                          t.checkpoint_every, t.log_every, seed, ema_warmup=resolved["ema_warmup"],
                          precision=resolved["precision"], channels_last=t.channels_last, compile=t.compile,
-                         accumulate=t.accumulate, warmup=t.warmup,
+                         accumulate=t.accumulate, warmup=t.warmup, lr_decay=t.lr_decay,
                          posthoc_sigma_rels=tuple(t.posthoc.sigma_rels) if posthoc else (),
                          snapshot_every=resolved["snapshot_every"])

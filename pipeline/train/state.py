@@ -7,13 +7,14 @@ torch.optim.swa_utils.AveragedModel; optionally with score_sde's warm-up of the 
 the power-function EMAs of post-hoc EMA (pipeline.posthoc), AveragedModels too, whose snapshots go to
 Checkpoints.snapshots.
 The learning-rate warm-up is DDPM's and score_sde's lr * min(1, step / warmup) (Ho et al. 2020, appendix B:
-5,000 steps; score_sde's optimization_manager).
+5,000 steps; score_sde's optimization_manager); after it the lr may decay to zero over the run (lr_factor).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ CHECKPOINT, SNAPSHOTS = "last.pt", "posthoc"
 NOT_FINGERPRINTED = {"steps", "checkpoint_every", "log_every", "device", "eval_every", "tf32", "devices", "posthoc"}
 # Keys added after checkpoints existed that change the bits: fingerprinted only away from their defaults, so a
 # checkpoint written before they existed still resumes.
-LATER_KEYS = ("precision", "channels_last", "compile", "accumulate", "warmup")
+LATER_KEYS = ("precision", "channels_last", "compile", "accumulate", "warmup", "lr_decay")
 
 
 def ema_multi_avg_fn(decay: float, warmup: bool) -> Callable:
@@ -76,6 +77,22 @@ def warmup_factor(warmup: int) -> Callable[[int], float]:
     return factor
 
 
+def lr_factor(warmup: int, decay: str, steps: int) -> Callable[[int], float]:
+    """LambdaLR's factor of update k = 0 .. steps - 1: the warm-up's (warmup_factor; 1 without one) times the
+    decay's at k / steps: 1 ('none'), 1 - k / steps ('linear', to zero at the end; Bergsma et al. 2025,
+    arXiv:2502.15938) or (1 + cos(pi k / steps)) / 2 ('cosine', SGDR without restarts; Loshchilov & Hutter 2017,
+    eq. 5 with eta_min 0). A decay depends on the run's length, so its checkpoints resume only into the same
+    train.steps (fingerprinted_train)."""
+    ramp = warmup_factor(warmup) if warmup else (lambda k: 1.0)
+    if decay == "none":
+        return ramp
+    if decay == "linear":
+        return lambda k: ramp(k) * (1.0 - k / steps)
+    if decay == "cosine":
+        return lambda k: ramp(k) * 0.5 * (1.0 + math.cos(math.pi * k / steps))
+    raise ValueError(f"lr decay must be one of none, linear, cosine; got {decay!r}")
+
+
 @dataclass(eq=False)
 class TrainState:
     """Everything a checkpoint holds; `model` is the module itself (never the compiled or sharded wrapper).
@@ -106,8 +123,9 @@ def new_state(model: nn.Module, settings: TrainSettings, device: torch.device) -
     """Step 0 of a run of `model` (already on `device`): Adam, its lr warm-up, GradScaler, EMA and generator."""
     gen = torch.Generator().manual_seed(settings.seed)
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    # warmup 0: no scheduler at all, so the optimizer and its checkpoints are the constant-lr loop's
-    sched = LambdaLR(opt, warmup_factor(settings.warmup)) if settings.warmup else None
+    # constant lr: no scheduler at all, so the optimizer and its checkpoints are the constant-lr loop's
+    scheduled = settings.warmup or settings.lr_decay != "none"
+    sched = LambdaLR(opt, lr_factor(settings.warmup, settings.lr_decay, settings.steps)) if scheduled else None
     # fp16's narrow exponent underflows small gradients: scale the loss up, unscale before clipping and stepping
     scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
     ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(settings.ema_decay, settings.ema_warmup),
@@ -128,7 +146,9 @@ def fingerprint(obj: Mapping[str, Any]) -> str:
 def fingerprinted_train(t: TrainParams) -> dict:
     """The train.* keys a checkpoint must match to be resumed (the rest may change between runs)."""
     at_default = {k for k in LATER_KEYS if getattr(t, k) == type(t).model_fields[k].default}
-    return t.model_dump(exclude=NOT_FINGERPRINTED | at_default)
+    # a decaying lr is a function of the run's length: another train.steps is another schedule, so it starts over
+    length = {"steps"} if t.lr_decay != "none" else set()
+    return t.model_dump(exclude=(NOT_FINGERPRINTED - length) | at_default)
 
 
 @dataclass(frozen=True)
