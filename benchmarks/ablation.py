@@ -115,12 +115,15 @@ def run_data(data: str, names: list[str], scratch: Path, out: Path) -> list[dict
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """One line per variant: fid / floor, fid_domain / floor, kid, train s, total s."""
-    head = ("| variant | fid (× floor) | fid_domain (× floor) | kid | train s | total s |\n"
-            "|---|---|---|---|---|---|\n")
+    """One line per variant: fid / floor (sample set 0), the mean over eval.fid_seeds sets where there are
+    several, fid_domain / floor, kid, train s, total s."""
+    head = ("| variant | fid (× floor) | fid mean of sets (× floor) | fid_domain (× floor) | kid | train s | total s |\n"
+            "|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
-        lines.append(f"| {r['variant']} | {_fmt(r['fid'], 2)} ({r['fid'] / r['fid_floor']:.2f}×) | "
+        mean = (f"{_fmt(r['fid_mean'], 2)} ({r['fid_mean'] / r['fid_floor']:.2f}×, {r['fid_sets']} sets)"
+                if "fid_mean" in r else "–")
+        lines.append(f"| {r['variant']} | {_fmt(r['fid'], 2)} ({r['fid'] / r['fid_floor']:.2f}×) | {mean} | "
                      f"{_fmt(r['fid_domain'], 2)} ({r['fid_domain'] / r['fid_domain_floor']:.2f}×) | "
                      f"{_fmt(r['kid'], 4)} | {_fmt(r['train_s'], 0)} | {_fmt(r['total_s'], 0)} |")
     return head + "\n".join(lines)
