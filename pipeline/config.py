@@ -245,7 +245,7 @@ class TrainParams(_Section):
     compile: bool = False
     accumulate: int = Field(1, ge=1)
     warmup: int = Field(0, ge=0)
-    lr_decay: Literal[LR_DECAYS] = "none"
+    lr_decay: Union[Auto, Literal[LR_DECAYS]] = "auto"
     devices: int = Field(1, ge=1)  # after batch_size and accumulate: its check reads them
     posthoc: PosthocParams = Field(default_factory=PosthocParams)
 

@@ -467,7 +467,7 @@ class Images(DataKind):
 
     def train_record(self, resolved: dict, arch: str) -> dict:
         return {"batch_size": resolved["batch_size"], "lr": resolved["lr"], "arch": arch,
-                "precision": resolved["precision"]}
+                "precision": resolved["precision"], "lr_decay": resolved["lr_decay"]}
 
     def likelihood_input(self, held_out: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(held_out)  # pixels: the likelihoods dequantise them with the scaling

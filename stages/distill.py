@@ -18,12 +18,16 @@ from __future__ import annotations
 import hashlib
 import shutil
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from pipeline import io
 from pipeline.config import Config
 from pipeline.tracking import StageRun
 from stages.common import (CHECKPOINTS, FINAL_MODEL, MODEL, NOISE_SCALES, REFLOW, TRAIN, data_record, main,
                            process_of, resolve)
+
+if TYPE_CHECKING:
+    from pipeline.train import TrainSettings
 
 RECORD = REFLOW / "record.json"
 
@@ -48,11 +52,13 @@ class _Setup:
         self.model_sha256 = hashlib.sha256(MODEL.read_bytes()).hexdigest()
         self.reflows = reflows
 
-    def fingerprint(self, cfg: Config, **extra) -> dict:
-        """The checkpoint setup of one training here: the model it starts from, its settings (steps may change)."""
+    def fingerprint(self, cfg: Config, settings: TrainSettings, **extra) -> dict:
+        """The checkpoint setup of one training here with `settings`: the model it starts from, the resolved
+        settings (steps may change unless the lr decays over them)."""
+        from pipeline.train import resolved_fingerprint
+
         return {"spec": self.spec, "process": self.record["process"], "model": self.model_sha256, "seed": cfg.seed,
-                "resolved": {**{k: v for k, v in self.resolved.items() if k != "snapshot_every"}, "steps": None},
-                **extra}
+                "resolved": resolved_fingerprint(self.resolved, settings), **extra}
 
     def network(self, state: dict, trainable: bool):
         """The model's network with `state` on the device: frozen (eval, no grad) or to be trained."""
@@ -86,7 +92,8 @@ def _reflow(cfg: Config, run: StageRun, s: _Setup, reflows: int) -> dict:
         print(f"distill: reflow {j}/{reflows}: {n} pairs from flow {j - 1}, mean |x - z|^2 "
               f"{float((x - z).flatten(1).pow(2).sum(1).mean()):.4f}")
         # what a finished or interrupted reflow j must have been trained from to be resumed (steps may change)
-        setup = s.fingerprint(cfg, reflow=j, pairs=hashlib.sha256(x.numpy().tobytes() + z.numpy().tobytes()).hexdigest())
+        setup = s.fingerprint(cfg, settings, reflow=j,
+                              pairs=hashlib.sha256(x.numpy().tobytes() + z.numpy().tobytes()).hexdigest())
         result = train(s.network(s.state, trainable=True), loss, TrainData(stacked(z, x)), settings,
                        Checkpoints(CHECKPOINTS / f"reflow_{j}", setup),
                        Hooks(on_log=lambda step, value, j=j: run.log_metric_buffered(f"reflow_{j}_loss", value, step),
@@ -120,7 +127,7 @@ def _consistency(cfg: Config, run: StageRun, s: _Setup) -> dict:
     settings = replace(s.settings, steps=steps, lr=defaults.distill_lr(d.lr, s.settings.lr, d.method))
     data_kind = kind_of(s.info, s.record.get("scaling"))
     data = TrainData(torch.from_numpy(np.load(TRAIN)), data_kind.batch_transform(cfg.data.dequantize, cfg.data.hflip))
-    setup = s.fingerprint(cfg, consistency=d.method, num_scales=d.num_scales, reflows=s.reflows, lr=settings.lr)
+    setup = s.fingerprint(cfg, settings, consistency=d.method, num_scales=d.num_scales, reflows=s.reflows, lr=settings.lr)
     print(f"distill: consistency model by {d.method}, {steps} steps at lr {settings.lr:g}")
     result = train(s.network(s.state, trainable=True), loss, data, settings, Checkpoints(CHECKPOINTS / "consistency",
                    setup), Hooks(on_log=lambda step, value: run.log_metric_buffered("consistency_loss", value, step),

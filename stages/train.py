@@ -27,7 +27,8 @@ from pipeline.losses import build_loss
 from pipeline.rng import SampleGenerators, sample_seed
 from pipeline.samplers import draw
 from pipeline.train import (Checkpoints, Hooks, Preempted, TrainData, check_train, eval_csv, settings_from,
-                            fingerprinted_train, held_out_evaluator, loss_csv, stop_on_sigterm, train)
+                            fingerprinted_train, held_out_evaluator, loss_csv, resolved_fingerprint, stop_on_sigterm,
+                            train)
 from pipeline.tracking import StageRun
 from stages.common import (CHECKPOINTS, EMA_MODEL, EVAL_CSV, LABELS, LOSS_CSV, NOISE_SCALES, RAW_MODEL, TEST, TRAIN,
                            TRAIN_METRICS, Resolved, data_record, main, process_of, publish_snapshots, resolve,
@@ -95,8 +96,7 @@ def train_stage(cfg: Config, run: StageRun, group: Optional[Group] = None) -> No
     # Everything that must match for a checkpoint to be resumed; steps, logging and the device may change.
     setup = {"spec": spec, "process": record["process"], "loss": plan.loss, "options": options, "seed": cfg.seed,
              "data": hashlib.sha256(data.tobytes()).hexdigest(),
-             # the snapshot cadence leaves the weights alone, like steps
-             "resolved": {**{k: v for k, v in resolved.items() if k != "snapshot_every"}, "steps": None},
+             "resolved": resolved_fingerprint(resolved, settings),
              "augment": kind.augmentation(cfg.data.dequantize, cfg.data.hflip),
              "train": fingerprinted_train(t)}
     if labels is not None:  # only then, so unconditional checkpoints keep their fingerprint

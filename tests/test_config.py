@@ -248,6 +248,18 @@ def test_precision_auto_is_bf16_for_images_on_bf16_hardware_only(setting, data, 
     assert defaults.train_settings(train, data, bf16=native)["precision"] == want
 
 
+@pytest.mark.parametrize("setting, data, want", [
+    ("auto", DIGITS_RECORD, "cosine"),  # measured on digits (pipeline.defaults.IMAGE_LR_DECAY)
+    ("auto", {"kind": "images", "shape": [3, 64, 64]}, "cosine"),
+    ("auto", {"kind": "points", "shape": [2]}, "none"),  # the 2-D default keeps its bits
+    ("none", DIGITS_RECORD, "none"),  # a set value wins (the paper presets keep their constant lr)
+    ("linear", {"kind": "points", "shape": [2]}, "linear"),
+])
+def test_lr_decay_auto_is_cosine_for_images_and_none_for_points(setting, data, want):
+    train = config.TrainParams(lr_decay=setting).model_dump()
+    assert defaults.train_settings(train, data)["lr_decay"] == want
+
+
 def test_bf16_native_asks_the_device(monkeypatch):
     """CUDA: torch's bf16 support; the CPU: oneDNN's bf16 kernels (emulated elsewhere); anything else: no."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)

@@ -107,7 +107,7 @@ def test_preset_resolves_to_the_published_settings(name):
     assert (t["steps"], t["batch_size"], t["lr"], t["ema_warmup"]) == (want["steps"], want["batch"], want["lr"],
                                                                         want["ema_warmup"])
     assert (cfg.train.warmup, cfg.train.ema_decay, cfg.ema.method) == (want["warmup"], want["ema"], "decay")
-    assert cfg.train.precision == "fp32" and cfg.train.accumulate == 1
+    assert cfg.train.precision == "fp32" and cfg.train.accumulate == 1 and t["lr_decay"] == "none"  # constant lr
     assert cfg.train.grad_clip == (None if want["clip"] is None else want["clip"] * want["factor"])
     assert cfg.data.name == "cifar10" and cfg.data.hflip and not cfg.data.dequantize
     assert defaults.scaling_for(p.process, cfg.data.scaling) == want["scaling"]

@@ -238,6 +238,7 @@ def test_precision_auto_is_bf16_for_images_on_bf16_hardware_through_the_train_st
     bf16, bf16_model = _train_with_bf16_hardware(monkeypatch, True)
     fp32, fp32_model = _train_with_bf16_hardware(monkeypatch, False)
     assert (bf16["precision"], fp32["precision"]) == ("bf16", "fp32")
+    assert bf16["lr_decay"] == fp32["lr_decay"] == "cosine"  # train.lr_decay auto on images
     assert "resumed" not in capsys.readouterr().out and bf16_model != fp32_model
     again, again_model = _train_with_bf16_hardware(monkeypatch, False)
     assert "resumed from the checkpoint at step 4" in capsys.readouterr().out and again_model == fp32_model
@@ -251,7 +252,7 @@ def test_precision_auto_keeps_points_in_fp32(workdir, monkeypatch):
     with_bf16, model = _train_with_bf16_hardware(monkeypatch, True)
     shutil.rmtree("checkpoints")
     without, same = _train_with_bf16_hardware(monkeypatch, False)
-    assert model == same and with_bf16 == without and "precision" not in with_bf16
+    assert model == same and with_bf16 == without and "precision" not in with_bf16 and "lr_decay" not in with_bf16
 
 
 @pytest.mark.parametrize("method", [{"name": "ncsnv2"}, {"name": "ddpm", "num_steps": 20}, {"name": "edm"}])

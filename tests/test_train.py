@@ -292,21 +292,28 @@ def test_lr_decay_trains_as_the_loop_with_that_lr_at_each_update(tmp_path, decay
 
 
 def test_a_decaying_lr_resumes_only_into_the_same_number_of_steps(tmp_path):
-    """Its schedule is a function of train.steps, so steps enters the checkpoint's fingerprint with lr_decay (and
-    only then): a run raised from 6 to 12 steps starts over, and equals a fresh 12-step run."""
-    from pipeline.config import TrainParams
-    from pipeline.train import fingerprinted_train
+    """Its schedule is a function of train.steps, so the length enters the checkpoint's fingerprint with the decay
+    (resolved_fingerprint), and only then: a constant-lr fingerprint is the one from before lr_decay existed (steps
+    None, no lr_decay key), so such a run may continue to more steps; a decaying run raised from 6 to 12 steps
+    starts over through the loop, equal to a fresh 12-step run."""
+    from pipeline.train import resolved_fingerprint
 
-    assert "steps" not in fingerprinted_train(TrainParams(steps=6))
-    assert fingerprinted_train(TrainParams(steps=6)) == fingerprinted_train(TrainParams(steps=12))
-    six, twelve = (fingerprinted_train(TrainParams(steps=n, lr_decay="linear")) for n in (6, 12))
-    assert six["steps"] == 6 and six["lr_decay"] == "linear" and six != twelve
-    a = Checkpoints(tmp_path / "a", {"train": six})
-    train(_mlp(), build_loss("dsm", VPSDE(), "eps"), TrainData(_points()), _settings(steps=6, lr_decay="linear"), a,
-          Hooks(progress=False))
-    raised = train(_mlp(), build_loss("dsm", VPSDE(), "eps"), TrainData(_points()),
-                   _settings(steps=12, lr_decay="linear"), Checkpoints(tmp_path / "a", {"train": twelve}),
-                   Hooks(progress=False))
+    resolved = {"steps": 6, "batch_size": 32, "lr": 1e-3, "ema_warmup": False, "precision": "fp32",
+                "lr_decay": "none", "snapshot_every": 1}
+    before = {"steps": None, "batch_size": 32, "lr": 1e-3, "ema_warmup": False, "precision": "fp32"}
+    assert resolved_fingerprint(resolved, _settings(steps=6)) == before
+    assert resolved_fingerprint({**resolved, "steps": 12}, _settings(steps=12)) == before
+    decaying = {**resolved, "lr_decay": "linear"}
+    six, twelve = (resolved_fingerprint({**decaying, "steps": n}, _settings(steps=n, lr_decay="linear")) for n in (6, 12))
+    assert six == {**before, "steps": 6, "lr_decay": "linear"} and twelve["steps"] == 12
+    loss = build_loss("dsm", VPSDE(), "eps")
+    for resumed in (0, 6):  # the same setup again resumes from the finished checkpoint
+        again = train(_mlp(), loss, TrainData(_points()), _settings(steps=6, lr_decay="linear"),
+                      Checkpoints(tmp_path / "a", {"resolved": six}), Hooks(progress=False))
+        assert again.resumed_from == resumed
+    raised = train(_mlp(), loss, TrainData(_points()), _settings(steps=12, lr_decay="linear"),
+                   Checkpoints(tmp_path / "a", {"resolved": twelve}), Hooks(progress=False))
+    assert raised.resumed_from == 0
     fresh = _run(tmp_path / "fresh", _settings(steps=12, lr_decay="linear"))
     assert _same_bits(raised.model.state_dict(), fresh.model.state_dict())
 
@@ -393,7 +400,7 @@ def test_checkpoint_fingerprint_keeps_its_keys_at_the_defaults():
     changed = TrainParams(precision="bf16", channels_last=True, compile=True, accumulate=2, warmup=10)
     assert fingerprinted_train(changed) == {**old, "precision": "bf16", "channels_last": True, "compile": True,
                                             "accumulate": 2, "warmup": 10}
-    assert fingerprinted_train(TrainParams(lr_decay="cosine")) == {**old, "lr_decay": "cosine", "steps": "auto"}
+    assert fingerprinted_train(TrainParams(lr_decay="cosine")) == {**old, "lr_decay": "cosine"}
 
 
 def test_stage_refuses_compile_with_a_divergence_loss_and_uneven_auto_batches(tmp_path, monkeypatch, capsys):

@@ -30,7 +30,7 @@ from pipeline.train.evaluation import eval_csv, evaluate_if_due, held_out_evalua
 from pipeline.train.preempt import Preempted, preempt, stop_on_sigterm, stop_requested
 from pipeline.train.state import (CHECKPOINT, Checkpoints, TrainState, ema_multi_avg_fn, fingerprint,
                                   fingerprinted_train, lr_factor, new_state, resume, save_checkpoint,
-                                  warmup_factor)
+                                  resolved_fingerprint, warmup_factor)
 from pipeline.train.step import (autocast, draw_batch, micro_batches, optimisation_step, to_device,
                                  training_network)
 
@@ -38,7 +38,8 @@ __all__ = [
     "CHECKPOINT", "NO_COMPILE_LOSSES", "PRECISIONS", "BatchTransform", "Checkpoints", "Evaluator", "Hooks", "LossFn",
     "Preempted", "TrainData", "TrainResult", "TrainSettings", "TrainState", "autocast", "check_train",
     "ema_multi_avg_fn", "eval_csv", "fingerprint", "fingerprinted_train", "held_out_evaluator", "image_batches",
-    "loss_csv", "lr_factor", "micro_batches", "settings_from", "stop_on_sigterm", "to_device", "train", "warmup_factor",
+    "loss_csv", "lr_factor", "micro_batches", "resolved_fingerprint", "settings_from", "stop_on_sigterm", "to_device",
+    "train", "warmup_factor",
 ]
 
 

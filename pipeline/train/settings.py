@@ -126,6 +126,6 @@ def settings_from(train: Any, resolved: Mapping[str, Any], seed: int, posthoc: b
     return TrainSettings(resolved["steps"], resolved["batch_size"], resolved["lr"], t.grad_clip, t.ema_decay,
                          t.checkpoint_every, t.log_every, seed, ema_warmup=resolved["ema_warmup"],
                          precision=resolved["precision"], channels_last=t.channels_last, compile=t.compile,
-                         accumulate=t.accumulate, warmup=t.warmup, lr_decay=t.lr_decay,
+                         accumulate=t.accumulate, warmup=t.warmup, lr_decay=resolved["lr_decay"],
                          posthoc_sigma_rels=tuple(t.posthoc.sigma_rels) if posthoc else (),
                          snapshot_every=resolved["snapshot_every"])

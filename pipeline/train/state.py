@@ -82,7 +82,7 @@ def lr_factor(warmup: int, decay: str, steps: int) -> Callable[[int], float]:
     decay's at k / steps: 1 ('none'), 1 - k / steps ('linear', to zero at the end; Bergsma et al. 2025,
     arXiv:2502.15938) or (1 + cos(pi k / steps)) / 2 ('cosine', SGDR without restarts; Loshchilov & Hutter 2017,
     eq. 5 with eta_min 0). A decay depends on the run's length, so its checkpoints resume only into the same
-    train.steps (fingerprinted_train)."""
+    train.steps (resolved_fingerprint)."""
     ramp = warmup_factor(warmup) if warmup else (lambda k: 1.0)
     if decay == "none":
         return ramp
@@ -146,9 +146,17 @@ def fingerprint(obj: Mapping[str, Any]) -> str:
 def fingerprinted_train(t: TrainParams) -> dict:
     """The train.* keys a checkpoint must match to be resumed (the rest may change between runs)."""
     at_default = {k for k in LATER_KEYS if getattr(t, k) == type(t).model_fields[k].default}
-    # a decaying lr is a function of the run's length: another train.steps is another schedule, so it starts over
-    length = {"steps"} if t.lr_decay != "none" else set()
-    return t.model_dump(exclude=(NOT_FINGERPRINTED - length) | at_default)
+    return t.model_dump(exclude=NOT_FINGERPRINTED | at_default)
+
+
+def resolved_fingerprint(resolved: Mapping[str, Any], settings: TrainSettings) -> dict:
+    """The resolved 'auto' train values (pipeline.defaults.train_settings) a checkpoint must match, for a run with
+    `settings`: all but the snapshot cadence, which leaves the weights alone, and the length, so that a run may
+    continue to more steps; unless the lr decays: then the decay and the length too, since the schedule is a
+    function of it (another train.steps retrains instead of resuming). At a constant lr the fingerprint is the one
+    checkpoints had before train.lr_decay existed."""
+    out = {k: v for k, v in resolved.items() if k not in ("snapshot_every", "lr_decay")} | {"steps": None}
+    return out if settings.lr_decay == "none" else out | {"lr_decay": settings.lr_decay, "steps": settings.steps}
 
 
 @dataclass(frozen=True)
