@@ -68,6 +68,9 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "fp32 x3": FP32_X3,
         "fp32 x3 + lr linear": _merge(FP32_X3, {"train": {"lr_decay": "linear"}}),
         "fp32 x3 + lr cosine": _merge(FP32_X3, {"train": {"lr_decay": "cosine"}}),
+        "fp32 x3 + lr cosine + lr 3e-3": _merge(FP32_X3, {"train": {"lr_decay": "cosine", "lr": 3e-3}}),
+        "fp32 x3 + lr cosine + T 10": _merge(FP32_X3, {"train": {"lr_decay": "cosine"},
+                                                       "noise": {"steps_per_scale": 10}}),
     },
     # NCSNv2 itself (auto) is no row: its annealed Langevin walks about 100 scales x 5 steps, 2,000 samples of
     # which take over an hour here (docs/benchmarks.md); EDM's Heun takes 35 evaluations.
