@@ -203,10 +203,12 @@ def choose_noise_scales(
     step_size: Union[str, float],
     max_exact_pairwise: int = 20_000,
     seed: int = 0,
+    auto_steps: Optional[int] = None,
 ) -> NoiseScales:
     """Resolve every 'auto' value by `defaults` (a family's noise_defaults): NCSN's hand-set constants for `ncsn`,
     NCSNv2 techniques for `ncsnv2`; `exact_score` takes sigma_1 and L like ncsnv2 but a converged T and eps (see
-    EXACT_SCORE_*).
+    EXACT_SCORE_*). auto_steps: the T that `ncsnv2` takes for 'auto' where the data's defaults set one
+    (pipeline.defaults.langevin_steps; None: the paper's T = 5); technique 4 then solves eps for it.
     """
     if defaults not in NOISE_DEFAULTS:
         raise ValueError(f"unknown noise defaults {defaults!r}; allowed: {', '.join(NOISE_DEFAULTS)}")
@@ -247,6 +249,9 @@ def choose_noise_scales(
     elif defaults == "exact_score":
         t_steps = EXACT_SCORE_STEPS_PER_SCALE
         how["steps_per_scale"] = f"exact_score: T = {t_steps}, enough to converge with the true score (see pipeline/noise.py)"
+    elif auto_steps is not None:
+        t_steps = int(auto_steps)
+        how["steps_per_scale"] = f"image default for this size (pipeline/defaults.py, measured): T = {t_steps}"
     else:
         t_steps, how["steps_per_scale"] = NCSNV2_STEPS_PER_SCALE, "NCSNv2 CIFAR-10 value (T = 5)"
 

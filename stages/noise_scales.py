@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline import io, plots
+from pipeline import defaults, io, plots
 from pipeline.config import Config
 from pipeline.kinds import kind_of
 from pipeline.noise import SCALED_KINDS, choose_noise_scales
@@ -28,7 +28,8 @@ def noise_scales(cfg: Config, run: StageRun) -> None:
     kind = r.plan.process
     # the data's kind; image data with the pixel scaling the model sees, recorded here for train, sample and
     # evaluate (docs/design.md, "Images, devices, several GPUs")
-    data = kind_of(data_record()).for_process(kind, cfg.data.scaling)
+    info = data_record()
+    data = kind_of(info).for_process(kind, cfg.data.scaling)
     record: dict = {}
     sigmas: list[float] = []
     if kind in SCALED_KINDS:  # NCSN's scales, and VE's sigma_max (technique 1) and sigma_min
@@ -36,7 +37,7 @@ def noise_scales(cfg: Config, run: StageRun) -> None:
         start = time.perf_counter()
         scales = choose_noise_scales(train, r.family.noise_defaults, n.sigma_max, n.sigma_min, n.num_scales,
                                      n.fallback_num_scales, n.steps_per_scale, n.step_size, n.max_exact_pairwise,
-                                     cfg.seed)
+                                     cfg.seed, auto_steps=defaults.langevin_steps(info))
         print(f"noise_scales: chose {len(scales.sigmas)} scales in {time.perf_counter() - start:.1f} s "
               f"(sigma_1 = {scales.sigma_max:.4g}: {scales.how['sigma_max']})")
         record, sigmas = scales.to_json(), scales.sigmas

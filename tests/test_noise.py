@@ -203,6 +203,25 @@ def test_ncsnv2_on_2d_data_uses_fallback_num_scales():
     assert ns.step_size == noise.solve_step_size(0.01, gamma, 5)
 
 
+def test_ncsnv2_takes_the_image_defaults_langevin_steps_for_auto_and_solves_eps_for_them():
+    """auto_steps (pipeline.defaults.langevin_steps: 10 for images up to 16 px, None elsewhere) replaces NCSNv2's
+    T = 5 for 'auto' only: technique 4 solves eps for it, a set value and NCSN's hand-set T win over it."""
+    from pipeline import defaults
+
+    assert defaults.langevin_steps({"kind": "images", "shape": [1, 8, 8]}) == 10
+    assert defaults.langevin_steps({"kind": "images", "shape": [3, 16, 16]}) == 10
+    assert defaults.langevin_steps({"kind": "images", "shape": [1, 28, 28]}) is None
+    assert defaults.langevin_steps({"kind": "points", "shape": [2]}) is None
+    x = _data_2d()
+    ns = noise.choose_noise_scales(x, "ncsnv2", **AUTO, auto_steps=10)
+    gamma = noise.ratio_of(ns.sigma_max, ns.sigma_min, len(ns.sigmas))
+    assert ns.steps_per_scale == 10 and ns.step_size == noise.solve_step_size(0.01, gamma, 10)
+    assert ns.step_size < noise.choose_noise_scales(x, "ncsnv2", **AUTO).step_size  # more steps, smaller eps
+    assert "image default" in ns.how["steps_per_scale"] and "T = 10" in ns.how["steps_per_scale"]
+    assert noise.choose_noise_scales(x, "ncsnv2", **{**AUTO, "steps_per_scale": 7}, auto_steps=10).steps_per_scale == 7
+    assert noise.choose_noise_scales(x, "ncsn", **AUTO, auto_steps=10).steps_per_scale == 100
+
+
 def test_ncsnv2_with_a_root_uses_technique_2():
     x = np.random.default_rng(0).standard_normal((200, 16))
     ns = noise.choose_noise_scales(x, "ncsnv2", **AUTO)

@@ -271,6 +271,10 @@ def test_lr_decay_factors_are_the_closed_forms():
     assert [lr_factor(0, "none", 10)(k) for k in (0, 9)] == [1.0, 1.0]
     with pytest.raises(ValueError, match="lr_decay must be one of none, linear, cosine"):
         _settings(lr_decay="step")
+    from pipeline.names import LR_DECAYS
+    from pipeline.train.state import DECAYS
+
+    assert tuple(DECAYS) == LR_DECAYS  # every name params validation takes has its factor
 
 
 @pytest.mark.parametrize("decay,warmup", [("linear", 0), ("cosine", 0), ("cosine", 3)])

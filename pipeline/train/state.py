@@ -77,20 +77,23 @@ def warmup_factor(warmup: int) -> Callable[[int], float]:
     return factor
 
 
+# train.lr_decay (pipeline.names.LR_DECAYS) -> its factor d(u) at the fraction u = k / steps of the run done: 'linear'
+# falls to zero at the end (Bergsma et al. 2025, arXiv:2502.15938), 'cosine' is SGDR without restarts (Loshchilov &
+# Hutter 2017, eq. 5 with eta_min 0).
+DECAYS: dict[str, Callable[[float], float]] = {
+    "none": lambda u: 1.0,
+    "linear": lambda u: 1.0 - u,
+    "cosine": lambda u: 0.5 * (1.0 + math.cos(math.pi * u)),
+}
+
+
 def lr_factor(warmup: int, decay: str, steps: int) -> Callable[[int], float]:
     """LambdaLR's factor of update k = 0 .. steps - 1: the warm-up's (warmup_factor; 1 without one) times the
-    decay's at k / steps: 1 ('none'), 1 - k / steps ('linear', to zero at the end; Bergsma et al. 2025,
-    arXiv:2502.15938) or (1 + cos(pi k / steps)) / 2 ('cosine', SGDR without restarts; Loshchilov & Hutter 2017,
-    eq. 5 with eta_min 0). A decay depends on the run's length, so its checkpoints resume only into the same
-    train.steps (resolved_fingerprint)."""
+    decay's DECAYS[decay](k / steps). A decay depends on the run's length, so its checkpoints resume only into the
+    same train.steps (resolved_fingerprint)."""
     ramp = warmup_factor(warmup) if warmup else (lambda k: 1.0)
-    if decay == "none":
-        return ramp
-    if decay == "linear":
-        return lambda k: ramp(k) * (1.0 - k / steps)
-    if decay == "cosine":
-        return lambda k: ramp(k) * 0.5 * (1.0 + math.cos(math.pi * k / steps))
-    raise ValueError(f"lr decay must be one of none, linear, cosine; got {decay!r}")
+    shape = DECAYS[decay]
+    return lambda k: ramp(k) * shape(k / steps)
 
 
 @dataclass(eq=False)
