@@ -120,8 +120,8 @@ def run_data(data: str, names: list[str], scratch: Path, out: Path) -> list[dict
 def table(rows: list[dict[str, Any]]) -> str:
     """One line per variant: fid / floor (sample set 0), the mean over eval.fid_seeds sets where there are
     several, fid_domain / floor, kid, train s, total s."""
-    head = ("| variant | fid (× floor) | fid mean of sets (× floor) | fid_domain (× floor) | kid | train s | total s |\n"
-            "|---|---|---|---|---|---|---|\n")
+    head = ("| variant | fid (× floor) | fid mean of sets (× floor) | fid_domain (× floor) | kid | train s "
+            "| total s |\n|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         mean = (f"{_fmt(r['fid_mean'], 2)} ({r['fid_mean'] / r['fid_floor']:.2f}×, {r['fid_sets']} sets)"

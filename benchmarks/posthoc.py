@@ -41,7 +41,8 @@ STUDIES: dict[str, tuple[dict, tuple[float, ...]]] = {
 # the quality numbers of each kind (lower is better), the first the figure's headline
 METRICS = {"points": ("cd", "emd"), "images": ("fid", "fid_domain", "kid")}
 # the final models besides the post-hoc widths, with how the figure draws them
-BASELINES = {"decay": ("decay EMA (train.ema_decay)", "C1", "--"), "none": ("raw weights (ema.method none)", "C2", "-.")}
+BASELINES = {"decay": ("decay EMA (train.ema_decay)", "C1", "--"),
+             "none": ("raw weights (ema.method none)", "C2", "-.")}
 
 
 def _row(name: str, ema: dict, seconds: dict[str, float]) -> dict[str, Any]:

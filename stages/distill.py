@@ -127,7 +127,8 @@ def _consistency(cfg: Config, run: StageRun, s: _Setup) -> dict:
     settings = replace(s.settings, steps=steps, lr=defaults.distill_lr(d.lr, s.settings.lr, d.method))
     data_kind = kind_of(s.info, s.record.get("scaling"))
     data = TrainData(torch.from_numpy(np.load(TRAIN)), data_kind.batch_transform(cfg.data.dequantize, cfg.data.hflip))
-    setup = s.fingerprint(cfg, settings, consistency=d.method, num_scales=d.num_scales, reflows=s.reflows, lr=settings.lr)
+    setup = s.fingerprint(cfg, settings, consistency=d.method, num_scales=d.num_scales, reflows=s.reflows,
+                          lr=settings.lr)
     print(f"distill: consistency model by {d.method}, {steps} steps at lr {settings.lr:g}")
     result = train(s.network(s.state, trainable=True), loss, data, settings, Checkpoints(CHECKPOINTS / "consistency",
                    setup), Hooks(on_log=lambda step, value: run.log_metric_buffered("consistency_loss", value, step),

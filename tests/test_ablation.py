@@ -27,5 +27,6 @@ def _row(**extra) -> dict:
 def test_table_shows_the_mean_over_sample_sets_where_a_row_has_several():
     one, three = ablation.table([_row()]).splitlines()[2:], ablation.table([_row(fid_mean=27.5, fid_sets=3)])
     assert one == ["| v | 28.00 (1.12×) | – | 2.00 (0.80×) | 0.0020 | 383 | 600 |"]
-    assert three.splitlines()[2] == "| v | 28.00 (1.12×) | 27.50 (1.10×, 3 sets) | 2.00 (0.80×) | 0.0020 | 383 | 600 |"
+    assert three.splitlines()[2] == ("| v | 28.00 (1.12×) | 27.50 (1.10×, 3 sets) | 2.00 (0.80×) | 0.0020 | 383 "
+                                     "| 600 |")
     assert three.splitlines()[0].count("|") == three.splitlines()[2].count("|")

@@ -277,6 +277,10 @@ def test_every_stage_on_images(workdir, method):
     for split, n in (("train", n_train), ("test", 20), ("reference", 20)):
         x, y = np.load(f"data/{split}.npy"), np.load(f"data/{split}_labels.npy")
         assert x.dtype == np.uint8 and x.shape == (n, 1, 8, 8) and y.shape == (n,) and y.dtype == np.int64
+    if method["name"] == "ncsnv2":  # images up to 16 px: T = 10 Langevin steps per scale (pipeline.defaults)
+        scales = json.loads(Path("outputs/noise_scales.json").read_text())
+        assert scales["steps_per_scale"] == 10 and "image default" in scales["how"]["steps_per_scale"]
+    assert json.loads(Path("metrics/train.json").read_text())["lr_decay"] == "cosine"  # train.lr_decay auto
     model = torch.load("models/model.pt", weights_only=True)
     net = model["config"]["net"] if method["name"] == "edm" else model["config"]  # EDM's preconditioning wraps it
     assert net["kind"] == "unet" and net["channels"] == 16

@@ -308,7 +308,8 @@ def test_a_decaying_lr_resumes_only_into_the_same_number_of_steps(tmp_path):
     assert resolved_fingerprint(resolved, _settings(steps=6)) == before
     assert resolved_fingerprint({**resolved, "steps": 12}, _settings(steps=12)) == before
     decaying = {**resolved, "lr_decay": "linear"}
-    six, twelve = (resolved_fingerprint({**decaying, "steps": n}, _settings(steps=n, lr_decay="linear")) for n in (6, 12))
+    six, twelve = (resolved_fingerprint({**decaying, "steps": n}, _settings(steps=n, lr_decay="linear"))
+                   for n in (6, 12))
     assert six == {**before, "steps": 6, "lr_decay": "linear"} and twelve["steps"] == 12
     loss = build_loss("dsm", VPSDE(), "eps")
     for resumed in (0, 6):  # the same setup again resumes from the finished checkpoint
